@@ -1,0 +1,32 @@
+"""kojin_pg: PostgreSQL as the whole Celery stack (result backend and kombu broker).
+
+Result backend::
+
+    app.conf.result_backend = "kojin+postgresql://user:password@host/dbname"
+
+See the README for the broker, options and operations.
+"""
+
+from __future__ import annotations
+
+from .config import Settings, parse
+from .errors import (
+    ConfigurationError,
+    DatabaseUnavailable,
+    KojinError,
+    PayloadError,
+    SchemaError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigurationError",
+    "DatabaseUnavailable",
+    "KojinError",
+    "PayloadError",
+    "SchemaError",
+    "Settings",
+    "__version__",
+    "parse",
+]

@@ -1,0 +1,297 @@
+"""Celery result backend on PostgreSQL.
+
+Configure it with ``result_backend = "kojin+postgresql://user:pass@host/db"``; options go in
+the URL query or in ``result_backend_transport_options`` (see :mod:`kojin_pg.config`).
+
+- Results are rows of ``<schema>.results``. With the ``json`` result serializer (Celery's
+  default) the result, children, args and kwargs are real JSONB, queryable in SQL; with any other
+  serializer they are kept encoded in ``result_bytes``. ``result_extended`` metadata (name,
+  worker, retries, queue, ...) lands in columns.
+- ``result_expires`` sets ``expires_at``; reads never return an expired row, and
+  :meth:`PostgresBackend.cleanup` deletes them in bounded batches.
+- ``get_many`` reads any number of results in one query per round; waiting for results uses
+  LISTEN/NOTIFY (:mod:`kojin_pg.result_consumer`), with polling when ``use_notify`` is off.
+- Chords are native: see :mod:`kojin_pg.chords`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from celery import states
+from celery.backends.asynchronous import AsyncBackendMixin
+from celery.backends.base import BaseBackend
+from celery.exceptions import ImproperlyConfigured
+from celery.result import result_from_tuple
+from psycopg.types.json import Jsonb
+
+from . import codec, config
+from .chords import ChordMixin
+from .db import Database, is_transient
+from .result_consumer import ResultConsumer
+from .schema import ensure_schema
+from .sqlfiles import Queries
+
+log = logging.getLogger(__name__)
+
+#: Tables cleaned by :meth:`PostgresBackend.cleanup`, in that order.
+EXPIRING_TABLES = ("results", "groups", "chords", "chord_parts")
+
+_EXTENDED = ("name", "args", "kwargs", "worker", "retries", "queue")
+
+
+def _raw_json(encoded: bytes) -> Jsonb:
+    """Bind JSON that is already encoded (by :mod:`kojin_pg.codec`) as a jsonb parameter."""
+    return Jsonb(encoded, dumps=bytes)
+
+
+def results_channel(schema: str) -> str:
+    """The NOTIFY channel on which stored results of ``schema`` are announced."""
+    return f"kojin_results_{schema}"
+
+
+class PostgresBackend(ChordMixin, AsyncBackendMixin, BaseBackend):
+    """Celery result backend storing results, groups and chord counters in PostgreSQL."""
+
+    supports_native_join = True
+    supports_autoexpire = False
+    persistent = True
+
+    def __init__(self, app: Any, url: str | None = None, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        url = url or app.conf.get("result_backend") or os.environ.get("KOJIN_PG_URL")
+        if not url or "://" not in url:
+            raise ImproperlyConfigured(
+                "kojin_pg result backend needs a URL: result_backend = "
+                "'kojin+postgresql://user:password@host/dbname' (or set KOJIN_PG_URL)"
+            )
+        if url.startswith("kojin://"):
+            url = "postgresql://" + url[len("kojin://"):]
+        elif url.startswith("kojin+"):
+            url = url[len("kojin+"):]
+        self.url = url
+        options = dict(app.conf.get("result_backend_transport_options") or {})
+        options.pop("result_chord_ordered", None)  # a Redis option; ours always keeps order
+        self.settings = config.parse(url, options)
+        session = []
+        if self.settings.synchronous_commit:
+            session.append(("synchronous_commit", self.settings.synchronous_commit))
+        self.db = Database(self.settings, role="kojin_pg.backend", session_settings=session)
+        self.queries = Queries("backend", self.settings.schema)
+        self.channel = results_channel(self.settings.schema)
+        self._json = self.content_type == "application/json"
+        self._schema_ready = False
+        self.result_consumer = ResultConsumer(
+            self, self.app, self.accept, self._pending_results, self._pending_messages)
+
+    def __repr__(self) -> str:
+        return f"<PostgresBackend {self.settings.safe_url} schema={self.settings.schema}>"
+
+    def __reduce__(self, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+        return super().__reduce__(args, dict(kwargs or {}, url=self.url, expires=self.expires))
+
+    def as_uri(self, include_password: bool = False) -> str:
+        """The backend URL; the password is masked unless asked for."""
+        return "kojin+" + (self.url if include_password else self.settings.safe_url)
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def ensure_ready(self) -> None:
+        """Check (and, with auto_migrate, apply) the schema once per backend."""
+        if not self._schema_ready:
+            ensure_schema(self.db)
+            self._schema_ready = True
+
+    def _fetchall(self, query: Any, params: dict[str, Any], what: str) -> list[tuple[Any, ...]]:
+        self.ensure_ready()
+        return self.db.fetchall(query, params, what)
+
+    def _fetchone(self, query: Any, params: dict[str, Any], what: str) -> tuple[Any, ...] | None:
+        self.ensure_ready()
+        return self.db.fetchone(query, params, what)
+
+    def exception_safe_to_retry(self, exc: BaseException) -> bool:
+        """Connection errors are safe to retry (``result_backend_always_retry``)."""
+        return is_transient(exc)
+
+    def _expires_seconds(self) -> float | None:
+        return None if self.expires is None else float(self.expires)
+
+    def _encode_value(self, value: Any) -> tuple[Jsonb | None, bytes | None]:
+        """A value as (jsonb, None) with the JSON serializer, else (None, serialized bytes)."""
+        if self._json:
+            encoded = codec.dumps(value)
+            # jsonb cannot hold the NUL character: keep such values as JSON text in bytea.
+            if b"\\u0000" not in encoded:
+                return _raw_json(encoded), None
+            return None, encoded
+        payload = self.encode(value)
+        return None, payload if isinstance(payload, bytes) else payload.encode()
+
+    def _decode_bytes(self, payload: bytes) -> Any:
+        if self._json:
+            return codec.loads(payload)
+        return self.decode(bytes(payload))
+
+    # -- results ---------------------------------------------------------------------------
+
+    def _store_result(self, task_id: str, result: Any, state: str, traceback: str | None = None,
+                      request: Any = None, **kwargs: Any) -> Any:
+        meta = self._get_result_meta(result=result, state=state, traceback=traceback,
+                                     request=request, format_date=False)
+        extended = {k: meta.get(k) for k in _EXTENDED}
+        blob = {"result": meta["result"], "children": meta["children"],
+                "args": extended["args"], "kwargs": extended["kwargs"]}
+        params: dict[str, Any] = {
+            "task_id": task_id, "status": state, "traceback": traceback,
+            "group_id": meta.get("group_id"), "parent_id": meta.get("parent_id"),
+            "name": extended["name"], "worker": extended["worker"],
+            "retries": extended["retries"], "queue": extended["queue"],
+            "date_done": meta["date_done"], "expires": self._expires_seconds(),
+            "channel": self.channel, "notify": self.settings.use_notify,
+            "result": None, "children": None, "args": None, "kwargs": None, "result_bytes": None,
+        }
+        encoded, raw = self._encode_value(blob)
+        if encoded is not None:
+            for key in ("result", "children", "args", "kwargs"):
+                if blob[key] is not None:
+                    params[key] = _raw_json(codec.dumps(blob[key]))
+        else:
+            params["result_bytes"] = raw
+        self._fetchall(self.queries.store_result, params, "store_result")
+        return result
+
+    def _row_to_meta(self, row: tuple[Any, ...]) -> dict[str, Any]:
+        (task_id, status, result, result_bytes, traceback, children, group_id, parent_id,
+         name, args, kwargs, worker, retries, queue, date_done) = row
+        meta: dict[str, Any] = {
+            "task_id": task_id, "status": status, "result": result, "traceback": traceback,
+            "children": children or [], "date_done": date_done,
+        }
+        if result_bytes is not None:
+            meta.update(self._decode_bytes(result_bytes))
+            args, kwargs = meta.pop("args", None), meta.pop("kwargs", None)
+            meta["children"] = meta["children"] or []
+        if group_id is not None:
+            meta["group_id"] = group_id
+        if parent_id is not None:
+            meta["parent_id"] = parent_id
+        if name is not None or worker is not None:
+            meta.update(name=name, args=args, kwargs=kwargs, worker=worker,
+                        retries=retries, queue=queue)
+        return self.meta_from_decoded(meta)
+
+    def fetch_metas(self, task_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The stored, unexpired metas of ``task_ids`` (one query), by task id."""
+        ids = list(task_ids)
+        if not ids:
+            return {}
+        rows = self._fetchall(self.queries.get_results, {"task_ids": ids}, "get_results")
+        return {row[0]: self._row_to_meta(row) for row in rows}
+
+    def _get_task_meta_for(self, task_id: str) -> dict[str, Any]:
+        meta = self.fetch_metas([task_id]).get(task_id)
+        if meta is None:
+            return {"status": states.PENDING, "result": None}
+        return meta
+
+    def task_result_exists(self, task_id: str) -> bool:
+        """Whether any (unexpired) result row exists for ``task_id``."""
+        row = self._fetchone(self.queries.result_exists, {"task_id": task_id}, "result_exists")
+        return bool(row and row[0])
+
+    def _forget(self, task_id: str) -> None:
+        self.ensure_ready()
+        self.db.execute(self.queries.forget_result, {"task_id": task_id}, "forget")
+
+    def forget(self, task_id: str) -> None:
+        """Delete the result of ``task_id`` and stop waiting for it."""
+        super().forget(task_id)
+        self.result_consumer.cancel_for(task_id)
+
+    def get_many(self, task_ids: Iterable[str], timeout: float | None = None,
+                 interval: float | None = 0.5, no_ack: bool = True, on_message: Any = None,
+                 on_interval: Any = None, max_iterations: int | None = None,
+                 READY_STATES: frozenset[str] = states.READY_STATES,
+                 **kwargs: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Yield ``(task_id, meta)`` for each task as it becomes ready; one query per round."""
+        interval = 0.5 if interval is None else interval
+        ids = set(task_ids)
+        cache = self._cache
+        for task_id in list(ids):
+            cached = cache.get(task_id)
+            if cached is not None and cached["status"] in READY_STATES:
+                ids.discard(task_id)
+                yield task_id, cached
+        iterations = 0
+        started = time.monotonic()
+        while ids:
+            ready = {tid: meta for tid, meta in self.fetch_metas(ids).items()
+                     if meta["status"] in READY_STATES}
+            cache.update(ready)
+            ids.difference_update(ready)
+            for task_id, meta in ready.items():
+                if on_message is not None:
+                    on_message(meta)
+                yield task_id, meta
+            iterations += 1
+            if not ids or (max_iterations and iterations >= max_iterations):
+                break
+            elapsed = time.monotonic() - started
+            if timeout is not None and elapsed >= timeout:
+                raise self.TimeoutError(f"Operation timed out ({timeout})")
+            if on_interval:
+                on_interval()
+            nap = interval if timeout is None else min(interval, timeout - elapsed)
+            self.result_consumer.wait_for_any(ids, max(nap, 0.0))
+
+    # -- groups ----------------------------------------------------------------------------
+
+    def _save_group(self, group_id: str, result: Any) -> Any:
+        encoded, raw = self._encode_value({"result": result.as_tuple()})
+        self.ensure_ready()
+        self.db.execute(self.queries.save_group, {
+            "group_id": group_id, "result": encoded, "result_bytes": raw,
+            "expires": self._expires_seconds()}, "save_group")
+        return result
+
+    def _restore_group(self, group_id: str) -> dict[str, Any] | None:
+        row = self._fetchone(self.queries.get_group, {"group_id": group_id}, "restore_group")
+        if row is None:
+            return None
+        result, result_bytes, date_done = row
+        meta = result if result_bytes is None else self._decode_bytes(result_bytes)
+        return {"result": result_from_tuple(meta["result"], self.app), "date_done": date_done}
+
+    def _delete_group(self, group_id: str) -> None:
+        self.ensure_ready()
+        self.db.execute(self.queries.delete_group, {"group_id": group_id}, "delete_group")
+
+    # -- expiry ----------------------------------------------------------------------------
+
+    def cleanup(self) -> dict[str, int]:
+        """Delete expired results, groups and chord rows in bounded batches.
+
+        Each batch is its own short transaction that skips locked rows, so readers and writers
+        are never blocked for long. Returns the number of rows deleted per table. This is what
+        Celery's ``celery.backend_cleanup`` periodic task and ``kojin-pg cleanup`` call.
+        """
+        self.ensure_ready()
+        batch = self.settings.cleanup_batch_size
+        counts: dict[str, int] = {}
+        for table in EXPIRING_TABLES:
+            query = self.queries.get("delete_expired", table=table)
+            total = 0
+            while True:
+                row = self.db.fetchone(query, {"batch": batch}, f"cleanup {table}")
+                deleted = int(row[0]) if row else 0
+                total += deleted
+                if deleted < batch:
+                    break
+            counts[table] = total
+        log.info("kojin_pg cleanup deleted expired rows: %s", counts)
+        return counts

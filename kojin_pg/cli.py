@@ -1,0 +1,140 @@
+"""``kojin-pg``: schema migration, cleanup, stats and a demo, for operators and cron.
+
+Every command takes ``--url`` (default: ``KOJIN_PG_URL``, else the zero-setup embedded server)
+and ``--schema``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import config
+from .db import Database
+from .errors import KojinError
+from .schema import latest_version, migrate
+from .sqlfiles import Queries
+
+
+def _settings(args: argparse.Namespace) -> config.Settings:
+    from .embedded import resolve_url
+
+    url = resolve_url(args.url)
+    if url.startswith("kojin+"):
+        url = url[len("kojin+"):]
+    return config.parse(url, {"schema": args.schema})
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    db = Database(settings, role="kojin_pg.cli")
+    applied = db.run(lambda conn: migrate(conn, settings.schema), "migrate")
+    if applied:
+        print(f"schema {settings.schema}: applied {', '.join(map(str, applied))}; "
+              f"now at version {latest_version()}")
+    else:
+        print(f"schema {settings.schema}: up to date (version {latest_version()})")
+    db.close()
+    return 0
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    from celery import Celery
+
+    settings = _settings(args)
+    app = Celery("kojin_pg_cli", set_as_current=False)
+    app.conf.update(result_backend="kojin+" + settings.conninfo,
+                    result_backend_transport_options={"schema": settings.schema,
+                                                      "cleanup_batch_size": args.batch_size})
+    counts = app.backend.cleanup()
+    if args.json:
+        print(json.dumps(counts))
+    else:
+        for table, n in counts.items():
+            print(f"{table:<12} {n:>10} expired rows deleted")
+    return 0
+
+
+def collect_stats(settings: config.Settings) -> dict[str, Any]:
+    """Health figures of one kojin_pg schema (used by ``kojin-pg stats``)."""
+    db = Database(settings, role="kojin_pg.cli")
+    q = Queries("admin", settings.schema)
+    try:
+        rows, expired, size = db.fetchone(
+            q.result_stats, {"table": f"{settings.schema}.results"}) or (0, 0, 0)
+        tables = {name: {"live": live, "dead": dead, "last_vacuum": str(vac) if vac else None,
+                         "bytes": nbytes}
+                  for name, live, dead, vac, nbytes in db.fetchall(
+                      q.table_health, {"schema": settings.schema})}
+        oldest = db.fetchone(q.oldest_xmin)
+    finally:
+        db.close()
+    return {
+        "schema": settings.schema,
+        "results": {"rows": rows, "expired_not_cleaned": expired, "bytes": size},
+        "tables": tables,
+        "oldest_transaction": None if oldest is None else {
+            "age_seconds": round(oldest[0], 1), "pid": oldest[1],
+            "application_name": oldest[2], "state": oldest[3]},
+    }
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    stats = collect_stats(_settings(args))
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    r = stats["results"]
+    print(f"schema {stats['schema']}")
+    print(f"results: {r['rows']} rows, {r['expired_not_cleaned']} expired awaiting cleanup, "
+          f"{r['bytes'] / 1e6:.1f} MB")
+    print(f"{'table':<20} {'live':>10} {'dead':>10} {'MB':>8}  last vacuum")
+    for name, t in stats["tables"].items():
+        print(f"{name:<20} {t['live']:>10} {t['dead']:>10} {t['bytes'] / 1e6:>8.1f}  "
+              f"{t['last_vacuum'] or '-'}")
+    o = stats["oldest_transaction"]
+    if o:
+        print(f"oldest open transaction: {o['age_seconds']}s (pid {o['pid']}, "
+              f"{o['application_name'] or '?'}, {o['state']}) - it holds back vacuum")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kojin-pg", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func: Any, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--url", help="PostgreSQL URL (default: KOJIN_PG_URL, else embedded)")
+        p.add_argument("--schema", default="kojin", help="schema name (default: kojin)")
+        p.set_defaults(func=func)
+        return p
+
+    add("migrate", cmd_migrate, "create or upgrade the kojin_pg schema")
+    p = add("cleanup", cmd_cleanup, "delete expired results, groups and chords (for cron)")
+    p.add_argument("--batch-size", type=int, default=5000, help="rows per transaction")
+    p.add_argument("--json", action="store_true", help="print counts as JSON")
+    p = add("stats", cmd_stats, "table sizes, dead tuples, expired rows, vacuum blockers")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``kojin-pg`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except KojinError as exc:
+        print(f"kojin-pg: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""One frozen settings object from a URL plus options.
+
+Options come from three places, later ones winning: the defaults below, the URL query string
+(``postgresql://host/db?schema=jobs&pool_max_size=4``) and the mapping given by Celery
+(``result_backend_transport_options`` / ``broker_transport_options``). Query keys that are libpq
+connection parameters (``sslmode``, ``sslrootcert``, ``application_name``, ...) are passed to
+libpq unchanged; any other unknown key is an error that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+
+from .errors import ConfigurationError
+
+#: URL schemes accepted, with the ``kojin+`` prefix Celery and kombu use to pick us.
+SCHEMES = ("postgresql", "postgres", "kojin+postgresql", "kojin+postgres", "kojin")
+
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
+_QUEUE_NAME = re.compile(r"^[\w.:@\-+/*#]{1,200}$")
+
+_BOOL_TRUE = {"1", "true", "yes", "on"}
+_BOOL_FALSE = {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything kojin_pg needs to know about one database. Build it with :func:`parse`."""
+
+    conninfo: str = field(repr=False)
+    #: The URL with the password masked: safe for logs, reprs and errors.
+    safe_url: str = "postgresql://"
+    schema: str = "kojin"
+    pool_min_size: int = 1
+    pool_max_size: int = 10
+    #: Seconds a caller waits for a free pooled connection before a clear error.
+    pool_timeout: float = 30.0
+    #: Apply missing migrations on first use (off for least-privilege runtime roles).
+    auto_migrate: bool = True
+    #: Wake waiters with LISTEN/NOTIFY; turn off behind PgBouncer transaction pooling.
+    use_notify: bool = True
+    #: Seconds between polls when notifications are off or as a safety net.
+    polling_interval: float = 1.0
+    #: Total seconds an operation keeps retrying after connection errors.
+    retry_timeout: float = 60.0
+    #: ``off`` trades the last few hundred ms of results on a crash for speed (Redis AOF-like).
+    synchronous_commit: str | None = None
+    cleanup_batch_size: int = 5000
+    #: Broker: seconds a claimed, unacked message stays invisible before redelivery.
+    visibility_timeout: float = 1800.0
+    #: Broker: deliveries after which a message goes to the dead-letter table.
+    max_deliveries: int = 10
+    #: Broker: largest message body accepted, in bytes.
+    max_message_bytes: int = 64 * 1024 * 1024
+    #: Broker: seconds between lease extensions of held messages (default: a third of the vt).
+    lease_renew_interval: float | None = None
+
+    @property
+    def renew_interval(self) -> float:
+        """Seconds between lease extensions."""
+        if self.lease_renew_interval is not None:
+            return self.lease_renew_interval
+        return max(0.05, self.visibility_timeout / 3.0)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings) if f.name not in ("conninfo", "safe_url")}
+
+
+def validate_identifier(name: str, what: str = "schema name") -> str:
+    """Return ``name`` if it is a safe lower-case SQL identifier, else raise ConfigurationError."""
+    if not isinstance(name, str) or not _IDENTIFIER.match(name):
+        raise ConfigurationError(
+            f"invalid {what} {name!r}: use 1-40 characters from a-z, 0-9 and _, "
+            "not starting with a digit"
+        )
+    return name
+
+
+def validate_queue_name(name: str) -> str:
+    """Return ``name`` if it is an acceptable queue or exchange name, else raise."""
+    if not isinstance(name, str) or not _QUEUE_NAME.match(name):
+        raise ConfigurationError(
+            f"invalid queue or exchange name {name!r}: use 1-200 letters, digits or ._-:@+/*#"
+        )
+    return name
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    f = _FIELDS[name]
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if raw is None:
+            if "None" in kind:
+                return None
+            raise ValueError("a value is required")
+        if kind.startswith("bool"):
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in _BOOL_TRUE:
+                return True
+            if text in _BOOL_FALSE:
+                return False
+            raise ValueError("expected true or false")
+        if kind.startswith("int"):
+            if isinstance(raw, bool):
+                raise ValueError("expected a whole number")
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+        return str(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"invalid value {raw!r} for option {name!r}: {exc}") from None
+
+
+def _check(s: Settings) -> None:
+    validate_identifier(s.schema)
+    positive = ("pool_timeout", "polling_interval", "visibility_timeout", "cleanup_batch_size",
+                "max_message_bytes", "pool_max_size", "max_deliveries")
+    for name in positive:
+        if getattr(s, name) <= 0:
+            raise ConfigurationError(f"option {name!r} must be greater than 0, got {getattr(s, name)!r}")
+    if s.pool_min_size < 0 or s.pool_min_size > s.pool_max_size:
+        raise ConfigurationError("option 'pool_min_size' must be between 0 and pool_max_size")
+    if s.retry_timeout < 0:
+        raise ConfigurationError("option 'retry_timeout' must not be negative")
+    if s.lease_renew_interval is not None and not 0 < s.lease_renew_interval < s.visibility_timeout:
+        raise ConfigurationError(
+            "option 'lease_renew_interval' must be greater than 0 and less than visibility_timeout"
+        )
+    if s.synchronous_commit not in (None, "on", "off", "local", "remote_write", "remote_apply"):
+        raise ConfigurationError(f"invalid synchronous_commit {s.synchronous_commit!r}")
+
+
+def _libpq_keywords() -> frozenset[str]:
+    from psycopg import pq
+
+    return frozenset(opt.keyword.decode() for opt in pq.Conninfo.get_defaults())
+
+
+def mask_url(url: str) -> str:
+    """Return ``url`` with any password replaced by ``****``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostinfo = netloc.rpartition("@")
+        if ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":****"
+        netloc = f"{userinfo}@{hostinfo}"
+    query = [(k, "****" if k == "password" else v) for k, v in parse_qsl(parts.query, True)]
+    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query, safe="/:"), ""))
+
+
+def parse(url: str, options: Mapping[str, Any] | None = None) -> Settings:
+    """Build :class:`Settings` from a ``postgresql://`` URL and an options mapping.
+
+    Raises :class:`ConfigurationError` naming the problem for a malformed URL, an unknown option
+    or an out-of-range value. The password is never part of the message.
+    """
+    if not isinstance(url, str) or "://" not in url:
+        raise ConfigurationError(f"not a PostgreSQL URL: {mask_url(str(url))!r}")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ConfigurationError(f"malformed URL {mask_url(url)!r}: {exc}") from None
+    if parts.scheme not in SCHEMES:
+        raise ConfigurationError(
+            f"unsupported URL scheme {parts.scheme!r} in {mask_url(url)!r}: "
+            "use postgresql:// or kojin+postgresql://"
+        )
+    libpq = _libpq_keywords()
+    values: dict[str, Any] = {}
+    conn_query: list[tuple[str, str]] = []
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key in _FIELDS:
+            values[key] = value
+        elif key in libpq:
+            conn_query.append((key, value))
+        else:
+            raise ConfigurationError(f"unknown option {key!r} in URL {mask_url(url)!r}")
+    for key, value in (options or {}).items():
+        if key not in _FIELDS:
+            raise ConfigurationError(
+                f"unknown option {key!r}; known options: {', '.join(sorted(_FIELDS))}"
+            )
+        values[key] = value
+    coerced = {k: _coerce(k, v) for k, v in values.items()}
+    conninfo = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(conn_query), ""))
+    settings = Settings(conninfo=conninfo, safe_url=mask_url(conninfo), **coerced)
+    _check(settings)
+    return settings
+
+
+def build_url(host: str, port: int, user: str, dbname: str, password: str | None = None) -> str:
+    """Compose a ``postgresql://`` URL, quoting each part."""
+    auth = quote(user, safe="")
+    if password:
+        auth += ":" + quote(password, safe="")
+    return f"postgresql://{auth}@{host}:{port}/{quote(dbname, safe='')}"

@@ -1,0 +1,189 @@
+"""Connections: one pool per process and database, fork-safe, with retries on connection loss.
+
+Every operation that goes through :meth:`Database.run` is retried with exponential backoff when
+the connection fails (server restart, terminated backend, network blip) until
+``retry_timeout`` runs out; then :class:`~kojin_pg.errors.DatabaseUnavailable` is raised.
+Only idempotent work may be passed to it: a lost connection can hide a commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.abc import Query
+from psycopg.types.json import set_json_dumps, set_json_loads
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from . import codec
+from .config import Settings
+from .errors import DatabaseUnavailable
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Errors after which an idempotent operation may simply be tried again.
+_NOT_TRANSIENT = (PoolTimeout, pg_errors.QueryCanceled)
+
+_live: weakref.WeakSet[Database] = weakref.WeakSet()
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors that a retry on a fresh connection can cure."""
+    if isinstance(exc, _NOT_TRANSIENT):
+        return False
+    return isinstance(exc, psycopg.OperationalError | DatabaseUnavailable)
+
+
+def configure_connection(conn: psycopg.Connection[Any]) -> None:
+    """Use orjson for json/jsonb on this connection, both ways."""
+    set_json_dumps(codec.dumps, context=conn)
+    set_json_loads(codec.loads, context=conn)
+
+
+class Database:
+    """The connections of this process to one PostgreSQL database.
+
+    The pool is created on first use, not in the constructor, and is replaced (never closed:
+    its sockets belong to the parent) in a child process after ``fork``.
+    """
+
+    def __init__(self, settings: Settings, *, role: str = "kojin_pg",
+                 session_settings: Sequence[tuple[str, str]] = ()) -> None:
+        self.settings = settings
+        self.role = role
+        self._session_settings = tuple(session_settings)
+        self._pool: ConnectionPool | None = None
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        _live.add(self)
+
+    def __repr__(self) -> str:
+        return f"<Database {self.settings.safe_url} schema={self.settings.schema} {self.role}>"
+
+    # -- connections -----------------------------------------------------------------------
+
+    def _connect_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"autocommit": True}
+        if "application_name" not in self.settings.conninfo:
+            kwargs["application_name"] = self.role
+        return kwargs
+
+    def _configure(self, conn: psycopg.Connection[Any]) -> None:
+        configure_connection(conn)
+        for name, value in self._session_settings:
+            conn.execute("SELECT set_config(%s, %s, false)", (name, value))
+
+    def connect(self, **overrides: Any) -> psycopg.Connection[Any]:
+        """A new dedicated connection (for LISTEN or a long-lived consumer), not pooled."""
+        kwargs = self._connect_kwargs()
+        kwargs.update(overrides)
+        conn = psycopg.Connection.connect(self.settings.conninfo, **kwargs)
+        self._configure(conn)
+        return conn
+
+    def pool(self) -> ConnectionPool:
+        """This process's pool, opened on first use."""
+        if self._pid != os.getpid():
+            self._forget_after_fork()
+        pool = self._pool
+        if pool is None:
+            with self._lock:
+                pool = self._pool
+                if pool is None:
+                    s = self.settings
+                    pool = ConnectionPool(
+                        s.conninfo, min_size=s.pool_min_size, max_size=s.pool_max_size,
+                        timeout=s.pool_timeout, kwargs=self._connect_kwargs(),
+                        configure=self._configure, open=False, name=self.role,
+                        reconnect_timeout=max(s.retry_timeout, 1.0),
+                    )
+                    pool.open(wait=False)
+                    self._pool = pool
+        return pool
+
+    def _forget_after_fork(self) -> None:
+        # The parent's pool and its sockets stay untouched: closing them here would end the
+        # parent's sessions. The child simply starts a pool of its own.
+        self._pool = None
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled autocommit connection for the duration of the block."""
+        with self.pool().connection() as conn:
+            yield conn
+
+    def close(self) -> None:
+        """Close this process's pool (a no-op in a forked child for the parent's pool)."""
+        if self._pid != os.getpid():
+            self._forget_after_fork()
+            return
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+    # -- retrying execution ----------------------------------------------------------------
+
+    def run(self, work: Callable[[psycopg.Connection[Any]], T], what: str = "query") -> T:
+        """Run ``work(conn)`` on a pooled connection, retrying it after connection loss."""
+        deadline = time.monotonic() + self.settings.retry_timeout
+        attempt = 0
+        while True:
+            try:
+                with self.connection() as conn:
+                    return work(conn)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                attempt += 1
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise DatabaseUnavailable(
+                        f"{what} failed: PostgreSQL at {self.settings.safe_url} did not answer "
+                        f"after {attempt} attempts in {self.settings.retry_timeout:g}s: {exc}"
+                    ) from exc
+                delay = min(remaining, 2.0, 0.05 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1)
+                log.warning("kojin_pg: %s failed (%s), retry %d in %.2fs",
+                            what, type(exc).__name__, attempt, delay)
+                if self._pool is not None:
+                    self._pool.check()  # drop every other dead idle connection at once
+                time.sleep(delay)
+
+    def execute(self, query: Query, params: Any = None, what: str = "query") -> int:
+        """Execute one statement; return the affected row count."""
+        def work(conn: psycopg.Connection[Any]) -> int:
+            return conn.execute(query, params).rowcount
+        return self.run(work, what)
+
+    def fetchall(self, query: Query, params: Any = None, what: str = "query") -> list[tuple[Any, ...]]:
+        """Execute one statement and return all its rows."""
+        def work(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+            return conn.execute(query, params).fetchall()
+        return self.run(work, what)
+
+    def fetchone(self, query: Query, params: Any = None, what: str = "query") -> tuple[Any, ...] | None:
+        """Execute one statement and return its first row, if any."""
+        def work(conn: psycopg.Connection[Any]) -> tuple[Any, ...] | None:
+            return conn.execute(query, params).fetchone()
+        return self.run(work, what)
+
+
+def _after_fork_in_child() -> None:
+    for db in list(_live):
+        db._forget_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,144 @@
+-- Queries of the result backend. Each starts with "-- name: <name>" and a line saying what it
+-- does; {schema} (and {table} where named) are replaced with quoted identifiers, values are
+-- always bound parameters.
+
+-- name: store_result
+-- Insert or update one result and wake its waiters in the same statement (and transaction).
+-- A stored SUCCESS is never overwritten: a late duplicate run of a task must not replace it.
+WITH stored AS (
+    INSERT INTO {schema}.results AS r
+        (task_id, status, result, result_bytes, traceback, children, group_id, parent_id,
+         name, args, kwargs, worker, retries, queue, date_done, expires_at)
+    VALUES (%(task_id)s, %(status)s, %(result)s, %(result_bytes)s, %(traceback)s, %(children)s,
+            %(group_id)s, %(parent_id)s, %(name)s, %(args)s, %(kwargs)s, %(worker)s,
+            %(retries)s, %(queue)s, %(date_done)s, now() + make_interval(secs => %(expires)s))
+    ON CONFLICT (task_id) DO UPDATE SET
+        status = excluded.status,
+        result = excluded.result,
+        result_bytes = excluded.result_bytes,
+        traceback = excluded.traceback,
+        children = excluded.children,
+        group_id = coalesce(excluded.group_id, r.group_id),
+        parent_id = coalesce(excluded.parent_id, r.parent_id),
+        name = coalesce(excluded.name, r.name),
+        args = coalesce(excluded.args, r.args),
+        kwargs = coalesce(excluded.kwargs, r.kwargs),
+        worker = coalesce(excluded.worker, r.worker),
+        retries = coalesce(excluded.retries, r.retries),
+        queue = coalesce(excluded.queue, r.queue),
+        date_done = excluded.date_done,
+        expires_at = excluded.expires_at
+    WHERE r.status <> 'SUCCESS'
+    RETURNING r.task_id
+)
+SELECT pg_notify(%(channel)s, task_id) FROM stored WHERE %(notify)s;
+
+-- name: get_results
+-- The unexpired results of the given task ids (one round trip for one id or thousands).
+SELECT task_id, status, result, result_bytes, traceback, children, group_id, parent_id,
+       name, args, kwargs, worker, retries, queue, date_done
+FROM {schema}.results
+WHERE task_id = ANY(%(task_ids)s) AND (expires_at IS NULL OR expires_at > now());
+
+-- name: result_exists
+-- Whether an unexpired result row exists for the task.
+SELECT EXISTS (SELECT 1 FROM {schema}.results
+               WHERE task_id = %(task_id)s AND (expires_at IS NULL OR expires_at > now()));
+
+-- name: forget_result
+-- Delete one result.
+DELETE FROM {schema}.results WHERE task_id = %(task_id)s;
+
+-- name: save_group
+-- Store (or replace) a GroupResult's member ids.
+INSERT INTO {schema}.groups AS g (group_id, result, result_bytes, expires_at)
+VALUES (%(group_id)s, %(result)s, %(result_bytes)s, now() + make_interval(secs => %(expires)s))
+ON CONFLICT (group_id) DO UPDATE SET
+    result = excluded.result, result_bytes = excluded.result_bytes,
+    date_done = now(), expires_at = excluded.expires_at;
+
+-- name: get_group
+-- A saved, unexpired group.
+SELECT result, result_bytes, date_done FROM {schema}.groups
+WHERE group_id = %(group_id)s AND (expires_at IS NULL OR expires_at > now());
+
+-- name: delete_group
+-- Delete a saved group.
+DELETE FROM {schema}.groups WHERE group_id = %(group_id)s;
+
+-- name: reset_chord
+-- A chord is being applied: start its counter from zero (a re-applied frozen chord reuses its id).
+WITH gone AS (DELETE FROM {schema}.chord_parts WHERE group_id = %(group_id)s)
+INSERT INTO {schema}.chords AS c (group_id, expires_at)
+VALUES (%(group_id)s, now() + make_interval(secs => %(expires)s))
+ON CONFLICT (group_id) DO UPDATE SET
+    chord_size = NULL, extra = 0, completed = 0, claim_token = NULL, claim_until = NULL,
+    fired = false, created_at = now(), expires_at = excluded.expires_at;
+
+-- name: set_chord_size
+-- Record how many header parts the chord waits for.
+INSERT INTO {schema}.chords AS c (group_id, chord_size, expires_at)
+VALUES (%(group_id)s, %(chord_size)s, now() + make_interval(secs => %(expires)s))
+ON CONFLICT (group_id) DO UPDATE SET chord_size = excluded.chord_size;
+
+-- name: add_to_chord
+-- One more header part to wait for (a header task replaced itself with a new signature).
+INSERT INTO {schema}.chords AS c (group_id, extra, expires_at)
+VALUES (%(group_id)s, 1, now() + make_interval(secs => %(expires)s))
+ON CONFLICT (group_id) DO UPDATE SET extra = c.extra + 1;
+
+-- name: chord_part_return
+-- Record one header part exactly once and count it, atomically. When the count reaches the
+-- chord size, the caller whose token lands in claim_token fires the body. A claim that is not
+-- released (its holder died before firing) lapses at claim_until, so a redelivered header
+-- task can take over. The same token may retry this statement after a lost connection.
+WITH part AS (
+    INSERT INTO {schema}.chord_parts
+        (group_id, task_id, idx, status, result, result_bytes, expires_at)
+    VALUES (%(group_id)s, %(task_id)s, %(idx)s, %(status)s, %(result)s, %(result_bytes)s,
+            now() + make_interval(secs => %(expires)s))
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+)
+INSERT INTO {schema}.chords AS c (group_id, completed, expires_at)
+SELECT %(group_id)s, count(*), now() + make_interval(secs => %(expires)s) FROM part
+ON CONFLICT (group_id) DO UPDATE SET
+    completed = c.completed + excluded.completed,
+    claim_token = CASE WHEN c.chord_size IS NOT NULL
+                        AND c.completed + excluded.completed >= c.chord_size + c.extra
+                        AND (c.claim_token IS NULL OR c.claim_until < now()
+                             OR c.claim_token = %(token)s)
+                       THEN %(token)s ELSE c.claim_token END,
+    claim_until = CASE WHEN c.chord_size IS NOT NULL
+                        AND c.completed + excluded.completed >= c.chord_size + c.extra
+                        AND (c.claim_token IS NULL OR c.claim_until < now()
+                             OR c.claim_token = %(token)s)
+                       THEN now() + make_interval(secs => %(claim_seconds)s)
+                       ELSE c.claim_until END
+WHERE NOT c.fired
+RETURNING c.completed, c.chord_size, c.extra, coalesce(c.claim_token = %(token)s, false);
+
+-- name: chord_parts
+-- The header results of a chord, in header order.
+SELECT task_id, status, result, result_bytes FROM {schema}.chord_parts
+WHERE group_id = %(group_id)s ORDER BY idx, seq;
+
+-- name: chord_fired
+-- The body was sent: mark the chord done (late duplicates are ignored) and drop its parts.
+WITH done AS (
+    UPDATE {schema}.chords SET fired = true, claim_until = NULL
+    WHERE group_id = %(group_id)s AND claim_token = %(token)s
+    RETURNING group_id
+)
+DELETE FROM {schema}.chord_parts p USING done WHERE p.group_id = done.group_id;
+
+-- name: delete_expired
+-- Delete one bounded batch of expired rows from {table}; returns how many went.
+-- SKIP LOCKED: never waits behind, or blocks, a writer of the same rows.
+WITH doomed AS (
+    DELETE FROM {schema}.{table} WHERE ctid = ANY(ARRAY(
+        SELECT ctid FROM {schema}.{table} WHERE expires_at <= now()
+        LIMIT %(batch)s FOR UPDATE SKIP LOCKED))
+    RETURNING 1
+)
+SELECT count(*) FROM doomed;

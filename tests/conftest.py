@@ -1,0 +1,139 @@
+"""Test fixtures: a real PostgreSQL, and a fresh database per test cloned from a template.
+
+The server is ``KOJIN_PG_TEST_URL`` when set, else an embedded PostgreSQL 18 started for the
+session in a temporary directory and deleted afterwards. The template database has the kojin_pg
+schema migrated once; each test gets ``CREATE DATABASE ... TEMPLATE`` (fast, fully isolated)
+and the database is dropped after the test.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from kojin_pg import schema as kschema
+from kojin_pg.embedded import EmbeddedServer, temporary_server
+
+TEMPLATE = "kojin_test_template"
+
+# fsync off: the tests check behaviour, not durability on power loss, and run much faster.
+TEST_SERVER_SETTINGS = (("fsync", "off"), ("full_page_writes", "off"),
+                        ("synchronous_commit", "off"))
+
+
+def with_database(url: str, dbname: str) -> str:
+    """``url`` pointing at database ``dbname``."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + dbname, parts.query, ""))
+
+
+class Server:
+    """The server under test: its admin URL and, when embedded, the handle to restart it."""
+
+    def __init__(self, url: str, embedded: EmbeddedServer | None) -> None:
+        self.url = url
+        self.embedded = embedded
+
+    def admin(self) -> psycopg.Connection:
+        return psycopg.connect(self.url, autocommit=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Server]:
+    url = os.environ.get("KOJIN_PG_TEST_URL")
+    embedded = None
+    if not url:
+        embedded = temporary_server(settings=TEST_SERVER_SETTINGS)
+        url = embedded.url
+    try:
+        with psycopg.connect(url, connect_timeout=10) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.OperationalError as exc:
+        pytest.exit(f"cannot reach the test PostgreSQL server: {exc}", returncode=3)
+    server = Server(url, embedded)
+    with server.admin() as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(TEMPLATE)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE)))
+    with psycopg.connect(with_database(url, TEMPLATE), autocommit=True) as conn:
+        kschema.migrate(conn, "kojin")
+    try:
+        yield server
+    finally:
+        with server.admin() as conn:
+            rows = conn.execute(
+                "SELECT datname FROM pg_database WHERE datname LIKE 'kojin_test_%'").fetchall()
+            for (name,) in rows:
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                    sql.Identifier(name)))
+        if embedded is not None:
+            embedded.destroy()
+
+
+@pytest.fixture
+def db_url(pg_server: Server) -> Iterator[str]:
+    """URL of a fresh database holding a migrated ``kojin`` schema, dropped after the test."""
+    name = "kojin_test_" + uuid.uuid4().hex[:12]
+    with pg_server.admin() as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+            sql.Identifier(name), sql.Identifier(TEMPLATE)))
+    try:
+        yield with_database(pg_server.url, name)
+    finally:
+        with pg_server.admin() as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(name)))
+
+
+@pytest.fixture
+def empty_db_url(pg_server: Server) -> Iterator[str]:
+    """URL of a fresh, empty database (no kojin schema), dropped after the test."""
+    name = "kojin_test_" + uuid.uuid4().hex[:12]
+    with pg_server.admin() as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield with_database(pg_server.url, name)
+    finally:
+        with pg_server.admin() as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(name)))
+
+
+@pytest.fixture
+def make_app(db_url: str) -> Iterator:
+    """Factory of Celery apps whose result backend is kojin_pg on the test database."""
+    from celery import Celery
+
+    apps = []
+
+    def factory(**conf) -> Celery:
+        backend_options = conf.pop("result_backend_transport_options", {})
+        app = Celery("kojin_test", backend="kojin+" + db_url, broker="memory://",
+                     set_as_current=False)
+        app.conf.update(result_backend_transport_options=backend_options,
+                        result_extended=True, **conf)
+        apps.append(app)
+        return app
+
+    yield factory
+    for app in apps:
+        backend = app.backend
+        backend.result_consumer.stop()
+        backend.db.close()
+
+
+@pytest.fixture
+def app(make_app):
+    """A Celery app with the kojin_pg result backend (broker: memory)."""
+    return make_app()
+
+
+@pytest.fixture
+def backend(app):
+    return app.backend

@@ -1,0 +1,347 @@
+"""The result backend against a real PostgreSQL: every backend method, TTL, cleanup, waiting."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import threading
+import uuid
+
+import psycopg
+import pytest
+from celery import states
+from celery.app.task import Context
+from celery.result import AsyncResult, GroupResult
+
+from kojin_pg.errors import ConfigurationError, PayloadError
+
+
+def tid() -> str:
+    return str(uuid.uuid4())
+
+
+def request(**kw) -> Context:
+    base = dict(id=tid(), task="proj.add", args=[1, 2], kwargs={"z": 3}, hostname="w1@host",
+                retries=2, delivery_info={"routing_key": "celery"}, group=None, parent_id=None)
+    base.update(kw)
+    return Context(base)
+
+
+def test_store_and_get_with_extended_metadata(backend, db_url):
+    req = request()
+    backend.store_result(req.id, {"a": [1, 2], "b": "x"}, states.SUCCESS, request=req)
+    meta = backend.get_task_meta(req.id, cache=False)
+    assert meta["status"] == states.SUCCESS
+    assert meta["result"] == {"a": [1, 2], "b": "x"}
+    assert (meta["name"], meta["args"], meta["kwargs"]) == ("proj.add", [1, 2], {"z": 3})
+    assert (meta["worker"], meta["retries"], meta["queue"]) == ("w1@host", 2, "celery")
+    assert meta["date_done"] is not None
+    # The result is real JSONB, queryable in SQL; the metadata lives in columns.
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute(
+            "SELECT result->'a'->>1, name, worker, jsonb_typeof(result) "
+            "FROM kojin.results WHERE task_id = %s", (req.id,)).fetchone()
+    assert row == ("2", "proj.add", "w1@host", "object")
+
+
+def test_python_types_round_trip_like_kombu_json(backend):
+    import datetime
+    import decimal
+
+    value = {"when": datetime.datetime(2024, 1, 2, 3, 4, 5), "d": decimal.Decimal("1.5"),
+             "big": 2**70, "nul": "a\x00b", "nested": [[1], {"k": None}]}
+    t = tid()
+    backend.store_result(t, value, states.SUCCESS)
+    assert backend.get_task_meta(t, cache=False)["result"] == value
+
+
+def test_failure_restores_exception_and_traceback(backend):
+    t = tid()
+    backend.mark_as_failure(t, KeyError("missing"), traceback="Traceback: here")
+    meta = backend.get_task_meta(t, cache=False)
+    assert meta["status"] == states.FAILURE
+    assert isinstance(meta["result"], KeyError)
+    assert meta["traceback"] == "Traceback: here"
+
+
+def test_success_is_never_overwritten(backend):
+    t = tid()
+    backend.mark_as_done(t, 1)
+    backend.mark_as_failure(t, ValueError("late duplicate"))
+    backend.mark_as_started(t)
+    assert backend.get_task_meta(t, cache=False)["result"] == 1
+
+
+def test_pending_and_progress_states(backend):
+    t = tid()
+    assert backend.get_task_meta(t)["status"] == states.PENDING
+    backend.store_result(t, {"progress": 50}, "PROGRESS")
+    assert backend.get_task_meta(t, cache=False) ["result"] == {"progress": 50}
+    assert backend.task_result_exists(t)
+    assert not backend.task_result_exists(tid())
+
+
+def test_pickle_serializer_uses_bytea(make_app, db_url):
+    app = make_app(result_serializer="pickle", accept_content=["pickle", "json"])
+    b = app.backend
+    t = tid()
+    value = {1, 2, 3}  # not JSON-encodable
+    b.store_result(t, value, states.SUCCESS, request=request(id=t))
+    meta = b.get_task_meta(t, cache=False)
+    assert meta["result"] == value
+    assert meta["args"] == [1, 2]
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute("SELECT result IS NULL, result_bytes IS NOT NULL FROM kojin.results "
+                           "WHERE task_id = %s", (t,)).fetchone()
+    assert row == (True, True)
+
+
+def test_unserializable_result_is_a_clear_error_and_backend_keeps_working(backend):
+    t = tid()
+    with pytest.raises(PayloadError, match="cannot be encoded as JSON"):
+        backend.store_result(t, {"x": object()}, states.SUCCESS)
+    assert backend.get_task_meta(t)["status"] == states.PENDING
+    backend.store_result(t, "fine", states.SUCCESS)
+    assert backend.get_task_meta(t)["result"] == "fine"
+
+
+def test_forget(backend):
+    t = tid()
+    backend.mark_as_done(t, 1)
+    AsyncResult(t, backend=backend).forget()
+    assert backend.get_task_meta(t)["status"] == states.PENDING
+
+
+def test_get_many_reads_everything_in_one_query(backend, monkeypatch):
+    ids = [tid() for _ in range(2000)]
+    for i, t in enumerate(ids):
+        backend.store_result(t, i, states.SUCCESS)
+    backend._cache.clear()
+    calls = []
+    real = backend.db.fetchall
+    monkeypatch.setattr(backend.db, "fetchall", lambda *a, **k: calls.append(a) or real(*a, **k))
+    got = dict(backend.get_many(ids, timeout=10))
+    assert {t: m["result"] for t, m in got.items()} == {t: i for i, t in enumerate(ids)}
+    assert len(calls) == 1
+
+
+def test_get_many_waits_for_late_results(backend):
+    ids = [tid() for _ in range(3)]
+    backend.mark_as_done(ids[0], 0)
+    timer = threading.Timer(0.3, lambda: [backend.mark_as_done(t, 1) for t in ids[1:]])
+    timer.start()
+    got = dict(backend.get_many(ids, timeout=20, interval=5))
+    timer.join()
+    assert set(got) == set(ids)
+    with pytest.raises(backend.TimeoutError):
+        list(backend.get_many([tid()], timeout=0.2, interval=0.05))
+
+
+def test_ttl_is_applied_at_read_time(make_app, db_url):
+    app = make_app(result_expires=3600)
+    b = app.backend
+    t, fresh = tid(), tid()
+    b.mark_as_done(t, 1)
+    b.mark_as_done(fresh, 2)
+    with psycopg.connect(db_url) as conn:
+        exp = conn.execute("SELECT expires_at - now() > interval '59 minutes' FROM kojin.results "
+                           "WHERE task_id = %s", (t,)).fetchone()[0]
+        assert exp
+        conn.execute("UPDATE kojin.results SET expires_at = now() - interval '1 second' "
+                     "WHERE task_id = %s", (t,))
+    b._cache.clear()
+    assert b.get_task_meta(t)["status"] == states.PENDING
+    assert [k for k, _ in b.get_many([t, fresh], max_iterations=1)] == [fresh]
+    assert b.cleanup()["results"] == 1
+    assert b.get_task_meta(fresh, cache=False)["result"] == 2
+
+
+def test_no_expiry_when_result_expires_is_none(make_app, db_url):
+    b = make_app(result_expires=None).backend
+    t = tid()
+    b.mark_as_done(t, 1)
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT expires_at FROM kojin.results").fetchone() == (None,)
+
+
+def test_cleanup_in_batches_leaves_fresh_rows(make_app, db_url, monkeypatch):
+    b = make_app(result_backend_transport_options={"cleanup_batch_size": 5000}).backend
+    b.ensure_ready()
+    with psycopg.connect(db_url) as conn:
+        conn.execute(
+            "INSERT INTO kojin.results (task_id, status, expires_at) "
+            "SELECT 'old-' || g, 'SUCCESS', now() - interval '1 hour' "
+            "FROM generate_series(1, 50000) g")
+        conn.execute(
+            "INSERT INTO kojin.results (task_id, status, expires_at) "
+            "SELECT 'new-' || g, 'SUCCESS', now() + interval '1 hour' "
+            "FROM generate_series(1, 100) g")
+        conn.execute("INSERT INTO kojin.groups (group_id, result, expires_at) "
+                     "VALUES ('g-old', '{}', now() - interval '1 hour')")
+    batches = []
+    real = b.db.fetchone
+    monkeypatch.setattr(b.db, "fetchone", lambda *a, **k: batches.append(1) or real(*a, **k))
+    counts = b.cleanup()
+    assert counts == {"results": 50000, "groups": 1, "chords": 0, "chord_parts": 0}
+    assert len(batches) >= 50000 // 5000  # bounded batches, not one giant delete
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM kojin.results").fetchone() == (100,)
+
+
+def test_backend_cleanup_task_calls_cleanup(app, db_url):
+    b = app.backend
+    t = tid()
+    b.mark_as_done(t, 1)
+    with psycopg.connect(db_url) as conn:
+        conn.execute("UPDATE kojin.results SET expires_at = now() - interval '1 second'")
+    app.tasks["celery.backend_cleanup"]()
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM kojin.results").fetchone() == (0,)
+
+
+def test_group_save_restore_delete(app, backend):
+    ids = [tid() for _ in range(3)]
+    gr = GroupResult(tid(), [AsyncResult(i, app=app) for i in ids], app=app)
+    gr.save()
+    restored = GroupResult.restore(gr.id, app=app)
+    assert [r.id for r in restored.results] == ids
+    for i, t in enumerate(ids):
+        backend.mark_as_done(t, i)
+    assert restored.join_native(timeout=10) == [0, 1, 2]
+    restored.delete()
+    assert GroupResult.restore(gr.id, app=app) is None
+
+
+def test_async_result_get_wakes_on_notify(app, backend):
+    t = tid()
+    timer = threading.Timer(0.2, backend.mark_as_done, (t, "done"))
+    timer.start()
+    assert AsyncResult(t, app=app).get(timeout=20) == "done"
+    timer.join()
+
+
+def test_get_propagates_failure(app, backend):
+    t = tid()
+    threading.Timer(0.1, backend.mark_as_failure, (t, ValueError("bad"))).start()
+    with pytest.raises(ValueError, match="bad"):
+        AsyncResult(t, app=app).get(timeout=20)
+
+
+def test_join_native_of_a_group(app, backend):
+    ids = [tid() for _ in range(50)]
+    gr = GroupResult(tid(), [AsyncResult(i, app=app) for i in ids], app=app)
+
+    def finish():
+        for i, t in enumerate(ids):
+            backend.mark_as_done(t, i)
+
+    threading.Timer(0.2, finish).start()
+    assert gr.join_native(timeout=30) == list(range(50))
+
+
+def test_polling_fallback_without_notify(make_app):
+    app = make_app(result_backend_transport_options={"use_notify": False,
+                                                      "polling_interval": 0.05})
+    b = app.backend
+    t = tid()
+    threading.Timer(0.2, b.mark_as_done, (t, 7)).start()
+    assert AsyncResult(t, app=app).get(timeout=20) == 7
+    assert b.result_consumer._conn is None
+
+
+def test_many_threads_waiting_at_once(app, backend):
+    ids = [tid() for _ in range(16)]
+    out: dict[str, object] = {}
+
+    def wait(t):
+        out[t] = AsyncResult(t, app=app).get(timeout=30)
+
+    threads = [threading.Thread(target=wait, args=(t,)) for t in ids]
+    for th in threads:
+        th.start()
+    for i, t in enumerate(ids):
+        backend.mark_as_done(t, i)
+    for th in threads:
+        th.join(30)
+    assert out == {t: i for i, t in enumerate(ids)}
+
+
+def _child_uses_backend(app, t, q):
+    try:
+        app.backend.mark_as_done(t, "from child")
+        q.put(app.backend.get_task_meta(t, cache=False)["result"])
+    except Exception as exc:  # report to the parent
+        q.put(repr(exc))
+
+
+def test_safe_after_fork(app, backend):
+    t0 = tid()
+    backend.mark_as_done(t0, "parent")  # the parent's pool is open before the fork
+    AsyncResult(t0, app=app).get(timeout=10)
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    t = tid()
+    p = ctx.Process(target=_child_uses_backend, args=(app, t, q))
+    p.start()
+    assert q.get(timeout=60) == "from child"
+    p.join(30)
+    assert p.exitcode == 0
+    # the parent's connections still work after the child used (and left) its own
+    backend.mark_as_done(tid(), 1)
+    assert backend.get_task_meta(t, cache=False)["result"] == "from child"
+
+
+def test_backend_pickles(app, backend):
+    clone = pickle.loads(pickle.dumps(backend))
+    assert clone.url == backend.url and clone.expires == backend.expires
+
+
+def test_survives_terminated_connections(app, backend, db_url):
+    t = tid()
+    backend.mark_as_done(t, 1)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                     "WHERE application_name LIKE 'kojin_pg%%' AND pid <> pg_backend_pid()")
+    t2 = tid()
+    backend.mark_as_done(t2, 2)
+    assert backend.get_task_meta(t2, cache=False)["result"] == 2
+    timer = threading.Timer(0.2, backend.mark_as_done, (tid(), 0))
+    timer.start()
+    timer.join()
+
+
+def test_password_never_shown(pg_server, db_url):
+    from celery import Celery
+
+    url = db_url.replace("postgres@", "postgres:hunter2-secret@")
+    app = Celery("x", backend="kojin+" + url, broker="memory://", set_as_current=False)
+    b = app.backend
+    assert "hunter2-secret" not in repr(b)
+    assert "hunter2-secret" not in b.as_uri()
+    assert "hunter2-secret" in b.as_uri(include_password=True)
+    assert "hunter2-secret" not in repr(b.settings)
+
+
+def test_hostile_schema_rejected(db_url):
+    from celery import Celery
+
+    app = Celery("x", backend="kojin+" + db_url + "?schema=kojin;drop", broker="memory://",
+                 set_as_current=False)
+    with pytest.raises(ConfigurationError, match="invalid schema name"):
+        app.backend  # noqa: B018
+
+
+def test_custom_schema_is_created_on_first_use(make_app, db_url):
+    b = make_app(result_backend_transport_options={"schema": "celery_results"}).backend
+    t = tid()
+    b.mark_as_done(t, 5)
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT result FROM celery_results.results").fetchone() == (5,)
+
+
+def test_synchronous_commit_off_is_opt_in(make_app, db_url):
+    b = make_app(result_backend_transport_options={"synchronous_commit": "off"}).backend
+    with b.db.connection() as conn:
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("off",)
+    assert os.getpid() > 0
