@@ -30,3 +30,13 @@ __all__ = [
     "__version__",
     "parse",
 ]
+
+
+def _register_kombu_alias() -> None:
+    # kombu resolves URL schemes only through TRANSPORT_ALIASES: "kojin+postgresql://" needs it.
+    from kombu.transport import TRANSPORT_ALIASES
+
+    TRANSPORT_ALIASES.setdefault("kojin", "kojin_pg.transport:Transport")
+
+
+_register_kombu_alias()

@@ -168,9 +168,10 @@ class Database:
         return self.run(work, what)
 
     def fetchall(self, query: Query, params: Any = None, what: str = "query") -> list[tuple[Any, ...]]:
-        """Execute one statement and return all its rows."""
+        """Execute one statement and return all its rows (none for a statement without rows)."""
         def work(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
-            return conn.execute(query, params).fetchall()
+            cur = conn.execute(query, params)
+            return cur.fetchall() if cur.description is not None else []
         return self.run(work, what)
 
     def fetchone(self, query: Query, params: Any = None, what: str = "query") -> tuple[Any, ...] | None:

@@ -1,0 +1,73 @@
+"""Transactional enqueue (the outbox pattern): send a Celery task inside your own transaction.
+
+.. code-block:: python
+
+    with psycopg.connect(DSN) as conn, conn.transaction():
+        conn.execute("INSERT INTO orders ...")
+        kojin_pg.outbox.send_task(conn, app, "shop.tasks.ship", args=(order_id,))
+    # committed: delivered once. Rolled back: never delivered.
+
+The message row is written on the caller's connection, so it commits or rolls back with the
+caller's own writes; the NOTIFY that wakes workers is delivered by PostgreSQL only at commit.
+The app's broker must be kojin_pg on the same database (and schema).
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from typing import Any
+
+import psycopg
+from celery.result import AsyncResult
+
+from . import codec, config
+from .backend import _raw_json
+from .sqlfiles import Queries
+from .transport import KOMBU_OPTIONS, check_queue_name, messages_channel
+
+
+def _broker_schema(app: Any) -> str:
+    """The schema of the app's kojin_pg broker (from its URL and transport options)."""
+    options = {k: v for k, v in (app.conf.broker_transport_options or {}).items()
+               if k not in KOMBU_OPTIONS}
+    url = app.conf.broker_url or ""
+    url = url[len("kojin+"):] if url.startswith("kojin+") else url
+    if "://" in url:
+        return config.parse(url, options).schema
+    return config.validate_identifier(options.get("schema", "kojin"))
+
+
+def send_task(conn: psycopg.Connection[Any], app: Any, name: str, args: Any = (),
+              kwargs: Any = None, *, queue: str | None = None, priority: int = 0,
+              task_id: str | None = None, **options: Any) -> AsyncResult:
+    """Publish task ``name`` on ``conn`` in its current transaction; return its AsyncResult.
+
+    ``options`` are Celery's message options (``countdown``, ``eta``, ``expires``,
+    ``retries``, ...). The message takes the same shape a kombu publish would give it.
+    """
+    task_id = task_id or str(uuid.uuid4())
+    queue = check_queue_name(queue or app.conf.task_default_queue)
+    message = app.amqp.create_task_message(
+        task_id, name, args or (), kwargs or {}, **options)
+    headers, properties, body, _ = message
+    payload = {
+        "body": base64.b64encode(codec.dumps(body)).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": headers,
+        "properties": {
+            **properties,
+            "priority": priority,
+            "body_encoding": "base64",
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+    schema = _broker_schema(app)
+    conn.execute(Queries("broker", schema).publish, {
+        "queue": queue, "priority": priority, "payload": _raw_json(codec.dumps(payload)),
+        "delay": 0.0, "channel": messages_channel(schema), "notify": True,
+    })
+    return app.AsyncResult(task_id)

@@ -1,0 +1,286 @@
+"""The kombu transport against a real PostgreSQL: delivery, leases, dead letters, routing."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+import uuid
+
+import psycopg
+import pytest
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+
+import kojin_pg  # noqa: F401  (registers the kojin+ URL scheme)
+from kojin_pg.errors import ConfigurationError, PayloadError
+
+
+def kurl(db_url: str) -> str:
+    return "kojin+" + db_url
+
+
+def make_queue(name=None, exchange_type="direct"):
+    name = name or "q_" + uuid.uuid4().hex[:8]
+    return Queue(name, Exchange("ex_" + name, type=exchange_type), routing_key=name)
+
+
+def publish(conn, q, bodies, **kw):
+    prod = Producer(conn.channel(), exchange=q.exchange, routing_key=q.routing_key,
+                    serializer="json")
+    for b in bodies:
+        prod.publish(b, **kw)
+
+
+def consume(conn, q, n, ack=True, timeout=10, prefetch=100):
+    got = []
+
+    def on(body, message):
+        got.append((body, message))
+        if ack:
+            message.ack()
+
+    ch = conn.channel()
+    ch.basic_qos(0, prefetch, False)
+    deadline = time.monotonic() + timeout
+    with Consumer(ch, [q], callbacks=[on], accept=["json"]):
+        while len(got) < n and time.monotonic() < deadline:
+            try:
+                conn.drain_events(timeout=0.5)
+            except TimeoutError:
+                pass
+    return got
+
+
+def count(db_url, table="messages"):
+    with psycopg.connect(db_url) as c:
+        return c.execute(f"SELECT count(*) FROM kojin.{table}").fetchone()[0]
+
+
+def test_publish_consume_ack_deletes(db_url):
+    q = make_queue()
+    with Connection(kurl(db_url)) as conn:
+        q(conn.channel()).declare()
+        publish(conn, q, [{"i": i} for i in range(20)])
+        got = consume(conn, q, 20)
+    assert [b["i"] for b, _ in got] == list(range(20))
+    assert count(db_url) == 0
+
+
+def test_plain_url_with_transport_class(db_url):
+    from kojin_pg.transport import Transport
+
+    q = make_queue()
+    with Connection(db_url, transport=Transport) as conn:
+        q(conn.channel()).declare()
+        publish(conn, q, [{"x": 1}])
+        assert [b for b, _ in consume(conn, q, 1)] == [{"x": 1}]
+
+
+def test_reject_requeue_and_dead_letter(db_url):
+    q = make_queue()
+    with Connection(kurl(db_url)) as conn:
+        q(conn.channel()).declare()
+        publish(conn, q, [{"n": 1}])
+        (_, m), = consume(conn, q, 1, ack=False)
+        m.reject(requeue=True)
+        (b, m2), = consume(conn, q, 1, ack=False)
+        assert b == {"n": 1} and m2.delivery_info["redelivered"]
+        m2.reject(requeue=False)
+    assert count(db_url) == 0
+    with psycopg.connect(db_url) as c:
+        assert c.execute("SELECT queue, reason, delivery_count FROM kojin.dead_letters"
+                         ).fetchall() == [(q.name, "rejected", 2)]
+
+
+def test_lease_expiry_redelivers(db_url):
+    q = make_queue()
+    opts = {"visibility_timeout": 1, "lease_renew_interval": 0.5}
+    with Connection(kurl(db_url), transport_options=opts) as conn:
+        q(conn.channel()).declare()
+        publish(conn, q, [{"n": 1}])
+        consume(conn, q, 1, ack=False)
+        # the consumer "crashes": its leases are no longer extended
+        conn.transport.leases.stop()
+        conn.transport.held_ids = lambda: []
+    time.sleep(1.3)
+    with Connection(kurl(db_url), transport_options=opts) as conn2:
+        (b, m), = consume(conn2, q, 1)
+        assert b == {"n": 1} and m.delivery_info["delivery_count"] == 2
+
+
+def test_lease_extension_keeps_a_long_held_message(db_url):
+    q = make_queue()
+    opts = {"visibility_timeout": 1, "lease_renew_interval": 0.25}
+    with Connection(kurl(db_url), transport_options=opts) as holder, \
+            Connection(kurl(db_url), transport_options=opts) as other:
+        q(holder.channel()).declare()
+        publish(holder, q, [{"n": 1}])
+        (_, m), = consume(holder, q, 1, ack=False)
+        # hold it 3x longer than the visibility timeout: nobody else may get it
+        assert consume(other, q, 1, timeout=3.0) == []
+        m.ack()
+    assert count(db_url) == 0
+
+
+def test_max_deliveries_moves_to_dead_letters(db_url):
+    q = make_queue()
+    opts = {"max_deliveries": 2}
+    with Connection(kurl(db_url), transport_options=opts) as conn:
+        q(conn.channel()).declare()
+        publish(conn, q, [{"poison": True}, {"ok": True}])
+        for _ in range(2):
+            for _b, m in consume(conn, q, 2, ack=False):
+                if _b.get("poison"):
+                    m.reject(requeue=True)
+                else:
+                    m.ack()
+        assert consume(conn, q, 1, timeout=1) == []
+    with psycopg.connect(db_url) as c:
+        row = c.execute("SELECT reason, delivery_count, payload->'headers' IS NOT NULL "
+                        "FROM kojin.dead_letters").fetchall()
+    assert row == [("max_deliveries", 2, True)]
+    assert count(db_url) == 0
+
+
+def test_priorities_then_fifo(db_url):
+    q = make_queue()
+    with Connection(kurl(db_url)) as conn:
+        q(conn.channel()).declare()
+        publish(conn, q, [{"i": 1}, {"i": 2}], priority=1)
+        publish(conn, q, [{"i": 3}], priority=9)
+        publish(conn, q, [{"i": 4}], priority=0)
+        got = consume(conn, q, 4)
+    assert [b["i"] for b, _ in got] == [3, 1, 2, 4]
+
+
+def test_fanout_reaches_queues_of_other_connections(db_url):
+    ex = Exchange("fan_" + uuid.uuid4().hex[:6], type="fanout")
+    queues = [Queue("fq_" + uuid.uuid4().hex[:6], ex) for _ in range(3)]
+    conns = [Connection(kurl(db_url)) for _ in queues]
+    try:
+        for conn, q in zip(conns, queues, strict=True):
+            q(conn.channel()).declare()
+        with Connection(kurl(db_url)) as producer:
+            ch = producer.channel()
+            ex(ch).declare()
+            Producer(ch, exchange=ex, serializer="json").publish({"hello": "all"})
+        for conn, q in zip(conns, queues, strict=True):
+            assert [b for b, _ in consume(conn, q, 1)] == [{"hello": "all"}]
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_direct_routing_across_processes(db_url):
+    """A producer that never declared the queue routes by the bindings in the database."""
+    q = make_queue()
+    with Connection(kurl(db_url)) as consumer_conn:
+        q(consumer_conn.channel()).declare()
+        with Connection(kurl(db_url)) as producer:
+            ch = producer.channel()
+            q.exchange(ch).declare()
+            Producer(ch, exchange=q.exchange, routing_key=q.routing_key,
+                     serializer="json").publish({"routed": 1})
+        assert [b for b, _ in consume(consumer_conn, q, 1)] == [{"routed": 1}]
+
+
+def test_purge_and_size(db_url):
+    q = make_queue()
+    with Connection(kurl(db_url)) as conn:
+        ch = conn.channel()
+        q(ch).declare()
+        publish(conn, q, [{"i": i} for i in range(7)])
+        assert q(ch).queue_declare(passive=True).message_count == 7
+        assert q(ch).purge() == 7
+        assert q(ch).queue_declare(passive=True).message_count == 0
+
+
+def _consume_in_child(db_url, qname, out):
+    q = Queue(qname, Exchange("ex_" + qname, type="direct"), routing_key=qname)
+    with Connection(kurl(db_url)) as conn:
+        got = consume(conn, q, 10_000, timeout=8, prefetch=10)
+    out.put([b["i"] for b, _ in got])
+
+
+def test_many_concurrent_consumers_each_message_once(db_url):
+    q = make_queue()
+    n = 2000
+    with Connection(kurl(db_url)) as conn:
+        q(conn.channel()).declare()
+        publish(conn, q, [{"i": i} for i in range(n)])
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_consume_in_child, args=(db_url, q.name, out)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    seen = [i for _ in procs for i in out.get(timeout=120)]
+    for p in procs:
+        p.join(30)
+    assert sorted(seen) == list(range(n))  # every message exactly once
+    assert count(db_url) == 0
+
+
+@pytest.mark.parametrize("name", ["q'; DROP TABLE kojin.messages; --", 'q"x', "ünïcødé queue",
+                                  "a" * 255])
+def test_hostile_queue_names_are_data(db_url, name):
+    q = Queue(name, Exchange("ex", type="direct"), routing_key=name)
+    with Connection(kurl(db_url)) as conn:
+        q(conn.channel()).declare()
+        publish(conn, q, [{"ok": 1}])
+        assert [b for b, _ in consume(conn, q, 1)] == [{"ok": 1}]
+    assert count(db_url) == 0
+
+
+@pytest.mark.parametrize("name", ["", "a" * 256, "nul\x00byte"])
+def test_invalid_queue_names_rejected(db_url, name):
+    with Connection(kurl(db_url)) as conn:
+        with pytest.raises(ConfigurationError, match="invalid queue"):
+            conn.channel()._new_queue(name)
+
+
+def test_oversized_and_empty_payloads(db_url):
+    q = make_queue()
+    with Connection(kurl(db_url), transport_options={"max_message_bytes": 10_000}) as conn:
+        q(conn.channel()).declare()
+        with pytest.raises(PayloadError, match="larger than max_message_bytes"):
+            publish(conn, q, ["x" * 20_000])
+        publish(conn, q, [""])
+        assert [b for b, _ in consume(conn, q, 1)] == [""]
+
+
+def test_unknown_transport_option_is_named(db_url):
+    with Connection(kurl(db_url), transport_options={"visibilty_timeout": 5}) as conn:
+        with pytest.raises(ConfigurationError, match="visibilty_timeout"):
+            conn.channel()
+
+
+def test_channel_close_hands_back_unacked(db_url):
+    q = make_queue()
+    with Connection(kurl(db_url)) as conn:
+        q(conn.channel()).declare()
+        publish(conn, q, [{"i": 1}])
+        consume(conn, q, 1, ack=False)
+    with Connection(kurl(db_url)) as conn2:  # visible again at once, not after the lease
+        assert [b for b, _ in consume(conn2, q, 1, timeout=2)] == [{"i": 1}]
+
+
+def test_outbox_commit_and_rollback(db_url):
+    from celery import Celery
+
+    from kojin_pg import outbox
+
+    app = Celery("ob", broker=kurl(db_url), backend="kojin+" + db_url, set_as_current=False)
+    with psycopg.connect(db_url) as conn:
+        with conn.transaction():
+            outbox.send_task(conn, app, "proj.add", args=(1, 2))
+        try:
+            with conn.transaction():
+                outbox.send_task(conn, app, "proj.add", args=(3, 4))
+                raise RuntimeError("the business transaction fails")
+        except RuntimeError:
+            pass
+    q = Queue("celery", Exchange("celery", type="direct"), routing_key="celery")
+    with Connection(kurl(db_url)) as conn:
+        got = consume(conn, q, 2, timeout=2)
+    assert len(got) == 1
+    body, message = got[0]
+    assert message.headers["task"] == "proj.add" and body[0] == [1, 2]
