@@ -47,15 +47,16 @@ class ChordMixin:
 
     def apply_chord(self, header_result_args: Any, body: Any, **kwargs: Any) -> None:
         """A chord is starting: reset its counter; keep the header's shape if it nests groups."""
-        group_id = header_result_args[0]
+        group_id, results = header_result_args[0], header_result_args[1]
+        header_ids = None
+        if isinstance(results, list | tuple):  # not a lazy generator: the order is known
+            header_ids = [r.id for r in results]
         self.ensure_ready()
-        self.db.execute(self.queries.reset_chord,
-                        {"group_id": group_id, "expires": self._expires_seconds()}, "apply_chord")
-        results = header_result_args[1]
-        if isinstance(results, list | tuple):
-            header = self.app.GroupResult(*header_result_args)
-            if any(isinstance(r, GroupResult) for r in header.results):
-                self.save_group(group_id, header)
+        self.db.execute(self.queries.reset_chord, {
+            "group_id": group_id, "header_ids": header_ids,
+            "expires": self._expires_seconds()}, "apply_chord")
+        if header_ids is not None and any(isinstance(r, GroupResult) for r in results):
+            self.save_group(group_id, self.app.GroupResult(*header_result_args))
 
     def set_chord_size(self, group_id: str, chord_size: int) -> None:
         """Record how many header parts the chord waits for."""

@@ -42,6 +42,7 @@ CREATE TABLE {schema}.chords (
     group_id     text PRIMARY KEY,
     chord_size   integer,                     -- NULL until set_chord_size
     extra        integer NOT NULL DEFAULT 0,  -- add_to_chord (Task.replace in a header)
+    header_ids   text[],                      -- header task ids in header order, when known
     completed    integer NOT NULL DEFAULT 0,  -- distinct header parts reported
     claim_token  text,                        -- who is firing the body ...
     claim_until  timestamptz,                 -- ... until when (then another may take over)

@@ -69,11 +69,12 @@ DELETE FROM {schema}.groups WHERE group_id = %(group_id)s;
 -- name: reset_chord
 -- A chord is being applied: start its counter from zero (a re-applied frozen chord reuses its id).
 WITH gone AS (DELETE FROM {schema}.chord_parts WHERE group_id = %(group_id)s)
-INSERT INTO {schema}.chords AS c (group_id, expires_at)
-VALUES (%(group_id)s, now() + make_interval(secs => %(expires)s))
+INSERT INTO {schema}.chords AS c (group_id, header_ids, expires_at)
+VALUES (%(group_id)s, %(header_ids)s, now() + make_interval(secs => %(expires)s))
 ON CONFLICT (group_id) DO UPDATE SET
     chord_size = NULL, extra = 0, completed = 0, claim_token = NULL, claim_until = NULL,
-    fired = false, created_at = now(), expires_at = excluded.expires_at;
+    fired = false, header_ids = excluded.header_ids, created_at = now(),
+    expires_at = excluded.expires_at;
 
 -- name: set_chord_size
 -- Record how many header parts the chord waits for.
@@ -119,9 +120,12 @@ WHERE NOT c.fired
 RETURNING c.completed, c.chord_size, c.extra, coalesce(c.claim_token = %(token)s, false);
 
 -- name: chord_parts
--- The header results of a chord, in header order.
-SELECT task_id, status, result, result_bytes FROM {schema}.chord_parts
-WHERE group_id = %(group_id)s ORDER BY idx, seq;
+-- The header results of a chord, in header order (the flattened order recorded by apply_chord,
+-- else group_index, then arrival).
+SELECT p.task_id, p.status, p.result, p.result_bytes
+FROM {schema}.chord_parts p LEFT JOIN {schema}.chords c USING (group_id)
+WHERE p.group_id = %(group_id)s
+ORDER BY array_position(c.header_ids, p.task_id), p.idx, p.seq;
 
 -- name: chord_fired
 -- The body was sent: mark the chord done (late duplicates are ignored) and drop its parts.

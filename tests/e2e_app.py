@@ -1,0 +1,69 @@
+"""The Celery app the end-to-end tests run in real ``celery worker`` processes.
+
+The worker imports this module (``celery -A e2e_app worker``) with ``KOJIN_E2E_URL`` set; the
+tests build the same app in-process with :func:`make_app` to send tasks and read results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from celery import Celery
+
+import kojin_pg  # noqa: F401  (registers the kojin+ broker URL scheme)
+
+
+def make_app(url: str, broker_options: dict | None = None) -> Celery:
+    app = Celery("e2e_app", broker="kojin+" + url, backend="kojin+" + url,
+                 set_as_current=False)
+    app.conf.update(
+        broker_transport_options=broker_options or {},
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_track_started=True,
+        worker_prefetch_multiplier=4,
+        result_extended=True,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        result_chord_join_timeout=30,
+    )
+
+    @app.task(name="e2e.add", shared=False)
+    def add(x, y):
+        return x + y
+
+    @app.task(name="e2e.tsum", shared=False)
+    def tsum(values):
+        return sum(values)
+
+    @app.task(name="e2e.identity", shared=False)
+    def identity(value):
+        return value
+
+    @app.task(name="e2e.fail", shared=False)
+    def fail(message):
+        raise ValueError(message)
+
+    @app.task(name="e2e.flaky", bind=True, max_retries=5, shared=False)
+    def flaky(self, succeed_on):
+        if self.request.retries < succeed_on:
+            raise self.retry(countdown=0.3, exc=RuntimeError("not yet"))
+        return self.request.retries
+
+    @app.task(name="e2e.sleep_then", shared=False)
+    def sleep_then(seconds, value):
+        time.sleep(seconds)
+        return value
+
+    @app.task(name="e2e.die", shared=False)
+    def die():
+        os.kill(os.getpid(), 9)
+
+    return app
+
+
+if os.environ.get("KOJIN_E2E_URL"):
+    app = make_app(os.environ["KOJIN_E2E_URL"],
+                   json.loads(os.environ.get("KOJIN_E2E_BROKER_OPTIONS") or "{}"))

@@ -1,0 +1,218 @@
+"""End to end: real ``celery worker`` processes with broker AND result backend on kojin_pg."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+from celery import chain, chord, group
+from celery.exceptions import ChordError
+from e2e_app import make_app
+
+pytestmark = pytest.mark.e2e
+HERE = Path(__file__).resolve().parent
+
+
+class Worker:
+    def __init__(self, db_url: str, log: Path, pool: str, concurrency: int,
+                 broker_options: dict, name: str) -> None:
+        env = dict(os.environ, KOJIN_E2E_URL=db_url,
+                   KOJIN_E2E_BROKER_OPTIONS=json.dumps(broker_options),
+                   PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "e2e_app", "worker", "-P", pool,
+             "-c", str(concurrency), "-l", "info", "-n", f"{name}@%h",
+             "--without-gossip", "--without-mingle", "--without-heartbeat"],
+            env=env, cwd=str(HERE), stdout=log.open("w"), stderr=subprocess.STDOUT,
+            start_new_session=True)
+
+    def kill(self) -> None:
+        """kill -9 of the whole worker (its pool children too)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def tail(self) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
+
+
+@pytest.fixture
+def workers(db_url, tmp_path):
+    started: list[Worker] = []
+
+    def start(pool="threads", concurrency=4, broker_options=None, name=None):
+        w = Worker(db_url, tmp_path / f"worker{len(started)}.log", pool, concurrency,
+                   broker_options or {}, name or f"w{len(started)}")
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        w.stop()
+    for w in started:
+        if w.proc.returncode not in (0, -signal.SIGKILL, -signal.SIGTERM):
+            print(f"worker log:\n{w.tail()}")
+
+
+@pytest.fixture
+def app(db_url):
+    app = make_app(db_url)
+    yield app
+    app.backend.result_consumer.stop()
+
+
+def wait_ready(app, worker, timeout=90):
+    try:
+        assert app.tasks["e2e.add"].delay(0, 0).get(timeout=timeout) == 0
+    except Exception:
+        print(worker.tail())
+        raise
+
+
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+def test_tasks_groups_chords(app, workers, pool):
+    w = workers(pool=pool)
+    wait_ready(app, w)
+    add, tsum, identity = app.tasks["e2e.add"], app.tasks["e2e.tsum"], app.tasks["e2e.identity"]
+    assert add.delay(2, 3).get(timeout=30) == 5
+    assert group(add.s(i, i) for i in range(20))().get(timeout=60) == [2 * i for i in range(20)]
+    assert chord(add.s(i, 1) for i in range(500))(tsum.s()).get(timeout=120) == \
+        sum(range(1, 501))
+    # chord of chords: the inner chords' bodies are the outer header
+    inner = [chord([add.s(i, j) for j in range(5)], tsum.s()) for i in range(4)]
+    assert chord(inner)(tsum.s()).get(timeout=120) == sum(5 * i + 10 for i in range(4))
+    # chain with a chord in the middle, and a chain in a chord header
+    assert chain(add.s(1, 1), chord([add.s(1), add.s(2)], tsum.s()), identity.s()).apply_async(
+    ).get(timeout=60) == 7
+    assert chord([chain(add.s(1, 1), add.s(10)), add.s(0, 1)])(tsum.s()).get(timeout=60) == 13
+    # a nested group in a chord header is flattened by Celery (its freeze step reverses the
+    # nested members); the body gets Celery's header result order
+    nested = chord([group(identity.s(1), identity.s(2)), identity.s(3)])(identity.s())
+    assert nested.get(timeout=60) in ([1, 2, 3], [2, 1, 3])
+    # extended metadata landed in columns
+    with psycopg.connect(app.conf.broker_url[len("kojin+"):]) as conn:
+        n = conn.execute("SELECT count(*) FROM kojin.results WHERE name = 'e2e.add' "
+                         "AND worker LIKE 'w0@%%' AND queue = 'celery'").fetchone()[0]
+    assert n > 500
+    # no chord_unlock polling task was ever used
+    assert "chord_unlock" not in w.log.read_text()
+
+
+def test_chord_with_failing_member_and_retries(app, workers):
+    w = workers()
+    wait_ready(app, w)
+    add, tsum, fail = app.tasks["e2e.add"], app.tasks["e2e.tsum"], app.tasks["e2e.fail"]
+    result = chord([add.s(1, 1), fail.s("broken part"), add.s(2, 2)])(tsum.s())
+    # (get() with propagate=True raises the header's own ValueError first, as Celery does)
+    body_error = result.get(timeout=60, propagate=False)
+    assert result.state == "FAILURE"
+    assert isinstance(body_error, ChordError) and "broken part" in str(body_error)
+    with pytest.raises(ValueError, match="direct failure"):
+        fail.delay("direct failure").get(timeout=30)
+    assert app.tasks["e2e.flaky"].delay(2).get(timeout=60) == 2
+
+
+def test_inspect_ping_and_control(app, workers):
+    w = workers(name="pingme")
+    wait_ready(app, w)
+    replies = app.control.inspect(timeout=5).ping() or {}
+    assert any(name.startswith("pingme@") and r == {"ok": "pong"} for name, r in replies.items())
+    active_queues = app.control.inspect(timeout=5).active_queues() or {}
+    assert any(q["name"] == "celery" for qs in active_queues.values() for q in qs)
+
+
+def test_kill_9_mid_task_is_completed_by_another_worker(app, workers):
+    opts = {"visibility_timeout": 3, "lease_renew_interval": 0.5}
+    w1 = workers(broker_options=opts, name="victim")
+    wait_ready(app, w1)
+    r = app.tasks["e2e.sleep_then"].delay(4, "finished")
+    deadline = time.monotonic() + 30
+    while r.state != "STARTED" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert r.state == "STARTED"
+    w1.kill()
+    w2 = workers(broker_options=opts, name="rescuer")
+    assert r.get(timeout=60) == "finished"
+    assert app.backend.get_task_meta(r.id, cache=False)["worker"].startswith("rescuer@")
+    w2.stop()
+
+
+def test_long_task_is_not_redelivered_while_its_worker_lives(app, workers, db_url):
+    opts = {"visibility_timeout": 1, "lease_renew_interval": 0.25}
+    w1 = workers(broker_options=opts, name="one", concurrency=2)
+    w2 = workers(broker_options=opts, name="two", concurrency=2)
+    wait_ready(app, w1)
+    r = app.tasks["e2e.sleep_then"].delay(3.5, "once")  # 3.5x the visibility timeout
+    assert r.get(timeout=60) == "once"
+    logs = w1.log.read_text() + w2.log.read_text()
+    assert logs.count(f"Task e2e.sleep_then[{r.id}] received") == 1
+
+
+def test_task_that_kills_its_worker_is_dead_lettered(app, workers, db_url):
+    w = workers(pool="prefork", concurrency=2, broker_options={"max_deliveries": 2})
+    wait_ready(app, w)
+    r = app.tasks["e2e.die"].delay()
+    deadline = time.monotonic() + 90
+    dead = []
+    while not dead and time.monotonic() < deadline:
+        with psycopg.connect(db_url) as conn:
+            dead = conn.execute("SELECT reason, delivery_count, payload->'headers'->>'id' "
+                                "FROM kojin.dead_letters").fetchall()
+        time.sleep(0.3)
+    assert dead == [("max_deliveries", 2, r.id)]
+    # the worker keeps serving
+    assert app.tasks["e2e.add"].delay(20, 22).get(timeout=60) == 42
+
+
+@pytest.mark.slow
+def test_postgres_restart_under_load_loses_nothing(app, workers, pg_server):
+    if pg_server.embedded is None:
+        pytest.skip("needs the embedded server to restart it (KOJIN_PG_TEST_URL is set)")
+    w = workers(concurrency=4)
+    wait_ready(app, w)
+    add = app.tasks["e2e.add"]
+    before = [add.delay(i, 1) for i in range(200)]
+    pg_server.embedded.restart("fast")
+    after = [add.delay(i, 2) for i in range(200)]
+    assert [r.get(timeout=120) for r in before] == [i + 1 for i in range(200)]
+    assert [r.get(timeout=120) for r in after] == [i + 2 for i in range(200)]
+    # and once more, harder
+    pg_server.embedded.restart("immediate")
+    assert add.delay(1, 1).get(timeout=120) == 2
+
+
+def test_outbox_commit_delivers_rollback_does_not(app, workers, db_url):
+    from kojin_pg import outbox
+
+    w = workers()
+    wait_ready(app, w)
+    with psycopg.connect(db_url) as conn:
+        with conn.transaction():
+            committed = outbox.send_task(conn, app, "e2e.add", args=(40, 2))
+        try:
+            with conn.transaction():
+                rolled_back = outbox.send_task(conn, app, "e2e.add", args=(1, 1))
+                raise RuntimeError("abort")
+        except RuntimeError:
+            pass
+    assert committed.get(timeout=30) == 42
+    assert app.tasks["e2e.add"].delay(0, 1).get(timeout=30) == 1
+    assert rolled_back.state == "PENDING"
