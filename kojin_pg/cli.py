@@ -103,6 +103,76 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.url)
+
+
+def _broker_queries(args: argparse.Namespace) -> tuple[Database, Queries, config.Settings]:
+    settings = _settings(args)
+    db = Database(settings, role="kojin_pg.cli")
+    return db, Queries("broker", settings.schema), settings
+
+
+def cmd_queues(args: argparse.Namespace) -> int:
+    db, q, _ = _broker_queries(args)
+    try:
+        rows = db.fetchall(q.queue_stats)
+        dead = dict(db.fetchall(q.dead_letter_counts))
+    finally:
+        db.close()
+    if args.json:
+        print(json.dumps([{"queue": name, "ready": r, "leased": le, "delayed": d,
+                           "dead": dead.get(name, 0), "oldest_ready_age_s": age}
+                          for name, r, le, d, age in rows]))
+        return 0
+    print(f"{'queue':<40} {'ready':>8} {'leased':>8} {'delayed':>8} {'dead':>6} {'oldest':>8}")
+    names = sorted({r[0] for r in rows} | set(dead))
+    by_name = {r[0]: r for r in rows}
+    for name in names:
+        _, ready, leased, delayed, age = by_name.get(name, (name, 0, 0, 0, None))
+        oldest = "-" if age is None else f"{age:.1f}s"
+        print(f"{name[:40]:<40} {ready:>8} {leased:>8} {delayed:>8} {dead.get(name, 0):>6} "
+              f"{oldest:>8}")
+    return 0
+
+
+def _dlq_selection(args: argparse.Namespace) -> dict[str, Any]:
+    if not (args.ids or args.queue or args.all):
+        raise KojinError("name the dead letters: message ids, --queue NAME or --all")
+    return {"ids": list(args.ids or []), "queue": args.queue, "all": bool(args.all)}
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    db, q, settings = _broker_queries(args)
+    try:
+        if args.action == "list":
+            rows = db.fetchall(q.dlq_list, {"queue": args.queue, "limit": args.limit})
+            print(f"{'id':>10} {'queue':<24} {'count':>5} {'reason':<15} {'task':<30} dead at")
+            for mid, queue, count, reason, _error, dead_at, task in rows:
+                print(f"{mid:>10} {queue[:24]:<24} {count:>5} {reason:<15} "
+                      f"{(task or '-')[:30]:<30} {dead_at:%Y-%m-%d %H:%M:%S}")
+        elif args.action == "show":
+            for mid in args.ids or []:
+                row = db.fetchone(q.dlq_show, {"id": mid})
+                if row is None:
+                    raise KojinError(f"no dead letter with id {mid}")
+                keys = ("id", "queue", "priority", "delivery_count", "reason", "error",
+                        "enqueued_at", "dead_at", "payload")
+                print(json.dumps(dict(zip(keys, row, strict=True)), indent=2, default=str))
+        elif args.action == "requeue":
+            row = db.fetchone(q.dlq_requeue, {**_dlq_selection(args),
+                                              "channel": f"kojin_msgs_{settings.schema}"})
+            print(f"requeued {row[0] if row else 0} messages")
+        elif args.action == "purge":
+            row = db.fetchone(q.dlq_purge, _dlq_selection(args))
+            print(f"purged {row[0] if row else 0} dead letters")
+    finally:
+        db.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kojin-pg", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -121,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print counts as JSON")
     p = add("stats", cmd_stats, "table sizes, dead tuples, expired rows, vacuum blockers")
     p.add_argument("--json", action="store_true", help="print as JSON")
+    add("demo", cmd_demo, "run a Celery worker on kojin_pg and send a task, a group, a chord")
+    p = add("queues", cmd_queues, "per queue: ready, leased, delayed, dead, oldest ready age")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p = add("dlq", cmd_dlq, "dead letters: list, show, requeue or purge")
+    p.add_argument("action", choices=["list", "show", "requeue", "purge"])
+    p.add_argument("ids", nargs="*", type=int, help="dead letter (message) ids")
+    p.add_argument("--queue", help="only this queue")
+    p.add_argument("--all", action="store_true", help="every dead letter (requeue, purge)")
+    p.add_argument("--limit", type=int, default=50, help="rows to list")
     return parser
 
 
