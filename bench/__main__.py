@@ -1,0 +1,200 @@
+"""Run every workload against every system in one run and print ratios to kojin_pg.
+
+usage: python -m bench [all|backend|transport|e2e] [--repeat N] [--quick]
+
+Servers: PostgreSQL from KOJIN_PG_URL, else a temporary embedded PostgreSQL 18; Redis from
+``redis-server`` on PATH (installed with apt-get when missing and running as root), with AOF
+``everysec`` (durability comparable to synchronous_commit=off). The workload scripts are the
+shared reference ones (backend.py, transport.py, e2e.py), run as subprocesses with each URL.
+Raw figures go to bench/results/latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+HERE = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis() -> tuple[str | None, subprocess.Popen | None]:
+    exe = shutil.which("redis-server")
+    if exe is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "-qq", "redis-server"],
+                       capture_output=True, timeout=600)
+        exe = shutil.which("redis-server")
+    if exe is None:
+        print("redis-server not available: Redis columns skipped")
+        return None, None
+    port = free_port()
+    d = tempfile.mkdtemp(prefix="bench_redis_")
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", d,
+                             "--appendonly", "yes", "--appendfsync", "everysec",
+                             "--save", ""], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return f"redis://127.0.0.1:{port}/0", proc
+
+
+def make_db(admin_url: str, name: str) -> str:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(name)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    base, _, _ = admin_url.rpartition("/")
+    return f"{base}/{name}"
+
+
+def run_script(script: str, args: list[str], env: dict[str, str] | None = None,
+               timeout: float = 900) -> dict:
+    out = subprocess.run([sys.executable, str(HERE / script), *args], capture_output=True,
+                         text=True, timeout=timeout, env=dict(os.environ, **(env or {})))
+    if out.returncode != 0:
+        raise RuntimeError(f"{script} {args[0].split(':')[0]} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def median_runs(repeat: int, fn) -> dict:
+    runs = [fn() for _ in range(repeat)]
+    merged = {}
+    for key, value in runs[0].items():
+        if isinstance(value, int | float):
+            values = [r[key] for r in runs]
+            merged[key] = statistics.median(values)
+            merged[key + "_spread"] = [min(values), max(values)]
+        else:
+            merged[key] = value
+    return merged
+
+
+def table(title: str, rows: dict[str, dict], metrics: list[tuple[str, bool]]) -> None:
+    """Print absolute figures and ratios to kojin (ratio > 1: kojin better)."""
+    print(f"\n== {title}")
+    base = rows.get("kojin")
+    header = f"{'system':<18}" + "".join(f"{m:>22}" for m, _ in metrics)
+    print(header)
+    for system, r in rows.items():
+        cells = []
+        for metric, higher_is_better in metrics:
+            v = r.get(metric)
+            if v is None:
+                cells.append(f"{'-':>22}")
+                continue
+            ratio = ""
+            if base and system != "kojin" and base.get(metric) and v:
+                k = base[metric]
+                ratio = f" ({(k / v if higher_is_better else v / k):.2f}x)"
+            cells.append(f"{v:>12.1f}{ratio:>10}")
+        print(f"{system:<18}" + "".join(cells))
+    print("(in parentheses: how many times better kojin_pg is; < 1 means worse)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("what", nargs="?", default="all",
+                        choices=["all", "backend", "transport", "e2e"])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="smaller N, one repeat")
+    args = parser.parse_args()
+    repeat = 1 if args.quick else args.repeat
+    server = None
+    admin = os.environ.get("KOJIN_PG_URL")
+    if not admin:
+        from kojin_pg.embedded import temporary_server
+
+        server = temporary_server()
+        admin = server.url
+    redis_url, redis_proc = start_redis()
+    results: dict[str, dict] = {"date": time.strftime("%Y-%m-%d %H:%M"),
+                                "machine": f"{os.cpu_count()} cores, {sys.platform}"}
+    kojin_env = {"BENCH_IMPORT": "import kojin_pg"}
+    try:
+        if args.what in ("all", "backend"):
+            n = "500" if args.quick else "2000"
+            rows = {}
+            db = make_db(admin, "bench_" + uuid.uuid4().hex[:6])
+            rows["kojin"] = median_runs(repeat, lambda: run_script(
+                "backend.py", ["kojin+" + db, n, "import kojin_pg"]))
+            db_off = db + "?synchronous_commit=off"
+            rows["kojin sync=off"] = median_runs(repeat, lambda: run_script(
+                "backend.py", ["kojin+" + db_off, n, "import kojin_pg"]))
+            rows["celery db+"] = median_runs(repeat, lambda: run_script(
+                "backend.py", ["db+" + db.replace("postgresql://", "postgresql+psycopg://"),
+                               n]))
+            if redis_url:
+                rows["redis aof"] = median_runs(repeat, lambda: run_script(
+                    "backend.py", [redis_url, n]))
+            results["backend"] = rows
+            table("result backend, no worker (ops/s)", rows,
+                  [("store_per_s", True), ("get_per_s", True), ("get_many_per_s", True)])
+        if args.what in ("all", "transport"):
+            n = "1000" if args.quick else "5000"
+            rows = {}
+            db = make_db(admin, "bench_" + uuid.uuid4().hex[:6])
+            rows["kojin"] = median_runs(repeat, lambda: run_script(
+                "transport.py", ["kojin+" + db, n], env=kojin_env))
+            rows["kombu sqla"] = median_runs(repeat, lambda: run_script(
+                "transport.py", ["sqla+" + db.replace("postgresql://", "postgresql+psycopg://"),
+                                 n]))
+            if redis_url:
+                rows["redis"] = median_runs(repeat, lambda: run_script(
+                    "transport.py", [redis_url, n]))
+            results["transport"] = rows
+            table("kombu transport, one process (msgs/s)", rows,
+                  [("publish_per_s", True), ("consume_ack_per_s", True)])
+        if args.what in ("all", "e2e"):
+            rows = {}
+            db = make_db(admin, "bench_" + uuid.uuid4().hex[:6])
+            n_tp, n_lat = ("300", "50") if args.quick else ("2000", "200")
+            rows["kojin/kojin"] = median_runs(repeat, lambda: run_script(
+                "e2e.py", ["kojin+" + db, "kojin+" + db, n_tp, n_lat], env=kojin_env))
+            if redis_url:
+                rows["redis/redis"] = median_runs(repeat, lambda: run_script(
+                    "e2e.py", [redis_url, redis_url, n_tp, n_lat]))
+            psyco = db.replace("postgresql://", "postgresql+psycopg://")
+            rows["sqla/db+"] = median_runs(1, lambda: run_script(
+                "e2e.py", ["sqla+" + psyco, "db+" + psyco, "200", "20"]))
+            rows = {("kojin" if k == "kojin/kojin" else k): v for k, v in rows.items()}
+            results["e2e"] = rows
+            table("Celery end to end, threads pool c=4", rows,
+                  [("throughput", True), ("p50_ms", False), ("p95_ms", False),
+                   ("chord100_s", False)])
+    finally:
+        if redis_proc is not None:
+            redis_proc.terminate()
+            redis_proc.wait(10)
+        if server is not None:
+            server.destroy()
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(results, indent=2, default=str))
+    print(f"\nraw figures: {out / 'latest.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
