@@ -44,11 +44,6 @@ EXPIRING_TABLES = ("results", "groups", "chords", "chord_parts")
 _EXTENDED = ("name", "args", "kwargs", "worker", "retries", "queue")
 
 
-def _raw_json(encoded: bytes) -> Jsonb:
-    """Bind JSON that is already encoded (by :mod:`kojin_pg.codec`) as a jsonb parameter."""
-    return Jsonb(encoded, dumps=bytes)
-
-
 def results_channel(schema: str) -> str:
     """The NOTIFY channel on which stored results of ``schema`` are announced."""
     return f"kojin_results_{schema}"
@@ -127,7 +122,7 @@ class PostgresBackend(ChordMixin, AsyncBackendMixin, BaseBackend):
             encoded = codec.dumps(value)
             # jsonb cannot hold the NUL character: keep such values as JSON text in bytea.
             if b"\\u0000" not in encoded:
-                return _raw_json(encoded), None
+                return codec.jsonb(encoded), None
             return None, encoded
         payload = self.encode(value)
         return None, payload if isinstance(payload, bytes) else payload.encode()
@@ -159,7 +154,7 @@ class PostgresBackend(ChordMixin, AsyncBackendMixin, BaseBackend):
         if encoded is not None:
             for key in ("result", "children", "args", "kwargs"):
                 if blob[key] is not None:
-                    params[key] = _raw_json(codec.dumps(blob[key]))
+                    params[key] = codec.jsonb(codec.dumps(blob[key]))
         else:
             params["result_bytes"] = raw
         self._fetchall(self.queries.store_result, params, "store_result")

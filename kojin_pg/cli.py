@@ -110,6 +110,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _broker_queries(args: argparse.Namespace) -> tuple[Database, Queries, config.Settings]:
+
     settings = _settings(args)
     db = Database(settings, role="kojin_pg.cli")
     return db, Queries("broker", settings.schema), settings
@@ -145,6 +146,8 @@ def _dlq_selection(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
+    from .transport import messages_channel
+
     db, q, settings = _broker_queries(args)
     try:
         if args.action == "list":
@@ -163,7 +166,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
                 print(json.dumps(dict(zip(keys, row, strict=True)), indent=2, default=str))
         elif args.action == "requeue":
             row = db.fetchone(q.dlq_requeue, {**_dlq_selection(args),
-                                              "channel": f"kojin_msgs_{settings.schema}"})
+                                              "channel": messages_channel(settings.schema)})
             print(f"requeued {row[0] if row else 0} messages")
         elif args.action == "purge":
             row = db.fetchone(q.dlq_purge, _dlq_selection(args))

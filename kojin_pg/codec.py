@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 from kombu.utils import json as kombu_json
+from psycopg.types.json import Jsonb
 
 from .errors import PayloadError
 
@@ -41,3 +42,8 @@ def loads(data: bytes | bytearray | memoryview | str) -> Any:
     if _TAG in data:
         return kombu_json.loads(data)
     return orjson.loads(data)
+
+
+def jsonb(encoded: bytes) -> Jsonb:
+    """Bind JSON that :func:`dumps` already encoded as a jsonb query parameter."""
+    return Jsonb(encoded, dumps=bytes)

@@ -22,7 +22,6 @@ import psycopg
 from celery.result import AsyncResult
 
 from . import codec, config
-from .backend import _raw_json
 from .sqlfiles import Queries
 from .transport import KOMBU_OPTIONS, check_queue_name, messages_channel
 
@@ -67,7 +66,7 @@ def send_task(conn: psycopg.Connection[Any], app: Any, name: str, args: Any = ()
     }
     schema = _broker_schema(app)
     conn.execute(Queries("broker", schema).publish, {
-        "queue": queue, "priority": priority, "payload": _raw_json(codec.dumps(payload)),
+        "queue": queue, "priority": priority, "payload": codec.jsonb(codec.dumps(payload)),
         "delay": 0.0, "channel": messages_channel(schema), "notify": True,
     })
     return app.AsyncResult(task_id)

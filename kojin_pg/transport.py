@@ -146,14 +146,12 @@ class Channel(virtual.Channel):
     # -- publishing --------------------------------------------------------------------------
 
     def _encode(self, message: dict[str, Any]) -> Any:
-        from .backend import _raw_json
-
         encoded = codec.dumps(message)
         if len(encoded) > self._settings.max_message_bytes:
             raise PayloadError(
                 f"message of {len(encoded)} bytes is larger than max_message_bytes "
                 f"({self._settings.max_message_bytes})")
-        return _raw_json(encoded)
+        return codec.jsonb(encoded)
 
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
         check_queue_name(queue)
@@ -455,10 +453,9 @@ class Transport(virtual.Transport):
             url = config.build_url(c.hostname or "localhost", c.port or self.default_port,
                                    c.userid or "postgres", (c.virtual_host or "postgres").strip("/"),
                                    c.password)
-        for prefix in ("kojin+", "kojin://"):
-            if url.startswith(prefix):
-                url = url[len(prefix):] if prefix == "kojin+" else "postgresql://" + url[8:]
-        return url
+        if url.startswith("kojin://"):
+            return "postgresql://" + url[len("kojin://"):]
+        return url.removeprefix("kojin+")
 
     @cached_property
     def db(self) -> Database:
