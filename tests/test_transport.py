@@ -65,11 +65,12 @@ def test_publish_consume_ack_deletes(db_url):
     assert count(db_url) == 0
 
 
-def test_plain_url_with_transport_class(db_url):
+@pytest.mark.parametrize("transport", ["kojin_pg.transport:Transport", "class"])
+def test_plain_url_with_transport_class(db_url, transport):
     from kojin_pg.transport import Transport
 
     q = make_queue()
-    with Connection(db_url, transport=Transport) as conn:
+    with Connection(db_url, transport=Transport if transport == "class" else transport) as conn:
         q(conn.channel()).declare()
         publish(conn, q, [{"x": 1}])
         assert [b for b, _ in consume(conn, q, 1)] == [{"x": 1}]

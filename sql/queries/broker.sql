@@ -166,13 +166,3 @@ WITH gone AS (
     RETURNING 1
 )
 SELECT count(*) FROM gone;
-
--- name: publish_many
--- Enqueue a batch of messages for one queue; one NOTIFY for the whole batch.
-WITH sent AS (
-    INSERT INTO {schema}.messages (queue, priority, payload)
-    SELECT %(queue)s, p.priority, p.payload
-    FROM unnest(%(priorities)s::smallint[], %(payloads)s::jsonb[]) AS p(priority, payload)
-    RETURNING queue
-)
-SELECT pg_notify(%(channel)s, queue) FROM (SELECT DISTINCT queue FROM sent) q WHERE %(notify)s;
