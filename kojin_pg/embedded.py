@@ -156,11 +156,7 @@ class EmbeddedServer:
             self._run("initdb", "-D", str(self.data_dir), "-U", DB_USER, "--auth=trust",
                       "--encoding=UTF8", "--no-instructions")
         self.port = _free_port()
-        options = [f"-p {self.port}", f"-k {self.data_dir}"]
-        options += [f"-c {name}={value}" for name, value in self.settings]
-        self._run("pg_ctl", "-D", str(self.data_dir), "-l", str(self.data_dir / "server.log"),
-                  "-w", "-t", "60", "-o", " ".join(options), "start")
-        self._wait_ready()
+        self._pg_ctl_start()
         log.info("kojin_pg: embedded PostgreSQL running at %s", self.url)
         return self.url
 
@@ -184,9 +180,11 @@ class EmbeddedServer:
 
     def restart(self, mode: str = "fast") -> None:
         """Restart on the same port (fault tests: clients must reconnect by themselves)."""
-        port = self.port
         self.stop(mode)
-        options = [f"-p {port}", f"-k {self.data_dir}"]
+        self._pg_ctl_start()
+
+    def _pg_ctl_start(self) -> None:
+        options = [f"-p {self.port}", f"-k {self.data_dir}"]
         options += [f"-c {name}={value}" for name, value in self.settings]
         self._run("pg_ctl", "-D", str(self.data_dir), "-l", str(self.data_dir / "server.log"),
                   "-w", "-t", "60", "-o", " ".join(options), "start")
