@@ -32,6 +32,7 @@ from psycopg.types.json import Jsonb
 from . import codec, config
 from .chords import ChordMixin
 from .db import Database, is_transient
+from .errors import PayloadError
 from .result_consumer import ResultConsumer
 from .schema import ensure_schema
 from .sqlfiles import Queries
@@ -168,7 +169,14 @@ class PostgresBackend(ChordMixin, AsyncBackendMixin, BaseBackend):
             "children": children or [], "date_done": date_done,
         }
         if result_bytes is not None:
-            meta.update(self._decode_bytes(result_bytes))
+            try:
+                meta.update(self._decode_bytes(result_bytes))
+            except Exception as exc:
+                # A corrupted row must not break reads of the others (a whole group's join):
+                # it reads as a failure that names the task and the cause.
+                log.error("kojin_pg: stored result of task %s cannot be decoded: %r", task_id, exc)
+                meta.update(status=states.FAILURE, result=PayloadError(
+                    f"stored result of task {task_id} cannot be decoded: {exc!r}"))
             args, kwargs = meta.pop("args", None), meta.pop("kwargs", None)
             meta["children"] = meta["children"] or []
         if group_id is not None:
@@ -189,10 +197,10 @@ class PostgresBackend(ChordMixin, AsyncBackendMixin, BaseBackend):
         return {row[0]: self._row_to_meta(row) for row in rows}
 
     def _get_task_meta_for(self, task_id: str) -> dict[str, Any]:
-        meta = self.fetch_metas([task_id]).get(task_id)
-        if meta is None:
+        row = self._fetchone(self.queries.get_result, {"task_id": task_id}, "get_result")
+        if row is None:
             return {"status": states.PENDING, "result": None}
-        return meta
+        return self._row_to_meta(row)
 
     def task_result_exists(self, task_id: str) -> bool:
         """Whether any (unexpired) result row exists for ``task_id``."""

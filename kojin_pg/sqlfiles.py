@@ -84,4 +84,6 @@ class Queries:
     def __getattr__(self, name: str) -> sql.Composed:
         if name.startswith("_") or name not in self._texts:
             raise AttributeError(name)
-        return self.get(name)
+        query = self.get(name)
+        setattr(self, name, query)  # later lookups are plain attribute reads
+        return query

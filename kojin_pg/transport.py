@@ -75,6 +75,21 @@ def check_queue_name(name: str) -> str:
     return name
 
 
+def _malformed(payload: Any) -> str | None:
+    """Why ``payload`` is not a kombu message we can deliver, or None if it is one."""
+    if not isinstance(payload, dict):
+        return f"not a kombu message: a JSON {type(payload).__name__}"
+    props = payload.get("properties")
+    if not isinstance(props, dict):
+        return "not a kombu message: no 'properties' object"
+    info = props.get("delivery_info", {})
+    if not isinstance(info, dict):
+        return "not a kombu message: 'delivery_info' is not an object"
+    if not isinstance(payload.get("body", ""), str | bytes | type(None)):
+        return "not a kombu message: 'body' is not a string"
+    return None
+
+
 class QoS(virtual.QoS):
     """Prefetch accounting; ack, reject and restore act on the database rows."""
 
@@ -142,6 +157,12 @@ class Channel(virtual.Channel):
     def _fetch(self, query: Any, params: dict[str, Any], what: str) -> list[tuple[Any, ...]]:
         self.connection.ensure_ready()
         return self._db.fetchall(query, params, what)
+
+    def _fetch_lazy_commit(self, query: Any, params: dict[str, Any],
+                           what: str) -> list[tuple[Any, ...]]:
+        """For claims, acks and requeues: see :attr:`Transport.consumer_db`."""
+        self.connection.ensure_ready()
+        return self.connection.consumer_db.fetchall(query, params, what)
 
     # -- publishing --------------------------------------------------------------------------
 
@@ -214,7 +235,7 @@ class Channel(virtual.Channel):
 
     def _claim(self, queues: Iterable[str], n: int) -> list[tuple[Any, ...]]:
         s = self._settings
-        rows = self._fetch(self._q.claim, {
+        rows = self._fetch_lazy_commit(self._q.claim, {
             "queues": list(queues), "n": n, "max_deliveries": s.max_deliveries,
             "visibility_timeout": s.visibility_timeout, "consumer": self.connection.consumer_id,
         }, "claim")
@@ -223,6 +244,11 @@ class Channel(virtual.Channel):
             if dead:
                 log.warning("kojin_pg: message %s of queue %r dead-lettered after %d deliveries",
                             msg_id, queue, count)
+                continue
+            problem = _malformed(payload)
+            if problem:
+                # One bad row must not block the queue: bury it with the reason, go on.
+                self._dead_letter([msg_id], "undecodable", problem)
                 continue
             props = payload["properties"]
             props["delivery_tag"] = msg_id
@@ -263,16 +289,16 @@ class Channel(virtual.Channel):
     # -- acknowledgements ----------------------------------------------------------------------
 
     def _ack(self, ids: list[int]) -> None:
-        self._fetch(self._q.ack, {"ids": ids}, "ack")
+        self._fetch_lazy_commit(self._q.ack, {"ids": ids}, "ack")
 
     def _requeue(self, ids: list[int]) -> None:
-        self._fetch(self._q.requeue, {
+        self._fetch_lazy_commit(self._q.requeue, {
             "ids": ids, "channel": self.connection.channel_name,
             "notify": self._settings.use_notify}, "requeue")
 
     def _dead_letter(self, ids: list[int], reason: str, error: str | None) -> None:
-        self._fetch(self._q.dead_letter, {"ids": ids, "reason": reason, "error": error},
-                    "dead_letter")
+        self._fetch_lazy_commit(self._q.dead_letter,
+                                {"ids": ids, "reason": reason, "error": error}, "dead_letter")
         log.warning("kojin_pg: messages %s dead-lettered: %s", ids, reason)
 
     def _restore(self, message: Any) -> None:
@@ -401,7 +427,7 @@ class LeaseKeeper:
         held = self.transport.held_ids()
         if not held:
             return []
-        rows = self.transport.db.fetchall(self.transport.queries.extend_leases, {
+        rows = self.transport.consumer_db.fetchall(self.transport.queries.extend_leases, {
             "ids": held, "consumer": self.transport.consumer_id,
             "visibility_timeout": self.transport.settings.visibility_timeout}, "extend leases")
         kept = {r[0] for r in rows}
@@ -459,7 +485,22 @@ class Transport(virtual.Transport):
 
     @cached_property
     def db(self) -> Database:
-        return Database(self.settings, role="kojin_pg.broker")
+        """Pool for publishing (durable commits unless ``synchronous_commit`` says otherwise)."""
+        session = []
+        if self.settings.synchronous_commit:
+            session.append(("synchronous_commit", self.settings.synchronous_commit))
+        return Database(self.settings, role="kojin_pg.broker", session_settings=session)
+
+    @cached_property
+    def consumer_db(self) -> Database:
+        """Pool for claims, acks, requeues, dead-lettering and lease extensions.
+
+        These commit with ``synchronous_commit = off``: a PostgreSQL crash can lose the last
+        fraction of a second of them, and then a message is delivered once more, which
+        at-least-once delivery allows. Publishes never go through here.
+        """
+        return Database(self.settings, role="kojin_pg.consumer",
+                        session_settings=[("synchronous_commit", "off")])
 
     @cached_property
     def queries(self) -> Queries:
@@ -486,6 +527,7 @@ class Transport(virtual.Transport):
         finally:
             self.waiter.close()
             self.db.close()
+            self.consumer_db.close()
 
     def held_ids(self) -> list[int]:
         """Ids of the messages delivered by this transport's channels and not yet acked."""

@@ -345,3 +345,19 @@ def test_synchronous_commit_off_is_opt_in(make_app, db_url):
     with b.db.connection() as conn:
         assert conn.execute("SHOW synchronous_commit").fetchone() == ("off",)
     assert os.getpid() > 0
+
+
+def test_corrupted_result_row_is_a_named_failure_not_a_blocker(make_app, db_url):
+    b = make_app(result_serializer="pickle", accept_content=["pickle", "json"]).backend
+    good, bad = tid(), tid()
+    b.mark_as_done(good, "fine")
+    b.mark_as_done(bad, "will be corrupted")
+    with psycopg.connect(db_url) as conn:
+        conn.execute("UPDATE kojin.results SET result_bytes = decode('00ff1337', 'hex') "
+                     "WHERE task_id = %s", (bad,))
+    b._cache.clear()
+    got = dict(b.get_many([good, bad], timeout=5))
+    assert got[good]["result"] == "fine"
+    assert got[bad]["status"] == states.FAILURE
+    assert isinstance(got[bad]["result"], PayloadError)
+    assert bad in str(got[bad]["result"])

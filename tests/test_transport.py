@@ -285,3 +285,23 @@ def test_outbox_commit_and_rollback(db_url):
     assert len(got) == 1
     body, message = got[0]
     assert message.headers["task"] == "proj.add" and body[0] == [1, 2]
+
+
+def test_corrupted_message_goes_to_dead_letters_and_does_not_block(db_url):
+    q = make_queue()
+    with Connection(kurl(db_url)) as conn:
+        q(conn.channel()).declare()
+        publish(conn, q, [{"i": 1}])
+        with psycopg.connect(db_url, autocommit=True) as pg:
+            pg.execute("INSERT INTO kojin.messages (queue, payload) VALUES (%s, '{\"junk\": 1}')",
+                       (q.name,))
+            pg.execute("INSERT INTO kojin.messages (queue, payload) VALUES (%s, '[1, 2]')",
+                       (q.name,))
+        publish(conn, q, [{"i": 2}])
+        got = consume(conn, q, 2, timeout=5)
+    assert [b["i"] for b, _ in got] == [1, 2]
+    with psycopg.connect(db_url) as pg:
+        rows = pg.execute("SELECT reason, error FROM kojin.dead_letters ORDER BY id").fetchall()
+    assert [r[0] for r in rows] == ["undecodable", "undecodable"]
+    assert all("properties" in r[1] or "not a kombu message" in r[1] for r in rows)
+    assert count(db_url) == 0

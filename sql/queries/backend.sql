@@ -40,6 +40,13 @@ SELECT task_id, status, result, result_bytes, traceback, children, group_id, par
 FROM {schema}.results
 WHERE task_id = ANY(%(task_ids)s) AND (expires_at IS NULL OR expires_at > now());
 
+-- name: get_result
+-- The unexpired result of one task (an equality lookup plans and runs faster than ANY).
+SELECT task_id, status, result, result_bytes, traceback, children, group_id, parent_id,
+       name, args, kwargs, worker, retries, queue, date_done
+FROM {schema}.results
+WHERE task_id = %(task_id)s AND (expires_at IS NULL OR expires_at > now());
+
 -- name: result_exists
 -- Whether an unexpired result row exists for the task.
 SELECT EXISTS (SELECT 1 FROM {schema}.results
