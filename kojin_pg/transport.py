@@ -94,9 +94,12 @@ class QoS(virtual.QoS):
     """Prefetch accounting; ack, reject and restore act on the database rows."""
 
     def ack(self, delivery_tag: int) -> None:
-        self.channel._ack([delivery_tag])
+        # The DELETE rides on the consumer's next claim (or the lease thread's flush a few ms
+        # later), so a task never waits for its ack's round trip.
+        transport = self.channel.connection
+        transport.defer_ack(delivery_tag)
         super().ack(delivery_tag)
-        self.channel.connection.waiter.wake()
+        transport.waiter.wake()
 
     def reject(self, delivery_tag: int, requeue: bool = False) -> None:
         if requeue:
@@ -235,10 +238,16 @@ class Channel(virtual.Channel):
 
     def _claim(self, queues: Iterable[str], n: int) -> list[tuple[Any, ...]]:
         s = self._settings
-        rows = self._fetch_lazy_commit(self._q.claim, {
-            "queues": list(queues), "n": n, "max_deliveries": s.max_deliveries,
-            "visibility_timeout": s.visibility_timeout, "consumer": self.connection.consumer_id,
-        }, "claim")
+        acks = self.connection.take_acks()
+        try:
+            rows = self._fetch_lazy_commit(self._q.claim, {
+                "acks": acks, "queues": list(queues), "n": n,
+                "max_deliveries": s.max_deliveries, "visibility_timeout": s.visibility_timeout,
+                "consumer": self.connection.consumer_id,
+            }, "claim")
+        except BaseException:
+            self.connection.return_acks(acks)
+            raise
         delivered = []
         for msg_id, queue, payload, count, dead, _priority in rows:
             if dead:
@@ -288,8 +297,6 @@ class Channel(virtual.Channel):
 
     # -- acknowledgements ----------------------------------------------------------------------
 
-    def _ack(self, ids: list[int]) -> None:
-        self._fetch_lazy_commit(self._q.ack, {"ids": ids}, "ack")
 
     def _requeue(self, ids: list[int]) -> None:
         self._fetch_lazy_commit(self._q.requeue, {
@@ -397,15 +404,20 @@ class LeaseKeeper:
     """Extends the leases of the messages held by this transport's channels, in a daemon thread,
     so a consumer that lives never sees its messages redelivered to another one."""
 
+    #: Seconds an ack may wait for the consumer's next claim before the thread applies it.
+    ACK_DELAY = 0.005
+
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._acks_waiting = threading.Event()
         self._pid = os.getpid()
 
     def start(self) -> None:
         if self._pid != os.getpid():  # forked: the parent's thread does not exist here
-            self._thread, self._stop, self._pid = None, threading.Event(), os.getpid()
+            self._thread, self._pid = None, os.getpid()
+            self._stop, self._acks_waiting = threading.Event(), threading.Event()
         if self._thread is None or not self._thread.is_alive():
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="kojin_pg-leases", daemon=True)
@@ -413,14 +425,29 @@ class LeaseKeeper:
 
     def stop(self) -> None:
         self._stop.set()
+        self._acks_waiting.set()
+
+    def acks_waiting(self) -> None:
+        """Acks were deferred: apply them soon unless a claim takes them first."""
+        self._acks_waiting.set()
 
     def _run(self) -> None:
         interval = self.transport.settings.renew_interval
-        while not self._stop.wait(interval):
+        next_renewal = time.monotonic() + interval
+        while not self._stop.is_set():
+            self._acks_waiting.wait(max(0.0, next_renewal - time.monotonic()))
+            if self._stop.is_set():
+                break
             try:
-                self.renew()
-            except Exception as exc:  # keep trying: a failed renewal is retried next round
-                log.warning("kojin_pg: lease renewal failed: %r", exc)
+                if self._acks_waiting.is_set():
+                    self._acks_waiting.clear()
+                    time.sleep(self.ACK_DELAY)
+                    self.transport.flush_acks()
+                if time.monotonic() >= next_renewal:
+                    next_renewal = time.monotonic() + interval
+                    self.renew()
+            except Exception as exc:  # keep going: what failed is retried next round
+                log.warning("kojin_pg: ack flush or lease renewal failed: %r", exc)
 
     def renew(self) -> list[int]:
         """Extend every held lease now; return the ids whose lease was lost."""
@@ -464,6 +491,8 @@ class Transport(virtual.Transport):
         self._ready = False
         self.waiter = NotifyWaiter(self)
         self.leases = LeaseKeeper(self)
+        self._ack_lock = threading.Lock()
+        self._acks: list[int] = []
 
     @cached_property
     def settings(self) -> config.Settings:
@@ -524,10 +553,41 @@ class Transport(virtual.Transport):
         self.leases.stop()
         try:
             super().close_connection(connection)
+            self.flush_acks()
         finally:
             self.waiter.close()
             self.db.close()
             self.consumer_db.close()
+
+    def defer_ack(self, message_id: int) -> None:
+        """Queue an ack; it is applied with the next claim or within a few milliseconds."""
+        with self._ack_lock:
+            self._acks.append(message_id)
+        self.leases.start()
+        self.leases.acks_waiting()
+
+    def take_acks(self) -> list[int]:
+        """Remove and return the queued acks (the caller applies them)."""
+        with self._ack_lock:
+            acks, self._acks = self._acks, []
+        return acks
+
+    def return_acks(self, acks: list[int]) -> None:
+        """Put back acks whose application failed, to be tried again."""
+        if acks:
+            with self._ack_lock:
+                self._acks[:0] = acks
+
+    def flush_acks(self) -> None:
+        """Apply every queued ack now (one DELETE)."""
+        acks = self.take_acks()
+        if not acks:
+            return
+        try:
+            self.consumer_db.execute(self.queries.ack, {"ids": acks}, "ack")
+        except BaseException:
+            self.return_acks(acks)
+            raise
 
     def held_ids(self) -> list[int]:
         """Ids of the messages delivered by this transport's channels and not yet acked."""

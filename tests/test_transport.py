@@ -305,3 +305,17 @@ def test_corrupted_message_goes_to_dead_letters_and_does_not_block(db_url):
     assert [r[0] for r in rows] == ["undecodable", "undecodable"]
     assert all("properties" in r[1] or "not a kombu message" in r[1] for r in rows)
     assert count(db_url) == 0
+
+
+def test_ack_is_applied_promptly_without_another_drain(db_url):
+    """Acks ride on the next claim; a consumer that stops draining still gets them applied."""
+    q = make_queue()
+    with Connection(kurl(db_url)) as conn:
+        q(conn.channel()).declare()
+        publish(conn, q, [{"i": 1}])
+        message = conn.channel().basic_get(q.name)
+        message.ack()
+        deadline = time.monotonic() + 5
+        while count(db_url) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert count(db_url) == 0  # still connected, never drained again

@@ -20,10 +20,13 @@ WITH sent AS (
 SELECT pg_notify(%(channel)s, queue) FROM (SELECT DISTINCT queue FROM sent) q WHERE %(notify)s;
 
 -- name: claim
--- Lease up to n visible messages of the given queues, in priority then FIFO order, skipping rows
+-- Apply pending acks, then lease up to n visible messages of the given queues, in priority then FIFO order, skipping rows
 -- other consumers are claiming. A message that was already delivered max_deliveries times goes
 -- to the dead letters instead (returned with dead = true, payload NULL).
-WITH picked AS (
+WITH acked AS (
+    -- acks collected since the last claim, applied in the same round trip
+    DELETE FROM {schema}.messages WHERE id = ANY(%(acks)s::bigint[])
+), picked AS (
     SELECT id, delivery_count FROM {schema}.messages
     WHERE queue = ANY(%(queues)s) AND visible_at <= now()
     ORDER BY priority DESC, id
