@@ -319,3 +319,34 @@ def test_ack_is_applied_promptly_without_another_drain(db_url):
         while count(db_url) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert count(db_url) == 0  # still connected, never drained again
+
+
+def _plan_buffers(node) -> int:
+    return node.get("Shared Hit Blocks", 0) + node.get("Shared Read Blocks", 0)
+
+
+def test_claim_reads_the_same_few_pages_at_any_backlog(db_url):
+    """The claim walks the index in delivery order and stops: its cost must not grow with the
+    backlog (a claim that reads and sorts the whole queue would touch thousands of pages)."""
+    import json as _json
+
+    from kojin_pg.sqlfiles import Queries
+
+    claim = Queries("broker", "kojin").claim
+    params = {"acks": [], "queues": ["big", "other"], "n": 16, "max_deliveries": 10,
+              "visibility_timeout": 60.0, "consumer": "test"}
+    with psycopg.connect(db_url) as conn:
+        conn.execute("INSERT INTO kojin.messages (queue, payload) SELECT 'big', "
+                     "jsonb_build_object('properties', '{}'::jsonb, 'i', g) "
+                     "FROM generate_series(1, 50000) g")
+        conn.commit()
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE kojin.messages")
+    with psycopg.connect(db_url) as conn:
+        explain = psycopg.sql.SQL("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) ") + claim
+        plan = conn.execute(explain, params).fetchone()[0]
+        conn.rollback()
+    if isinstance(plan, str):
+        plan = _json.loads(plan)
+    total = _plan_buffers(plan[0]["Plan"])
+    assert total < 300, f"claim touched {total} pages with 50,000 messages queued"

@@ -27,11 +27,20 @@ WITH acked AS (
     -- acks collected since the last claim, applied in the same round trip
     DELETE FROM {schema}.messages WHERE id = ANY(%(acks)s::bigint[])
 ), picked AS (
-    SELECT id, delivery_count FROM {schema}.messages
-    WHERE queue = ANY(%(queues)s) AND visible_at <= now()
-    ORDER BY priority DESC, id
+    -- per queue, so each walks messages_claim_idx in delivery order and stops after n rows:
+    -- the claim costs the same with 10 or 10 million messages queued (queue = ANY(...) would
+    -- read and sort the whole backlog).
+    SELECT m.id, m.delivery_count
+    FROM unnest(%(queues)s::text[]) AS q(name)
+    CROSS JOIN LATERAL (
+        SELECT id, delivery_count, priority FROM {schema}.messages
+        WHERE queue = q.name AND visible_at <= now()
+        ORDER BY priority DESC, id
+        LIMIT %(n)s
+        FOR UPDATE SKIP LOCKED
+    ) m
+    ORDER BY m.priority DESC, m.id
     LIMIT %(n)s
-    FOR UPDATE SKIP LOCKED
 ), dead AS (
     DELETE FROM {schema}.messages m USING picked p
     WHERE m.id = p.id AND p.delivery_count >= %(max_deliveries)s
