@@ -1,6 +1,6 @@
 """Run every workload against every system in one run and print ratios to kojin_pg.
 
-usage: python -m bench [all|backend|transport|e2e] [--repeat N] [--quick]
+usage: python -m bench [all|backend|transport|e2e|scale] [--repeat N] [--quick]
 
 Servers: PostgreSQL from KOJIN_PG_URL, else a temporary embedded PostgreSQL 18; Redis from
 ``redis-server`` on PATH (installed with apt-get when missing and running as root), with AOF
@@ -69,6 +69,84 @@ def make_db(admin_url: str, name: str) -> str:
     return f"{base}/{name}"
 
 
+def make_pgmq_db(admin_url: str) -> str | None:
+    """A database with PGMQ's SQL installed (the pgmq package ships it; no C extension)."""
+    try:
+        from pgmq import get_embedded_install_sql, install_pgmq_sql
+    except ImportError:
+        print("pgmq not installed (pip install pgmq): pgmq columns skipped")
+        return None
+    db = make_db(admin_url, "bench_pgmq_" + uuid.uuid4().hex[:6])
+    install_pgmq_sql(get_embedded_install_sql(), dsn=db)
+    return db
+
+
+def pgbench_insert_rate(url: str, clients: int, seconds: int = 10) -> float:
+    """pgbench: committed single-row INSERTs per second, the physical limit of the server."""
+    from kojin_pg.embedded import _bin_dir
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS pgbench_insert (id bigint, v text)")
+    script = Path(tempfile.mkdtemp()) / "insert.sql"
+    script.write_text("\\set id random(1, 1000000000)\n"
+                      "INSERT INTO pgbench_insert VALUES (:id, 'x');\n")
+    out = subprocess.run([str(_bin_dir() / "pgbench"), "-n", "-f", str(script), "-c",
+                          str(clients), "-j", str(min(clients, 2)), "-T", str(seconds), url],
+                         capture_output=True, text=True, timeout=seconds + 120)
+    for line in out.stdout.splitlines():
+        if line.startswith("tps ="):
+            return float(line.split()[2])
+    raise RuntimeError(f"pgbench failed: {out.stderr[-1000:]}")
+
+
+def draw_chart(results: dict, path: Path) -> None:
+    """Bar chart of how many times better kojin_pg is than each competitor, per figure."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart")
+        return
+    bars: list[tuple[str, float]] = []
+    for section, metrics in (("backend", [("store_per_s", True), ("get_per_s", True),
+                                          ("get_many_per_s", True)]),
+                             ("transport", [("publish_per_s", True),
+                                            ("consume_ack_per_s", True)]),
+                             ("e2e", [("throughput", True), ("p50_ms", False),
+                                      ("chord100_s", False)]),
+                             ("e2e_prefork", [("throughput", True), ("p50_ms", False),
+                                              ("chord100_s", False)])):
+        rows = results.get(section) or {}
+        base = rows.get("kojin")
+        if not base:
+            continue
+        for system, r in rows.items():
+            if system.startswith("kojin"):
+                continue
+            for metric, higher in metrics:
+                k, v = base.get(metric), r.get(metric)
+                if k and v:
+                    bars.append((f"{section} {metric.replace('_per_s', '/s')}\nvs {system}",
+                                 k / v if higher else v / k))
+    if not bars:
+        return
+    fig, ax = plt.subplots(figsize=(10, 0.35 * len(bars) + 1.5))
+    labels, values = zip(*bars, strict=True)
+    colors = ["#2a7" if v >= 1 else "#c44" for v in values]
+    ax.barh(range(len(bars)), values, color=colors)
+    ax.set_yticks(range(len(bars)), labels, fontsize=7)
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel("times better than the competitor (log scale; right of 1 = kojin_pg better)")
+    ax.set_title(f"kojin_pg vs competitors, {results['date']}, {results['machine']}")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"chart: {path}")
+
+
 def run_script(script: str, args: list[str], env: dict[str, str] | None = None,
                timeout: float = 900) -> dict:
     out = subprocess.run([sys.executable, str(HERE / script), *args], capture_output=True,
@@ -116,7 +194,7 @@ def table(title: str, rows: dict[str, dict], metrics: list[tuple[str, bool]]) ->
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("what", nargs="?", default="all",
-                        choices=["all", "backend", "transport", "e2e"])
+                        choices=["all", "backend", "transport", "e2e", "scale"])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="smaller N, one repeat")
     args = parser.parse_args()
@@ -160,12 +238,31 @@ def main() -> int:
             rows["kombu sqla"] = median_runs(repeat, lambda: run_script(
                 "transport.py", ["sqla+" + db.replace("postgresql://", "postgresql+psycopg://"),
                                  n]))
+            rows["kojin sync=off"] = median_runs(repeat, lambda: run_script(
+                "transport.py", ["kojin+" + db + "?synchronous_commit=off", n], env=kojin_env))
             if redis_url:
                 rows["redis"] = median_runs(repeat, lambda: run_script(
                     "transport.py", [redis_url, n]))
+            pgmq_db = make_pgmq_db(admin)
+            pgmq_url = pgmq_db.replace("postgresql://", "pgmq://") if pgmq_db else None
+            if pgmq_url:
+                rows["kombu pgmq"] = median_runs(repeat, lambda: run_script(
+                    "transport.py", [pgmq_url, n, '{"init_extension": false}']))
             results["transport"] = rows
             table("kombu transport, one process (msgs/s)", rows,
                   [("publish_per_s", True), ("consume_ack_per_s", True)])
+            per = "500" if args.quick else "2000"
+            rows = {"kojin": median_runs(repeat, lambda: run_script(
+                "concurrent_publish.py", ["kojin+" + db, per, "4"], env=kojin_env))}
+            rows["kojin no notify"] = median_runs(repeat, lambda: run_script(
+                "concurrent_publish.py", ["kojin+" + db + "?use_notify=false", per, "4"],
+                env=kojin_env))
+            if redis_url:
+                rows["redis"] = median_runs(repeat, lambda: run_script(
+                    "concurrent_publish.py", [redis_url, per, "4"]))
+            results["publish_4_producers"] = rows
+            table("publish with 4 concurrent producers (msgs/s)", rows,
+                  [("publish_per_s", True)])
         if args.what in ("all", "e2e"):
             rows = {}
             db = make_db(admin, "bench_" + uuid.uuid4().hex[:6])
@@ -183,6 +280,31 @@ def main() -> int:
             table("Celery end to end, threads pool c=4", rows,
                   [("throughput", True), ("p50_ms", False), ("p95_ms", False),
                    ("chord100_s", False)])
+            prefork = {"BENCH_POOL": "prefork"}
+            rows = {"kojin": median_runs(repeat, lambda: run_script(
+                "e2e.py", ["kojin+" + db, "kojin+" + db, n_tp, n_lat],
+                env={**kojin_env, **prefork}))}
+            if redis_url:
+                rows["redis/redis"] = median_runs(repeat, lambda: run_script(
+                    "e2e.py", [redis_url, redis_url, n_tp, n_lat], env=prefork))
+            results["e2e_prefork"] = rows
+            table("Celery end to end, prefork pool c=4", rows,
+                  [("throughput", True), ("p50_ms", False), ("p95_ms", False),
+                   ("chord100_s", False)])
+        if args.what in ("all", "scale"):
+            size = "100000" if args.quick else "1000000"
+            db = make_db(admin, "bench_" + uuid.uuid4().hex[:6])
+            results["backlog"] = run_script("scale.py", ["backlog", db, size])
+            results["cleanup"] = run_script("scale.py", ["cleanup", db, size])
+            results["pgbench_insert_tps"] = {
+                str(c): round(pgbench_insert_rate(db, c, 5 if args.quick else 10))
+                for c in (1, 4)}
+            print("\n== scale")
+            print("claim+ack latency (ms) by backlog:",
+                  {k: v for k, v in results["backlog"].items() if k != "workload"})
+            print("cleanup:", {k: v for k, v in results["cleanup"].items() if k != "workload"})
+            print("pgbench single-row INSERT commits/s by clients:",
+                  results["pgbench_insert_tps"])
     finally:
         if redis_proc is not None:
             redis_proc.terminate()
@@ -193,6 +315,7 @@ def main() -> int:
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=2, default=str))
     print(f"\nraw figures: {out / 'latest.json'}")
+    draw_chart(results, out / "chart.png")
     return 0
 
 
