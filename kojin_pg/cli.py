@@ -16,7 +16,7 @@ from typing import Any
 from . import config
 from .db import Database
 from .errors import KojinError
-from .schema import latest_version, migrate
+from .schema import current_version, latest_version, migrate
 from .sqlfiles import Queries
 
 
@@ -63,7 +63,12 @@ def collect_stats(settings: config.Settings) -> dict[str, Any]:
     """Health figures of one kojin_pg schema (used by ``kojin-pg stats``)."""
     db = Database(settings, role="kojin_pg.cli")
     q = Queries("admin", settings.schema)
+    broker = Queries("broker", settings.schema)
     try:
+        version = db.run(lambda conn: current_version(conn, settings.schema), "version")
+        if version == 0:
+            raise KojinError(f"schema {settings.schema!r} has no kojin_pg tables: "
+                             "run kojin-pg migrate")
         rows, expired, size = db.fetchone(
             q.result_stats, {"table": f"{settings.schema}.results"}) or (0, 0, 0)
         tables = {name: {"live": live, "dead": dead, "last_vacuum": str(vac) if vac else None,
@@ -71,10 +76,22 @@ def collect_stats(settings: config.Settings) -> dict[str, Any]:
                   for name, live, dead, vac, nbytes in db.fetchall(
                       q.table_health, {"schema": settings.schema})}
         oldest = db.fetchone(q.oldest_xmin)
+        done_last_minute, dead_last_minute = db.fetchone(q.last_minute) or (0, 0)
+        dead = dict(db.fetchall(broker.dead_letter_counts))
+        queues = {name: {"ready": ready, "leased": leased, "delayed": delayed,
+                         "dead": dead.pop(name, 0), "oldest_ready_age_s": age}
+                  for name, ready, leased, delayed, age in db.fetchall(broker.queue_stats)}
+        for name, n in dead.items():
+            queues[name] = {"ready": 0, "leased": 0, "delayed": 0, "dead": n,
+                            "oldest_ready_age_s": None}
     finally:
         db.close()
     return {
         "schema": settings.schema,
+        "version": version,
+        "queues": queues,
+        "last_minute": {"results_finished": done_last_minute,
+                        "dead_lettered": dead_last_minute},
         "results": {"rows": rows, "expired_not_cleaned": expired, "bytes": size},
         "tables": tables,
         "oldest_transaction": None if oldest is None else {
@@ -89,7 +106,15 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print(json.dumps(stats, indent=2))
         return 0
     r = stats["results"]
-    print(f"schema {stats['schema']}")
+    print(f"schema {stats['schema']} (version {stats['version']})")
+    minute = stats["last_minute"]
+    print(f"last minute: {minute['results_finished']} results finished, "
+          f"{minute['dead_lettered']} messages dead-lettered")
+    print(f"{'queue':<30} {'ready':>8} {'leased':>8} {'delayed':>8} {'dead':>6} {'oldest':>8}")
+    for name, qs in sorted(stats["queues"].items()):
+        age = qs["oldest_ready_age_s"]
+        print(f"{name[:30]:<30} {qs['ready']:>8} {qs['leased']:>8} {qs['delayed']:>8} "
+              f"{qs['dead']:>6} {'-' if age is None else f'{age:.1f}s':>8}")
     print(f"results: {r['rows']} rows, {r['expired_not_cleaned']} expired awaiting cleanup, "
           f"{r['bytes'] / 1e6:.1f} MB")
     print(f"{'table':<20} {'live':>10} {'dead':>10} {'MB':>8}  last vacuum")

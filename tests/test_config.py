@@ -68,3 +68,8 @@ def test_mask_url():
 def test_identifier_validation(name):
     with pytest.raises(ConfigurationError):
         config.validate_identifier(name)
+
+
+def test_scrub_masks_the_password_in_any_text():
+    assert config.scrub("failed for s3cr3t-pw at host", URL) == "failed for **** at host"
+    assert config.scrub("nothing to hide", "postgresql://h/db") == "nothing to hide"

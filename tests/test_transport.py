@@ -350,3 +350,24 @@ def test_claim_reads_the_same_few_pages_at_any_backlog(db_url):
         plan = _json.loads(plan)
     total = _plan_buffers(plan[0]["Plan"])
     assert total < 300, f"claim touched {total} pages with 50,000 messages queued"
+
+
+def test_leases_lost_with_a_connection_are_handed_back(db_url):
+    """A claim retried after a lost connection first returns leases it never received."""
+    q = make_queue()
+    with Connection(kurl(db_url)) as conn:
+        q(conn.channel()).declare()
+        publish(conn, q, [{"i": 1}, {"i": 2}])
+        held = conn.channel().basic_get(q.name)  # really received: must stay leased
+        transport = conn.transport
+        with psycopg.connect(db_url, autocommit=True) as pg:
+            # what a committed claim whose answer was lost leaves behind
+            pg.execute("UPDATE kojin.messages SET leased_by = %s, "
+                       "visible_at = now() + interval '1 hour' WHERE id <> %s",
+                       (transport.consumer_id, held.delivery_tag))
+            with transport.consumer_db.connection() as c:
+                transport.release_orphans(c, keep=[])
+            rows = pg.execute("SELECT id, leased_by IS NULL, visible_at <= now() "
+                              "FROM kojin.messages ORDER BY id").fetchall()
+        assert rows == [(held.delivery_tag, False, False), (held.delivery_tag + 1, True, True)]
+        held.ack()

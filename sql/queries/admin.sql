@@ -19,3 +19,8 @@ SELECT extract(epoch FROM now() - xact_start)::float8, pid, application_name, st
 FROM pg_stat_activity
 WHERE backend_xmin IS NOT NULL AND xact_start IS NOT NULL AND pid <> pg_backend_pid()
 ORDER BY xact_start LIMIT 1;
+
+-- name: last_minute
+-- Work done in the last minute: results stored as finished, messages dead-lettered.
+SELECT (SELECT count(*) FROM {schema}.results WHERE date_done > now() - interval '1 minute'),
+       (SELECT count(*) FROM {schema}.dead_letters WHERE dead_at > now() - interval '1 minute');

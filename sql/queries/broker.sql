@@ -178,3 +178,13 @@ WITH gone AS (
     RETURNING 1
 )
 SELECT count(*) FROM gone;
+
+-- name: release_orphans
+-- After a claim retried on a new connection: the lost attempt may have committed leases this
+-- consumer never received. Hand back whatever it holds a lease on but does not know about.
+WITH back AS (
+    UPDATE {schema}.messages SET visible_at = now(), leased_by = NULL
+    WHERE leased_by = %(consumer)s AND NOT (id = ANY(%(keep)s::bigint[]))
+    RETURNING queue
+)
+SELECT pg_notify(%(channel)s, queue) FROM (SELECT DISTINCT queue FROM back) q WHERE %(notify)s;
