@@ -267,19 +267,27 @@ def main() -> int:
             rows = {}
             db = make_db(admin, "bench_" + uuid.uuid4().hex[:6])
             n_tp, n_lat = ("300", "50") if args.quick else ("2000", "200")
+            big = {"BENCH_CHORD1000": "1"}
             rows["kojin/kojin"] = median_runs(repeat, lambda: run_script(
-                "e2e.py", ["kojin+" + db, "kojin+" + db, n_tp, n_lat], env=kojin_env))
+                "e2e.py", ["kojin+" + db, "kojin+" + db, n_tp, n_lat], env={**kojin_env, **big}))
             if redis_url:
                 rows["redis/redis"] = median_runs(repeat, lambda: run_script(
-                    "e2e.py", [redis_url, redis_url, n_tp, n_lat]))
+                    "e2e.py", [redis_url, redis_url, n_tp, n_lat], env=big))
             psyco = db.replace("postgresql://", "postgresql+psycopg://")
+            # the slow pairs: one run, fewer tasks
             rows["sqla/db+"] = median_runs(1, lambda: run_script(
                 "e2e.py", ["sqla+" + psyco, "db+" + psyco, "200", "20"]))
+            pgmq_db = make_pgmq_db(admin)
+            if pgmq_db:
+                rows["pgmq/db+"] = median_runs(1, lambda: run_script(
+                    "e2e.py", [pgmq_db.replace("postgresql://", "pgmq://"),
+                               "db+" + db.replace("postgresql://", "postgresql+psycopg://"),
+                               "200", "20"]))
             rows = {("kojin" if k == "kojin/kojin" else k): v for k, v in rows.items()}
             results["e2e"] = rows
             table("Celery end to end, threads pool c=4", rows,
                   [("throughput", True), ("p50_ms", False), ("p95_ms", False),
-                   ("chord100_s", False)])
+                   ("p99_ms", False), ("chord100_s", False), ("chord1000_s", False)])
             prefork = {"BENCH_POOL": "prefork"}
             rows = {"kojin": median_runs(repeat, lambda: run_script(
                 "e2e.py", ["kojin+" + db, "kojin+" + db, n_tp, n_lat],
@@ -290,7 +298,20 @@ def main() -> int:
             results["e2e_prefork"] = rows
             table("Celery end to end, prefork pool c=4", rows,
                   [("throughput", True), ("p50_ms", False), ("p95_ms", False),
-                   ("chord100_s", False)])
+                   ("p99_ms", False), ("chord100_s", False)])
+            scaling: dict[str, dict] = {}
+            for procs in ("1", "2", "4"):
+                env = {"BENCH_POOL": "prefork", "BENCH_CONC": procs}
+                scaling[f"kojin x{procs}"] = median_runs(1, lambda env=env: run_script(
+                    "e2e.py", ["kojin+" + db, "kojin+" + db, n_tp, "20"],
+                    env={**kojin_env, **env}))
+                if redis_url:
+                    scaling[f"redis x{procs}"] = median_runs(1, lambda env=env: run_script(
+                        "e2e.py", [redis_url, redis_url, n_tp, "20"], env=env))
+            results["worker_processes"] = scaling
+            print("\n== throughput (tasks/s) by prefork worker processes")
+            for name, r in scaling.items():
+                print(f"{name:<12} {r['throughput']:>10.1f}")
         if args.what in ("all", "scale"):
             size = "100000" if args.quick else "1000000"
             db = make_db(admin, "bench_" + uuid.uuid4().hex[:6])

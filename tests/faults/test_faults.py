@@ -368,3 +368,22 @@ def test_password_never_leaks(db_url, workers, tmp_path, caplog, capsys):
     seen += [r.getMessage() for r in caplog.records]
     leaks = [text[:200] for text in seen if secret in text]
     assert not leaks
+
+
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+def test_worker_stops_when_its_whole_process_group_gets_sigterm(e2e_app, workers, pool):
+    """systemd's default KillMode signals every process of the unit at once; on the
+    synchronous consumer path a prefork worker then hung in 'Stopping Pool' for good."""
+    import os
+    import signal
+    import subprocess
+
+    w = workers(pool=pool, concurrency=2)
+    wait_ready(e2e_app, w)
+    add, tsum = e2e_app.tasks["e2e.add"], e2e_app.tasks["e2e.tsum"]
+    assert chord(add.s(i, 1) for i in range(100))(tsum.s()).get(timeout=60) == 5050
+    os.killpg(w.proc.pid, signal.SIGTERM)
+    try:
+        w.proc.wait(60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"worker still running 60 s after SIGTERM:\n{w.tail()}")
