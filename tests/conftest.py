@@ -12,6 +12,7 @@ import os
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -80,33 +81,35 @@ def pg_server() -> Iterator[Server]:
             embedded.destroy()
 
 
+@contextmanager
+def fresh_database(server: Server, template: str | None) -> Iterator[str]:
+    """A new database (a clone of ``template``, or empty), dropped afterwards; yields its URL."""
+    name = "kojin_test_" + uuid.uuid4().hex[:12]
+    create = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+    if template:
+        create += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
+    with server.admin() as conn:
+        conn.execute(create)
+    try:
+        yield with_database(server.url, name)
+    finally:
+        with server.admin() as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(name)))
+
+
 @pytest.fixture
 def db_url(pg_server: Server) -> Iterator[str]:
     """URL of a fresh database holding a migrated ``kojin`` schema, dropped after the test."""
-    name = "kojin_test_" + uuid.uuid4().hex[:12]
-    with pg_server.admin() as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-            sql.Identifier(name), sql.Identifier(TEMPLATE)))
-    try:
-        yield with_database(pg_server.url, name)
-    finally:
-        with pg_server.admin() as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(name)))
+    with fresh_database(pg_server, TEMPLATE) as url:
+        yield url
 
 
 @pytest.fixture
 def empty_db_url(pg_server: Server) -> Iterator[str]:
     """URL of a fresh, empty database (no kojin schema), dropped after the test."""
-    name = "kojin_test_" + uuid.uuid4().hex[:12]
-    with pg_server.admin() as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield with_database(pg_server.url, name)
-    finally:
-        with pg_server.admin() as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(name)))
+    with fresh_database(pg_server, None) as url:
+        yield url
 
 
 @pytest.fixture

@@ -147,3 +147,52 @@ def test_outbox_commit_delivers_rollback_does_not(app, workers, db_url):
     assert committed.get(timeout=30) == 42
     assert app.tasks["e2e.add"].delay(0, 1).get(timeout=30) == 1
     assert rolled_back.state == "PENDING"
+
+
+def test_events_revoke_and_shutdown_reach_the_workers(app, workers, db_url):
+    """The celeryev topic exchange carries task events (celery events, Flower); revoke and
+    shutdown are broadcast to every worker through the pidbox fanout exchange."""
+    import threading
+
+    w1 = workers(name="ev1")
+    w2 = workers(name="ev2")
+    wait_ready(app, w1)
+    app.control.enable_events()
+    seen: list[str] = []
+
+    def listen():
+        with app.connection_for_read() as conn:
+            recv = app.events.Receiver(conn, handlers={
+                "task-succeeded": lambda e: seen.append(e["uuid"])})
+            try:
+                recv.capture(limit=None, timeout=20, wakeup=False)
+            except TimeoutError:
+                pass
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    deadline = time.monotonic() + 30
+    bound = False
+    while not bound and time.monotonic() < deadline:  # the receiver's queue is bound
+        with psycopg.connect(db_url) as conn:
+            bound = conn.execute("SELECT count(*) FROM kojin.bindings "
+                                 "WHERE exchange = 'celeryev'").fetchone()[0] > 0
+        time.sleep(0.1)
+    assert bound
+    done = app.tasks["e2e.add"].delay(2, 2)
+    assert done.get(timeout=30) == 4
+    while done.id not in seen and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert done.id in seen
+    # revoke reaches the workers before the (delayed) task runs
+    later = app.tasks["e2e.add"].apply_async((1, 1), countdown=3)
+    app.control.revoke(later.id)
+    deadline = time.monotonic() + 30
+    while later.state != "REVOKED" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert later.state == "REVOKED"
+    # shutdown reaches both workers
+    app.control.shutdown()
+    for w in (w1, w2):
+        w.proc.wait(60)
+        assert w.proc.returncode is not None
