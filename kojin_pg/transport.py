@@ -145,6 +145,21 @@ class Channel(virtual.Channel):
     def __init__(self, connection: Transport, **kwargs: Any) -> None:
         super().__init__(connection, **kwargs)
         self._routes: dict[str, tuple[float, list[tuple[str, str, str]]]] = {}
+        #: Queues consumed with no_ack (Celery's event receivers): delivered means done.
+        self._no_ack_queues: set[str] = set()
+
+    def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        if no_ack:
+            self._no_ack_queues.add(queue)
+        else:
+            self._no_ack_queues.discard(queue)
+        return super().basic_consume(queue, no_ack, *args, **kwargs)
+
+    def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
+        message = super().basic_get(queue, no_ack=no_ack, **kwargs)
+        if message is not None and no_ack:
+            self.connection.defer_ack(message.delivery_tag)
+        return message
 
     @property
     def _db(self) -> Database:
@@ -301,6 +316,9 @@ class Channel(virtual.Channel):
             raise Empty()
         deliver = self.connection._deliver
         for payload, queue in claimed:
+            if queue in self._no_ack_queues:
+                # nobody will ack it: the delivery itself is the ack
+                self.connection.defer_ack(payload["properties"]["delivery_tag"])
             deliver(payload, queue)
 
     def _size(self, queue: str) -> int:

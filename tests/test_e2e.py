@@ -154,10 +154,9 @@ def test_events_revoke_and_shutdown_reach_the_workers(app, workers, db_url):
     shutdown are broadcast to every worker through the pidbox fanout exchange."""
     import threading
 
-    w1 = workers(name="ev1")
-    w2 = workers(name="ev2")
+    w1 = workers(name="ev1", extra_args=["-E"])
+    w2 = workers(name="ev2", extra_args=["-E"])
     wait_ready(app, w1)
-    app.control.enable_events()
     seen: list[str] = []
 
     def listen():
@@ -165,7 +164,7 @@ def test_events_revoke_and_shutdown_reach_the_workers(app, workers, db_url):
             recv = app.events.Receiver(conn, handlers={
                 "task-succeeded": lambda e: seen.append(e["uuid"])})
             try:
-                recv.capture(limit=None, timeout=20, wakeup=False)
+                recv.capture(limit=None, timeout=5, wakeup=False)
             except TimeoutError:
                 pass
 
@@ -184,6 +183,12 @@ def test_events_revoke_and_shutdown_reach_the_workers(app, workers, db_url):
     while done.id not in seen and time.monotonic() < deadline:
         time.sleep(0.1)
     assert done.id in seen
+    listener.join(30)
+    with psycopg.connect(db_url) as conn:  # events are consumed with no_ack: none linger
+        left = conn.execute("SELECT count(*) FROM kojin.messages "
+                            "WHERE queue LIKE 'celeryev.%%' AND leased_by IS NOT NULL"
+                            ).fetchone()[0]
+    assert left == 0
     # revoke reaches the workers before the (delayed) task runs
     later = app.tasks["e2e.add"].apply_async((1, 1), countdown=3)
     app.control.revoke(later.id)

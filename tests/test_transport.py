@@ -371,3 +371,28 @@ def test_leases_lost_with_a_connection_are_handed_back(db_url):
                               "FROM kojin.messages ORDER BY id").fetchall()
         assert rows == [(held.delivery_tag, False, False), (held.delivery_tag + 1, True, True)]
         held.ack()
+
+
+def test_no_ack_consumers_remove_what_they_receive(db_url):
+    """no_ack (e.g. Celery's event receivers): delivered means done; nothing stays leased."""
+    q = make_queue()
+    got = []
+    with Connection(kurl(db_url)) as conn:
+        q(conn.channel()).declare()
+        publish(conn, q, [{"i": i} for i in range(5)])
+        ch = conn.channel()
+        with Consumer(ch, [q], callbacks=[lambda b, m: got.append(b["i"])], accept=["json"],
+                      no_ack=True):
+            deadline = time.monotonic() + 10
+            while len(got) < 5 and time.monotonic() < deadline:
+                try:
+                    conn.drain_events(timeout=0.5)
+                except TimeoutError:
+                    pass
+        publish(conn, q, [{"i": 5}])
+        assert ch.basic_get(q.name, no_ack=True).payload == {"i": 5}
+        deadline = time.monotonic() + 5
+        while count(db_url) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert got == [0, 1, 2, 3, 4]
+    assert count(db_url) == 0

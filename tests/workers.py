@@ -14,7 +14,7 @@ HERE = Path(__file__).resolve().parent
 
 class Worker:
     def __init__(self, db_url: str, log: Path, pool: str, concurrency: int,
-                 broker_options: dict, name: str) -> None:
+                 broker_options: dict, name: str, extra_args: tuple[str, ...] = ()) -> None:
         env = dict(os.environ, KOJIN_E2E_URL=db_url,
                    KOJIN_E2E_BROKER_OPTIONS=json.dumps(broker_options),
                    PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -22,7 +22,7 @@ class Worker:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "e2e_app", "worker", "-P", pool,
              "-c", str(concurrency), "-l", "info", "-n", f"{name}@%h",
-             "--without-gossip", "--without-mingle", "--without-heartbeat"],
+             "--without-gossip", "--without-mingle", "--without-heartbeat", *extra_args],
             env=env, cwd=str(HERE), stdout=log.open("w"), stderr=subprocess.STDOUT,
             start_new_session=True)
 
@@ -49,9 +49,10 @@ class Worker:
 def workers_fixture(db_url, tmp_path):
     started: list[Worker] = []
 
-    def start(pool="threads", concurrency=4, broker_options=None, name=None, url=None):
+    def start(pool="threads", concurrency=4, broker_options=None, name=None, url=None,
+              extra_args=()):
         w = Worker(url or db_url, tmp_path / f"worker{len(started)}.log", pool, concurrency,
-                   broker_options or {}, name or f"w{len(started)}")
+                   broker_options or {}, name or f"w{len(started)}", tuple(extra_args))
         started.append(w)
         return w
 
