@@ -73,7 +73,8 @@ def main() -> int:
         from celery import chord, group
 
         soakapp.add.delay(0, 0).get(timeout=120)
-        end = time.monotonic() + 60 * minutes
+        start = time.monotonic()
+        end = start + 60 * minutes
         next_sample = time.monotonic()
         sent = 0
         while time.monotonic() < end:
@@ -84,7 +85,8 @@ def main() -> int:
                 soakapp.app.backend.cleanup()
                 s = sample(url)
                 samples.append(s)
-                print(json.dumps({"t_min": round(len(samples) * 0.5 - 0.5, 1), "tasks": sent,
+                print(json.dumps({"t_min": round((time.monotonic() - start) / 60, 1),
+                                  "tasks": sent,
                                   **s}), flush=True)
                 next_sample += 30
     finally:
