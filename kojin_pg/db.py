@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg import sql
 from psycopg.abc import Query
 from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import ConnectionPool, PoolTimeout
@@ -95,6 +96,12 @@ class Database:
         kwargs.update(overrides)
         conn = psycopg.Connection.connect(self.settings.conninfo, **kwargs)
         self._configure(conn)
+        return conn
+
+    def listen(self, channel: str) -> psycopg.Connection[Any]:
+        """A new dedicated connection that LISTENs on ``channel`` (quoted as an identifier)."""
+        conn = self.connect()
+        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         return conn
 
     def _probe(self) -> None:

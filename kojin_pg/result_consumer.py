@@ -21,7 +21,6 @@ from typing import Any
 import psycopg
 from celery import states
 from celery.backends.asynchronous import BaseResultConsumer
-from psycopg import sql
 
 from .errors import DatabaseUnavailable
 from .events import LISTEN_RECONNECT, log_event
@@ -58,8 +57,7 @@ class ResultConsumer(BaseResultConsumer):
         conn = self._conn
         if conn is None or conn.closed:
             self.backend.ensure_ready()
-            conn = self.backend.db.connect()
-            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.backend.channel)))
+            conn = self.backend.db.listen(self.backend.channel)
             self._conn = conn
         return conn
 

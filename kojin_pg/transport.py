@@ -41,7 +41,6 @@ from typing import Any
 import psycopg
 from kombu.transport import virtual
 from kombu.utils.objects import cached_property
-from psycopg import sql
 
 from . import codec, config
 from .db import Database
@@ -382,24 +381,24 @@ class NotifyWaiter:
             except (BlockingIOError, OSError):
                 pass  # the pipe is full: a wake-up is pending anyway
 
+    def _in_this_process(self) -> None:
+        if self._pid != os.getpid():
+            self._reset()
+
     def _listening(self) -> psycopg.Connection[Any]:
         conn = self._conn
         if conn is None or conn.closed:
-            conn = self.transport.db.connect()
-            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.transport.channel_name)))
-            self._conn = conn
+            conn = self._conn = self.transport.db.listen(self.transport.channel_name)
         return conn
 
     def wake_fd(self) -> int:
         """The read end of the wake-up pipe (for an event loop)."""
-        if self._pid != os.getpid():
-            self._reset()
+        self._in_this_process()
         return self._wake_r
 
     def listen_fd(self) -> int | None:
         """The LISTEN connection's socket (connecting it now), or None without notifications."""
-        if self._pid != os.getpid():
-            self._reset()
+        self._in_this_process()
         if not self.transport.settings.use_notify:
             return None
         return self._listening().pgconn.socket
@@ -415,14 +414,9 @@ class NotifyWaiter:
             queues.add(n.extra.decode())
         return queues
 
-    def drain_wakeups(self) -> None:
-        """Empty the wake-up pipe (for an event loop)."""
-        self._drain_pipe()
-
     def wait(self, timeout: float, queues: set[str]) -> None:
         """Block up to ``timeout`` seconds; return early on news for ``queues``."""
-        if self._pid != os.getpid():
-            self._reset()
+        self._in_this_process()
         if not self.transport.settings.use_notify:
             self._sleep(min(timeout, self.transport.settings.polling_interval))
             return
@@ -432,15 +426,10 @@ class NotifyWaiter:
             while (left := deadline - time.monotonic()) > 0:
                 ready, _, _ = select.select([conn.pgconn.socket, self._wake_r], [], [], left)
                 if self._wake_r in ready:
-                    self._drain_pipe()
+                    self.drain_wakeups()
                     return
-                if ready:
-                    conn.pgconn.consume_input()
-                    heard = set()
-                    while (n := conn.pgconn.notifies()) is not None:
-                        heard.add(n.extra.decode())
-                    if not queues or heard & queues:
-                        return
+                if ready and (not queues or self.heard() & queues):
+                    return
         except (psycopg.Error, OSError, ValueError) as exc:
             log_event(log, logging.WARNING, LISTEN_RECONNECT, role="broker",
                       error=type(exc).__name__)
@@ -451,9 +440,10 @@ class NotifyWaiter:
         if seconds > 0:
             ready, _, _ = select.select([self._wake_r], [], [], seconds)
             if ready:
-                self._drain_pipe()
+                self.drain_wakeups()
 
-    def _drain_pipe(self) -> None:
+    def drain_wakeups(self) -> None:
+        """Empty the wake-up pipe."""
         try:
             while os.read(self._wake_r, 4096):
                 pass
