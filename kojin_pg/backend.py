@@ -65,11 +65,7 @@ class PostgresBackend(ChordMixin, AsyncBackendMixin, BaseBackend):
                 "kojin_pg result backend needs a URL: result_backend = "
                 "'kojin+postgresql://user:password@host/dbname' (or set KOJIN_PG_URL)"
             )
-        if url.startswith("kojin://"):
-            url = "postgresql://" + url[len("kojin://"):]
-        elif url.startswith("kojin+"):
-            url = url[len("kojin+"):]
-        self.url = url
+        self.url = url = config.plain_url(url)
         options = dict(app.conf.get("result_backend_transport_options") or {})
         options.pop("result_chord_ordered", None)  # a Redis option; ours always keeps order
         self.settings = config.parse(url, options)

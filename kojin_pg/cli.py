@@ -23,9 +23,7 @@ from .sqlfiles import Queries
 def _settings(args: argparse.Namespace) -> config.Settings:
     from .embedded import resolve_url
 
-    url = resolve_url(args.url)
-    if url.startswith("kojin+"):
-        url = url[len("kojin+"):]
+    url = config.plain_url(resolve_url(args.url))
     return config.parse(url, {"schema": args.schema})
 
 

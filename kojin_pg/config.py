@@ -71,6 +71,13 @@ class Settings:
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings) if f.name not in ("conninfo", "safe_url")}
 
 
+def plain_url(url: str) -> str:
+    """``url`` without the ``kojin+`` prefix Celery/kombu use to pick us (``kojin://`` too)."""
+    if url.startswith("kojin://"):
+        return "postgresql://" + url[len("kojin://"):]
+    return url.removeprefix("kojin+")
+
+
 def validate_identifier(name: str, what: str = "schema name") -> str:
     """Return ``name`` if it is a safe lower-case SQL identifier, else raise ConfigurationError."""
     if not isinstance(name, str) or not _IDENTIFIER.match(name):

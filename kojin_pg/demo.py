@@ -35,7 +35,7 @@ DEMO_APP = textwrap.dedent('''
 
 def run_demo(url: str | None = None) -> int:
     """Start a worker, send work, print what came back and how long it took."""
-    from .config import mask_url
+    from .config import mask_url, plain_url
     from .embedded import EmbeddedServer
 
     server = None
@@ -47,8 +47,7 @@ def run_demo(url: str | None = None) -> int:
             url = EmbeddedServer().start()
         else:
             url = server.start()
-    if url.startswith("kojin+"):
-        url = url[len("kojin+"):]
+    url = plain_url(url)
     print(f"kojin_pg demo on {mask_url(url)}")
     workdir = Path(tempfile.mkdtemp(prefix="kojin_demo_"))
     (workdir / "kojin_demo.py").write_text(DEMO_APP)

@@ -31,7 +31,7 @@ def _broker_schema(app: Any) -> str:
     options = {k: v for k, v in (app.conf.broker_transport_options or {}).items()
                if k not in KOMBU_OPTIONS}
     url = app.conf.broker_url or ""
-    url = url[len("kojin+"):] if url.startswith("kojin+") else url
+    url = config.plain_url(url)
     if "://" in url:
         return config.parse(url, options).schema
     return config.validate_identifier(options.get("schema", "kojin"))

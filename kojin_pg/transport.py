@@ -576,9 +576,7 @@ class Transport(virtual.Transport):
             url = config.build_url(c.hostname or "localhost", c.port or self.default_port,
                                    c.userid or "postgres", (c.virtual_host or "postgres").strip("/"),
                                    c.password)
-        if url.startswith("kojin://"):
-            return "postgresql://" + url[len("kojin://"):]
-        return url.removeprefix("kojin+")
+        return config.plain_url(url)
 
     @cached_property
     def db(self) -> Database:
