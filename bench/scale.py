@@ -47,7 +47,7 @@ def backlog(url: str, max_backlog: int) -> dict:
                 t = time.perf_counter()
                 m = ch.basic_get(qname)
                 m.ack()
-                conn.transport.flush_acks()
+                conn.transport.acks.flush()
                 lat.append(time.perf_counter() - t)
                 filled -= 1
             out[str(target)] = round(1000 * statistics.median(lat), 3)

@@ -14,10 +14,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import config
-from .db import Database
+from .db import Database, Queries
+from .db.schema import current_version, latest_version, migrate
 from .errors import KojinError
-from .schema import current_version, latest_version, migrate
-from .sqlfiles import Queries
 
 
 def _settings(args: argparse.Namespace) -> config.Settings:

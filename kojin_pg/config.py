@@ -22,7 +22,6 @@ from .errors import ConfigurationError
 SCHEMES = ("postgresql", "postgres", "kojin+postgresql", "kojin+postgres", "kojin")
 
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
-_QUEUE_NAME = re.compile(r"^[\w.:@\-+/*#]{1,200}$")
 
 _BOOL_TRUE = {"1", "true", "yes", "on"}
 _BOOL_FALSE = {"0", "false", "no", "off"}
@@ -88,12 +87,14 @@ def validate_identifier(name: str, what: str = "schema name") -> str:
     return name
 
 
-def validate_queue_name(name: str) -> str:
-    """Return ``name`` if it is an acceptable queue or exchange name, else raise."""
-    if not isinstance(name, str) or not _QUEUE_NAME.match(name):
+def check_queue_name(name: str) -> str:
+    """Return ``name`` if it can name a queue or exchange, else raise ConfigurationError.
+
+    Names are stored as data, never spliced into SQL: any text of 1-255 characters without NUL.
+    """
+    if not isinstance(name, str) or not 0 < len(name) <= 255 or "\x00" in name:
         raise ConfigurationError(
-            f"invalid queue or exchange name {name!r}: use 1-200 letters, digits or ._-:@+/*#"
-        )
+            f"invalid queue or exchange name {name!r}: 1-255 characters, no NUL")
     return name
 
 

@@ -22,18 +22,17 @@ import psycopg
 from celery.result import AsyncResult
 
 from . import codec, config
-from .sqlfiles import Queries
-from .transport import KOMBU_OPTIONS, check_queue_name, messages_channel
+from .db import Queries
+from .transport.messages import messages_channel
+from .transport.options import broker_settings
 
 
 def _broker_schema(app: Any) -> str:
     """The schema of the app's kojin_pg broker (from its URL and transport options)."""
-    options = {k: v for k, v in (app.conf.broker_transport_options or {}).items()
-               if k not in KOMBU_OPTIONS}
     url = app.conf.broker_url or ""
-    url = config.plain_url(url)
     if "://" in url:
-        return config.parse(url, options).schema
+        return broker_settings(url, app.conf.broker_transport_options).schema
+    options = app.conf.broker_transport_options or {}
     return config.validate_identifier(options.get("schema", "kojin"))
 
 
@@ -46,7 +45,7 @@ def send_task(conn: psycopg.Connection[Any], app: Any, name: str, args: Any = ()
     ``retries``, ...). The message takes the same shape a kombu publish would give it.
     """
     task_id = task_id or str(uuid.uuid4())
-    queue = check_queue_name(queue or app.conf.task_default_queue)
+    queue = config.check_queue_name(queue or app.conf.task_default_queue)
     message = app.amqp.create_task_message(
         task_id, name, args or (), kwargs or {}, **options)
     headers, properties, body, _ = message

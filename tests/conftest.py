@@ -19,7 +19,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from kojin_pg import schema as kschema
+from kojin_pg.db import schema as kschema
 from kojin_pg.embedded import EmbeddedServer, temporary_server
 
 # tests/faults imports the helpers that live beside this file

@@ -247,7 +247,7 @@ def test_polling_fallback_without_notify(make_app):
     t = tid()
     threading.Timer(0.2, b.mark_as_done, (t, 7)).start()
     assert AsyncResult(t, app=app).get(timeout=20) == 7
-    assert b.result_consumer._conn is None
+    assert not b.result_consumer.listener.connected
 
 
 def test_many_threads_waiting_at_once(app, backend):

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from celery import Celery, states
 
-from kojin_pg import schema
+from kojin_pg.db import schema
 from kojin_pg.errors import SchemaError
 
 ROOT = Path(__file__).resolve().parent.parent

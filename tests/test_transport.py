@@ -330,7 +330,7 @@ def test_claim_reads_the_same_few_pages_at_any_backlog(db_url):
     backlog (a claim that reads and sorts the whole queue would touch thousands of pages)."""
     import json as _json
 
-    from kojin_pg.sqlfiles import Queries
+    from kojin_pg.db import Queries
 
     claim = Queries("broker", "kojin").claim
     params = {"acks": [], "queues": ["big", "other"], "n": 16, "max_deliveries": 10,

@@ -13,9 +13,9 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
 
-from .config import Settings
-from .db import Database
-from .errors import SchemaError
+from ..config import Settings
+from ..errors import SchemaError
+from .pool import Database
 from .sqlfiles import Migration, migrations
 
 log = logging.getLogger(__name__)

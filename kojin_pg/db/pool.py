@@ -1,4 +1,4 @@
-"""Connections: one pool per process and database, fork-safe, with retries on connection loss.
+"""Pooled connections: one pool per process and database, with retries on connection loss.
 
 Every operation that goes through :meth:`Database.run` is retried with exponential backoff when
 the connection fails (server restart, terminated backend, network blip) until
@@ -9,26 +9,23 @@ Only idempotent work may be passed to it: a lost connection can hide a commit.
 from __future__ import annotations
 
 import logging
-import os
 import random
-import threading
 import time
-import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
-from psycopg import sql
 from psycopg.abc import Query
 from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from . import codec
-from .config import Settings, scrub
-from .errors import ConfigurationError, DatabaseUnavailable
-from .events import RETRY, log_event
+from .. import codec
+from ..config import Settings, scrub
+from ..errors import ConfigurationError, DatabaseUnavailable
+from ..events import RETRY, log_event
+from .forksafe import ProcessLocal
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +37,6 @@ _TRANSIENT_FATALS = ("starting up", "shutting down", "in recovery", "too many cl
 
 #: Errors after which an idempotent operation may simply be tried again.
 _NOT_TRANSIENT = (PoolTimeout, pg_errors.QueryCanceled)
-
-_live: weakref.WeakSet[Database] = weakref.WeakSet()
-
 
 def is_transient(exc: BaseException) -> bool:
     """True for errors that a retry on a fresh connection can cure."""
@@ -60,19 +54,17 @@ def configure_connection(conn: psycopg.Connection[Any]) -> None:
 class Database:
     """The connections of this process to one PostgreSQL database.
 
-    The pool is created on first use, not in the constructor, and is replaced (never closed:
-    its sockets belong to the parent) in a child process after ``fork``.
+    The pool is created on first use, not in the constructor, and a forked child gets a pool of
+    its own (see :mod:`kojin_pg.db.forksafe`). ``synchronous_commit`` (default: the
+    ``synchronous_commit`` option, else the server's) applies to every session of the pool.
     """
 
     def __init__(self, settings: Settings, *, role: str = "kojin_pg",
-                 session_settings: Sequence[tuple[str, str]] = ()) -> None:
+                 synchronous_commit: str | None = None) -> None:
         self.settings = settings
         self.role = role
-        self._session_settings = tuple(session_settings)
-        self._pool: ConnectionPool | None = None
-        self._pid = os.getpid()
-        self._lock = threading.Lock()
-        _live.add(self)
+        self.synchronous_commit = synchronous_commit or settings.synchronous_commit
+        self._pool: ProcessLocal[ConnectionPool] = ProcessLocal(self._open_pool)
 
     def __repr__(self) -> str:
         return f"<Database {self.settings.safe_url} schema={self.settings.schema} {self.role}>"
@@ -87,8 +79,9 @@ class Database:
 
     def _configure(self, conn: psycopg.Connection[Any]) -> None:
         configure_connection(conn)
-        for name, value in self._session_settings:
-            conn.execute("SELECT set_config(%s, %s, false)", (name, value))
+        if self.synchronous_commit:
+            conn.execute("SELECT set_config('synchronous_commit', %s, false)",
+                         (self.synchronous_commit,))
 
     def connect(self, **overrides: Any) -> psycopg.Connection[Any]:
         """A new dedicated connection (for LISTEN or a long-lived consumer), not pooled."""
@@ -96,12 +89,6 @@ class Database:
         kwargs.update(overrides)
         conn = psycopg.Connection.connect(self.settings.conninfo, **kwargs)
         self._configure(conn)
-        return conn
-
-    def listen(self, channel: str) -> psycopg.Connection[Any]:
-        """A new dedicated connection that LISTENs on ``channel`` (quoted as an identifier)."""
-        conn = self.connect()
-        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         return conn
 
     def _probe(self) -> None:
@@ -123,31 +110,19 @@ class Database:
 
     def pool(self) -> ConnectionPool:
         """This process's pool, opened on first use."""
-        if self._pid != os.getpid():
-            self._forget_after_fork()
-        pool = self._pool
-        if pool is None:
-            with self._lock:
-                pool = self._pool
-                if pool is None:
-                    self._probe()
-                    s = self.settings
-                    pool = ConnectionPool(
-                        s.conninfo, min_size=s.pool_min_size, max_size=s.pool_max_size,
-                        timeout=s.pool_timeout, kwargs=self._connect_kwargs(),
-                        configure=self._configure, open=False, name=self.role,
-                        reconnect_timeout=max(s.retry_timeout, 1.0),
-                    )
-                    pool.open(wait=False)
-                    self._pool = pool
-        return pool
+        return self._pool.get()
 
-    def _forget_after_fork(self) -> None:
-        # The parent's pool and its sockets stay untouched: closing them here would end the
-        # parent's sessions. The child simply starts a pool of its own.
-        self._pool = None
-        self._pid = os.getpid()
-        self._lock = threading.Lock()
+    def _open_pool(self) -> ConnectionPool:
+        self._probe()
+        s = self.settings
+        pool = ConnectionPool(
+            s.conninfo, min_size=s.pool_min_size, max_size=s.pool_max_size,
+            timeout=s.pool_timeout, kwargs=self._connect_kwargs(),
+            configure=self._configure, open=False, name=self.role,
+            reconnect_timeout=max(s.retry_timeout, 1.0),
+        )
+        pool.open(wait=False)
+        return pool
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection[Any]]:
@@ -156,11 +131,8 @@ class Database:
             yield conn
 
     def close(self) -> None:
-        """Close this process's pool (a no-op in a forked child for the parent's pool)."""
-        if self._pid != os.getpid():
-            self._forget_after_fork()
-            return
-        pool, self._pool = self._pool, None
+        """Close this process's pool (a forked child leaves its parent's pool alone)."""
+        pool = self._pool.pop()
         if pool is not None:
             pool.close()
 
@@ -192,8 +164,8 @@ class Database:
                 delay = min(remaining, 2.0, 0.05 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1)
                 log_event(log, logging.WARNING, RETRY, operation=what, attempt=attempt,
                           error=type(exc).__name__, delay_s=round(delay, 3), role=self.role)
-                if self._pool is not None:
-                    self._pool.check()  # drop every other dead idle connection at once
+                if (live := self._pool.peek()) is not None:
+                    live.check()  # drop every other dead idle connection at once
                 time.sleep(delay)
 
     def execute(self, query: Query, params: Any = None, what: str = "query") -> int:
@@ -215,11 +187,3 @@ class Database:
             return conn.execute(query, params).fetchone()
         return self.run(work, what)
 
-
-def _after_fork_in_child() -> None:
-    for db in list(_live):
-        db._forget_after_fork()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)

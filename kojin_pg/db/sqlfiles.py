@@ -25,7 +25,7 @@ def sql_dir() -> Traversable:
     packaged = resources.files("kojin_pg") / "sql"
     if packaged.is_dir():
         return packaged
-    return Path(__file__).resolve().parent.parent / "sql"
+    return Path(__file__).resolve().parents[2] / "sql"
 
 
 @dataclass(frozen=True)

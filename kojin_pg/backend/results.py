@@ -1,17 +1,6 @@
-"""Celery result backend on PostgreSQL.
-
-Configure it with ``result_backend = "kojin+postgresql://user:pass@host/db"``; options go in
-the URL query or in ``result_backend_transport_options`` (see :mod:`kojin_pg.config`).
-
-- Results are rows of ``<schema>.results``. With the ``json`` result serializer (Celery's
-  default) the result, children, args and kwargs are real JSONB, queryable in SQL; with any other
-  serializer they are kept encoded in ``result_bytes``. ``result_extended`` metadata (name,
-  worker, retries, queue, ...) lands in columns.
-- ``result_expires`` sets ``expires_at``; reads never return an expired row, and
-  :meth:`PostgresBackend.cleanup` deletes them in bounded batches.
-- ``get_many`` reads any number of results in one query per round; waiting for results uses
-  LISTEN/NOTIFY (:mod:`kojin_pg.result_consumer`), with polling when ``use_notify`` is off.
-- Chords are native: see :mod:`kojin_pg.chords`.
+"""The Celery result backend: results and groups as rows, read one query per round, expired in
+bounded batches. Chords are :mod:`.chords`, waiting is :mod:`.waiting`, value encoding
+:mod:`.values`.
 """
 
 from __future__ import annotations
@@ -27,15 +16,14 @@ from celery.backends.asynchronous import AsyncBackendMixin
 from celery.backends.base import BaseBackend
 from celery.exceptions import ImproperlyConfigured
 from celery.result import result_from_tuple
-from psycopg.types.json import Jsonb
 
-from . import codec, config
-from .chords import ChordMixin
-from .db import Database, is_transient
-from .errors import PayloadError
-from .result_consumer import ResultConsumer
-from .schema import ensure_schema
-from .sqlfiles import Queries
+from .. import config
+from ..db import Database, Queries, is_transient
+from ..db.schema import ensure_schema
+from ..errors import PayloadError
+from .chords import Chords
+from .values import ValueCodec
+from .waiting import ResultConsumer
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +38,7 @@ def results_channel(schema: str) -> str:
     return f"kojin_results_{schema}"
 
 
-class PostgresBackend(ChordMixin, AsyncBackendMixin, BaseBackend):
+class PostgresBackend(AsyncBackendMixin, BaseBackend):
     """Celery result backend storing results, groups and chord counters in PostgreSQL."""
 
     supports_native_join = True
@@ -69,13 +57,11 @@ class PostgresBackend(ChordMixin, AsyncBackendMixin, BaseBackend):
         options = dict(app.conf.get("result_backend_transport_options") or {})
         options.pop("result_chord_ordered", None)  # a Redis option; ours always keeps order
         self.settings = config.parse(url, options)
-        session = []
-        if self.settings.synchronous_commit:
-            session.append(("synchronous_commit", self.settings.synchronous_commit))
-        self.db = Database(self.settings, role="kojin_pg.backend", session_settings=session)
+        self.db = Database(self.settings, role="kojin_pg.backend")
         self.queries = Queries("backend", self.settings.schema)
         self.channel = results_channel(self.settings.schema)
-        self._json = self.content_type == "application/json"
+        self.values = ValueCodec(self.content_type, self.encode, self.decode)
+        self.chords = Chords(self, self.db, self.queries, self.values)
         self._schema_ready = False
         self.result_consumer = ResultConsumer(
             self, self.app, self.accept, self._pending_results, self._pending_messages)
@@ -110,24 +96,9 @@ class PostgresBackend(ChordMixin, AsyncBackendMixin, BaseBackend):
         """Connection errors are safe to retry (``result_backend_always_retry``)."""
         return is_transient(exc)
 
-    def _expires_seconds(self) -> float | None:
+    def expires_seconds(self) -> float | None:
+        """``result_expires`` in seconds, None for results that never expire."""
         return None if self.expires is None else float(self.expires)
-
-    def _encode_value(self, value: Any) -> tuple[Jsonb | None, bytes | None]:
-        """A value as (jsonb, None) with the JSON serializer, else (None, serialized bytes)."""
-        if self._json:
-            encoded = codec.dumps(value)
-            # jsonb cannot hold the NUL character: keep such values as JSON text in bytea.
-            if b"\\u0000" not in encoded:
-                return codec.jsonb(encoded), None
-            return None, encoded
-        payload = self.encode(value)
-        return None, payload if isinstance(payload, bytes) else payload.encode()
-
-    def _decode_bytes(self, payload: bytes) -> Any:
-        if self._json:
-            return codec.loads(payload)
-        return self.decode(bytes(payload))
 
     # -- results ---------------------------------------------------------------------------
 
@@ -143,15 +114,14 @@ class PostgresBackend(ChordMixin, AsyncBackendMixin, BaseBackend):
             "group_id": meta.get("group_id"), "parent_id": meta.get("parent_id"),
             "name": extended["name"], "worker": extended["worker"],
             "retries": extended["retries"], "queue": extended["queue"],
-            "date_done": meta["date_done"], "expires": self._expires_seconds(),
+            "date_done": meta["date_done"], "expires": self.expires_seconds(),
             "channel": self.channel, "notify": self.settings.use_notify,
             "result": None, "children": None, "args": None, "kwargs": None, "result_bytes": None,
         }
-        encoded, raw = self._encode_value(blob)
+        encoded, raw = self.values.encode(blob)
         if encoded is not None:
             for key in ("result", "children", "args", "kwargs"):
-                if blob[key] is not None:
-                    params[key] = codec.jsonb(codec.dumps(blob[key]))
+                params[key] = self.values.jsonb(blob[key])
         else:
             params["result_bytes"] = raw
         self._fetchall(self.queries.store_result, params, "store_result")
@@ -166,7 +136,7 @@ class PostgresBackend(ChordMixin, AsyncBackendMixin, BaseBackend):
         }
         if result_bytes is not None:
             try:
-                meta.update(self._decode_bytes(result_bytes))
+                meta.update(self.values.decode_bytes(result_bytes))
             except Exception as exc:
                 # A corrupted row must not break reads of the others (a whole group's join):
                 # it reads as a failure that names the task and the cause.
@@ -251,11 +221,11 @@ class PostgresBackend(ChordMixin, AsyncBackendMixin, BaseBackend):
     # -- groups ----------------------------------------------------------------------------
 
     def _save_group(self, group_id: str, result: Any) -> Any:
-        encoded, raw = self._encode_value({"result": result.as_tuple()})
+        encoded, raw = self.values.encode({"result": result.as_tuple()})
         self.ensure_ready()
         self.db.execute(self.queries.save_group, {
             "group_id": group_id, "result": encoded, "result_bytes": raw,
-            "expires": self._expires_seconds()}, "save_group")
+            "expires": self.expires_seconds()}, "save_group")
         return result
 
     def _restore_group(self, group_id: str) -> dict[str, Any] | None:
@@ -263,12 +233,37 @@ class PostgresBackend(ChordMixin, AsyncBackendMixin, BaseBackend):
         if row is None:
             return None
         result, result_bytes, date_done = row
-        meta = result if result_bytes is None else self._decode_bytes(result_bytes)
+        meta = result if result_bytes is None else self.values.decode_bytes(result_bytes)
         return {"result": result_from_tuple(meta["result"], self.app), "date_done": date_done}
 
     def _delete_group(self, group_id: str) -> None:
         self.ensure_ready()
         self.db.execute(self.queries.delete_group, {"group_id": group_id}, "delete_group")
+
+    # -- chords (see .chords) ----------------------------------------------------------------
+
+    def ensure_chords_allowed(self) -> None:
+        """Chords are always supported."""
+
+    def apply_chord(self, header_result_args: Any, body: Any, **kwargs: Any) -> None:
+        """A chord is starting: record it before any header task can report."""
+        self.ensure_ready()
+        self.chords.apply(header_result_args)
+
+    def set_chord_size(self, group_id: str, chord_size: int) -> None:
+        """Record how many header parts the chord waits for."""
+        self.ensure_ready()
+        self.chords.set_size(group_id, chord_size)
+
+    def add_to_chord(self, group_id: str, result: Any) -> None:
+        """Wait for one more header part (a header task replaced itself)."""
+        self.ensure_ready()
+        self.chords.add_part(group_id)
+
+    def on_chord_part_return(self, request: Any, state: str, result: Any, **kwargs: Any) -> None:
+        """Count one finished header task; the part that completes the chord fires the body."""
+        self.ensure_ready()
+        self.chords.part_returned(request, state, result)
 
     # -- expiry ----------------------------------------------------------------------------
 

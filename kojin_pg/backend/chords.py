@@ -1,6 +1,6 @@
 """Native chords: an atomic counter per chord, no ``celery.chord_unlock`` polling task.
 
-Each header task that finishes calls :meth:`ChordMixin.on_chord_part_return`, which runs one
+Each header task that finishes calls :meth:`Chords.part_returned`, which runs one
 statement: insert the part (the primary key makes a second report of the same part a no-op),
 add it to the chord's counter, and, when the counter reaches the chord size, put the caller's
 token in ``claim_token``. Only the claimant fires the body, with the header results read in
@@ -21,6 +21,9 @@ from celery.canvas import maybe_signature
 from celery.exceptions import ChordError
 from celery.result import GroupResult, allow_join_result
 
+from ..db import Database, Queries
+from .values import ValueCodec
+
 log = logging.getLogger(__name__)
 
 #: group_index stand-in for parts reported without one (they sort last, in arrival order).
@@ -34,56 +37,66 @@ def _create_chord_error_with_cause(message: str, original_exc: BaseException | N
     return error
 
 
-class ChordMixin:
-    """Chord support for :class:`kojin_pg.backend.PostgresBackend`."""
+class Chords:
+    """The chord counters of one result backend.
 
-    def ensure_chords_allowed(self) -> None:
-        """Chords are always supported."""
+    ``backend`` is the :class:`~kojin_pg.backend.PostgresBackend` that owns it; from it this
+    uses the Celery app and Celery's own error plumbing (``encode_result``,
+    ``exception_to_python``, ``chord_error_from_stack``).
+    """
+
+    def __init__(self, backend: Any, db: Database, queries: Queries, values: ValueCodec) -> None:
+        self.backend = backend
+        self.app = backend.app
+        self.db = db
+        self.queries = queries
+        self.values = values
 
     @property
     def _claim_seconds(self) -> float:
         join_timeout = self.app.conf.result_chord_join_timeout or 5.0
         return max(10.0, float(join_timeout) * 2)
 
-    def apply_chord(self, header_result_args: Any, body: Any, **kwargs: Any) -> None:
+    @property
+    def _expires(self) -> float | None:
+        return self.backend.expires_seconds()
+
+    def apply(self, header_result_args: Any) -> None:
         """A chord is starting: reset its counter; keep the header's shape if it nests groups."""
         group_id, results = header_result_args[0], header_result_args[1]
         header_ids = None
         if isinstance(results, list | tuple):  # not a lazy generator: the order is known
             header_ids = [r.id for r in results]
-        self.ensure_ready()
         self.db.execute(self.queries.reset_chord, {
             "group_id": group_id, "header_ids": header_ids,
-            "expires": self._expires_seconds()}, "apply_chord")
+            "expires": self._expires}, "apply_chord")
         if header_ids is not None and any(isinstance(r, GroupResult) for r in results):
-            self.save_group(group_id, self.app.GroupResult(*header_result_args))
+            self.backend.save_group(group_id, self.app.GroupResult(*header_result_args))
 
-    def set_chord_size(self, group_id: str, chord_size: int) -> None:
+    def set_size(self, group_id: str, chord_size: int) -> None:
         """Record how many header parts the chord waits for."""
-        self.ensure_ready()
         self.db.execute(self.queries.set_chord_size, {
             "group_id": group_id, "chord_size": chord_size,
-            "expires": self._expires_seconds()}, "set_chord_size")
+            "expires": self._expires}, "set_chord_size")
 
-    def add_to_chord(self, group_id: str, result: Any) -> None:
+    def add_part(self, group_id: str) -> None:
         """Wait for one more header part (a header task replaced itself)."""
-        self.ensure_ready()
         self.db.execute(self.queries.add_to_chord,
-                        {"group_id": group_id, "expires": self._expires_seconds()}, "add_to_chord")
+                        {"group_id": group_id, "expires": self._expires}, "add_to_chord")
 
-    def on_chord_part_return(self, request: Any, state: str, result: Any, **kwargs: Any) -> None:
+    def part_returned(self, request: Any, state: str, result: Any) -> None:
         """Count one finished header task; the part that completes the chord fires the body."""
         group_id, task_id = request.group, request.id
         if not group_id or not task_id:
             return
         index = request.group_index
-        encoded, raw = self._encode_value(self.encode_result(result, state))
+        encoded, raw = self.values.encode(self.backend.encode_result(result, state))
         token = uuid.uuid4().hex
-        row = self._fetchone(self.queries.chord_part_return, {
+        row = self.db.fetchone(self.queries.chord_part_return, {
             "group_id": group_id, "task_id": task_id,
             "idx": _NO_INDEX if index is None else int(index),
             "status": state, "result": encoded, "result_bytes": raw,
-            "expires": self._expires_seconds(), "token": token,
+            "expires": self._expires, "token": token,
             "claim_seconds": self._claim_seconds,
         }, "on_chord_part_return")
         if row is None or not row[3]:
@@ -106,15 +119,15 @@ class ChordMixin:
                 with allow_join_result():
                     values = join(timeout=app.conf.result_chord_join_timeout, propagate=True)
             else:
-                values = [self._unpack_part(*part) for part in self._fetchall(
+                values = [self._unpack_part(*part) for part in self.db.fetchall(
                     self.queries.chord_parts, {"group_id": group_id}, "chord_parts")]
         except ChordError as exc:
             log.error("Chord %r raised: %r", group_id, exc)
-            self.chord_error_from_stack(callback, exc)
+            self.backend.chord_error_from_stack(callback, exc)
             return
         except Exception as exc:
             log.exception("Chord %r raised: %r", group_id, exc)
-            self.chord_error_from_stack(callback, _create_chord_error_with_cause(
+            self.backend.chord_error_from_stack(callback, _create_chord_error_with_cause(
                 message=f"Join error: {exc!r}", original_exc=exc))
             return
         try:
@@ -125,13 +138,13 @@ class ChordMixin:
                 callback.delay(values)
         except Exception as exc:
             log.exception("Chord callback for %r raised: %r", group_id, exc)
-            self.chord_error_from_stack(callback, _create_chord_error_with_cause(
+            self.backend.chord_error_from_stack(callback, _create_chord_error_with_cause(
                 message=f"Callback error: {exc!r}", original_exc=exc))
 
     def _unpack_part(self, task_id: str, status: str, result: Any, result_bytes: Any) -> Any:
-        value = result if result_bytes is None else self._decode_bytes(result_bytes)
+        value = result if result_bytes is None else self.values.decode_bytes(result_bytes)
         if status in states.EXCEPTION_STATES:
-            value = self.exception_to_python(value)
+            value = self.backend.exception_to_python(value)
         if status in states.PROPAGATE_STATES:
             raise _create_chord_error_with_cause(
                 message=f"Dependency {task_id} raised {value!r}", original_exc=value)

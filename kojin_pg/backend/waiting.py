@@ -1,0 +1,133 @@
+"""Waiting for results without polling: LISTEN on one channel per schema.
+
+Every stored result is announced with ``pg_notify(channel, task_id)`` in the same statement as
+the write. Each process listens on one connection (:class:`~kojin_pg.db.Listener`), and a
+wake-up reads the announced results that someone here waits for, in one query. As a safety net
+(a dropped listening connection, a result written by something that does not notify), a wait
+that hears nothing reads the awaited results once before waiting again. With ``use_notify``
+off, or while the listening connection is down, it polls every ``polling_interval`` instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from celery import states
+from celery.backends.asynchronous import BaseResultConsumer
+
+from ..db import Listener
+
+log = logging.getLogger(__name__)
+
+
+class ResultConsumer(BaseResultConsumer):
+    """Celery's async result consumer, fed by PostgreSQL notifications."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        settings = self.backend.settings
+        self.listener = Listener(self.backend.db, self.backend.channel, role="results",
+                                 enabled=settings.use_notify)
+        self._read_lock = threading.Lock()
+        self._read_done = threading.Condition(threading.Lock())
+
+    # -- BaseResultConsumer ------------------------------------------------------------------
+
+    def start(self, initial_task_id: str, **kwargs: Any) -> None:
+        """Start listening (if not yet) for ``initial_task_id``."""
+        self.consume_from(initial_task_id)
+
+    def consume_from(self, task_id: str) -> None:
+        """Make sure results announced from now on reach this process."""
+        self.backend.ensure_ready()
+        self.listener.ensure()
+
+    def cancel_for(self, task_id: str) -> None:
+        """Nothing to undo: one channel serves every task."""
+
+    def stop(self) -> None:
+        """Close the listening connection."""
+        self.listener.close()
+
+    def on_after_fork(self) -> None:
+        # The listener and the locks are per process already; a child waits for nothing yet.
+        self._read_lock = threading.Lock()
+        self._read_done = threading.Condition(threading.Lock())
+        super().on_after_fork()
+
+    def on_wait_for_pending(self, result: Any, **kwargs: Any) -> None:
+        # Listening is on already (consume_from ran): whatever was stored before is read here,
+        # whatever is stored later will be announced.
+        for meta in result._iter_meta(**kwargs):
+            if meta is not None:
+                self.on_state_change(meta, None)
+                if meta["status"] in states.READY_STATES:
+                    # read directly, so nothing else takes it out of the buffer again
+                    buffered = self._pending_messages.pop(meta["task_id"], None)
+                    if buffered is not None:
+                        self._pending_messages.total -= len(buffered)
+
+    def drain_events(self, timeout: float | None = None) -> None:
+        """Wait up to ``timeout`` seconds for announced results and hand them to their waiters."""
+        wait = 1.0 if timeout is None else max(timeout, 0.0)
+        if not self._read_lock.acquire(blocking=False):
+            # Another thread reads the connection; whatever it reads for us, it delivers.
+            with self._read_done:
+                self._read_done.wait(wait)
+            return
+        try:
+            heard = self.listener.wait(wait)
+            if heard is None:
+                self._poll(wait)  # not listening: read what we wait for, then nap
+            elif heard:
+                self._deliver(heard & self._awaited())
+            else:
+                self._deliver(self._awaited())  # heard nothing: the safety-net read
+        finally:
+            self._read_lock.release()
+            with self._read_done:
+                self._read_done.notify_all()
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _awaited(self) -> set[str]:
+        ids: set[str] = set()
+        for mapping in self._pending_results:
+            ids.update(mapping.keys())
+        return ids
+
+    def _deliver(self, task_ids: Iterable[str]) -> int:
+        metas = self.backend.fetch_metas(task_ids)
+        for meta in metas.values():
+            self.on_state_change(meta, True)
+        return sum(1 for m in metas.values() if m["status"] in states.READY_STATES)
+
+    def _poll(self, wait: float) -> None:
+        if not self._deliver(self._awaited()):
+            time.sleep(min(wait, self.backend.settings.polling_interval))
+
+    def wait_for_any(self, task_ids: set[str], timeout: float) -> None:
+        """Sleep until one of ``task_ids`` may have changed, or ``timeout`` passes (get_many)."""
+        if timeout <= 0:
+            return
+        if self._read_lock.acquire(blocking=False):
+            try:
+                self.listener.ensure()
+                deadline = time.monotonic() + timeout
+                while (left := deadline - time.monotonic()) > 0:
+                    heard = self.listener.wait(left)
+                    if heard is None:
+                        break  # not listening: nap below, then the caller reads
+                    # announcements for other waiters of this process reach them too
+                    self._deliver((heard - task_ids) & self._awaited())
+                    if heard & task_ids:
+                        return
+                else:
+                    return
+            finally:
+                self._read_lock.release()
+        time.sleep(min(timeout, self.backend.settings.polling_interval))

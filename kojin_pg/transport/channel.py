@@ -1,0 +1,235 @@
+"""The kombu channel: publish, claim and deliver, hand back, and bind, on one messages table."""
+
+from __future__ import annotations
+
+import logging
+from queue import Empty
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from kombu.transport import virtual
+
+from .. import codec
+from ..config import check_queue_name
+from ..errors import PayloadError
+from ..events import DEAD_LETTER, REDELIVERY, log_event
+from .messages import DEFAULT_BATCH, why_malformed
+from .qos import QoS
+from .routing import Bindings
+
+if TYPE_CHECKING:
+    from .transport import Transport
+
+log = logging.getLogger(__name__)
+
+
+class Channel(virtual.Channel):
+    """A kombu channel whose queues are rows of one PostgreSQL table."""
+
+    QoS = QoS
+    supports_fanout = True
+    do_restore = True
+    connection: Transport
+
+    def __init__(self, connection: Transport, **kwargs: Any) -> None:
+        super().__init__(connection, **kwargs)
+        self.bindings = Bindings(connection.queries, self._fetch)
+        #: Queues consumed with no_ack (Celery's event receivers): delivered means done.
+        self._no_ack_queues: set[str] = set()
+
+    def _fetch(self, query: Any, params: dict[str, Any], what: str) -> list[tuple[Any, ...]]:
+        """Run one publishing-side statement on the durable pool."""
+        self.connection.ensure_ready()
+        return self.connection.db.fetchall(query, params, what)
+
+    def _fetch_consumer(self, query: Any, params: dict[str, Any],
+                        what: str) -> list[tuple[Any, ...]]:
+        """Run one consuming-side statement (see :attr:`Transport.consumer_db`)."""
+        self.connection.ensure_ready()
+        return self.connection.consumer_db.fetchall(query, params, what)
+
+    # -- publishing --------------------------------------------------------------------------
+
+    def _encode(self, message: dict[str, Any]) -> Any:
+        encoded = codec.dumps(message)
+        limit = self.connection.settings.max_message_bytes
+        if len(encoded) > limit:
+            raise PayloadError(
+                f"message of {len(encoded)} bytes is larger than max_message_bytes ({limit})")
+        return codec.jsonb(encoded)
+
+    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        t = self.connection
+        self._fetch(t.queries.publish, {
+            "queue": check_queue_name(queue), "priority": self._get_message_priority(message),
+            "payload": self._encode(message), "delay": 0.0,
+            "channel": t.channel_name, "notify": t.settings.use_notify,
+        }, "publish")
+
+    def _put_fanout(self, exchange: str, message: dict[str, Any], routing_key: str,
+                    **kwargs: Any) -> None:
+        t = self.connection
+        self._fetch(t.queries.publish_fanout, {
+            "exchange": check_queue_name(exchange),
+            "priority": self._get_message_priority(message), "payload": self._encode(message),
+            "channel": t.channel_name, "notify": t.settings.use_notify,
+        }, "publish_fanout")
+
+    # -- queues and bindings -------------------------------------------------------------------
+
+    def _new_queue(self, queue: str, **kwargs: Any) -> None:
+        check_queue_name(queue)
+
+    def _has_queue(self, queue: str, **kwargs: Any) -> bool:
+        rows = self._fetch(self.connection.queries.has_queue,
+                           {"queue": check_queue_name(queue)}, "has_queue")
+        return bool(rows and rows[0][0])
+
+    def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
+        self.bindings.bind(exchange, routing_key, pattern, queue)
+
+    def queue_unbind(self, queue: str, exchange: str | None = None, routing_key: str = "",
+                     arguments: Any = None, **kwargs: Any) -> None:
+        super().queue_unbind(queue, exchange, routing_key, arguments, **kwargs)
+        if exchange:
+            self.bindings.unbind(exchange, routing_key, queue)
+
+    def get_table(self, exchange: str) -> list[tuple[str, str, str]]:
+        """The bindings of ``exchange``, from the database (shared by every process)."""
+        return self.bindings.table(exchange)
+
+    def _lookup(self, exchange: str, routing_key: str, default: Any = None) -> list[str]:
+        queues = super()._lookup(exchange, routing_key, default)
+        if exchange and not queues and self.bindings.is_cached(exchange):
+            # a queue bound by another process since we read the table: read it again
+            self.bindings.forget(exchange)
+            queues = super()._lookup(exchange, routing_key, default)
+        return queues
+
+    def _size(self, queue: str) -> int:
+        rows = self._fetch(self.connection.queries.queue_size,
+                           {"queue": check_queue_name(queue)}, "size")
+        return int(rows[0][0])
+
+    def _purge(self, queue: str) -> int:
+        rows = self._fetch(self.connection.queries.purge, {"queue": check_queue_name(queue)},
+                           "purge")
+        return int(rows[0][0])
+
+    def _delete(self, queue: str, *args: Any, **kwargs: Any) -> None:
+        self._fetch(self.connection.queries.delete_queue, {"queue": check_queue_name(queue)},
+                    "delete_queue")
+
+    def active_queues(self) -> list[str]:
+        """Queues this channel consumes from."""
+        return list(self._active_queues)
+
+    # -- consuming ---------------------------------------------------------------------------
+
+    def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        if no_ack:
+            self._no_ack_queues.add(queue)
+        else:
+            self._no_ack_queues.discard(queue)
+        return super().basic_consume(queue, no_ack, *args, **kwargs)
+
+    def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
+        message = super().basic_get(queue, no_ack=no_ack, **kwargs)
+        if message is not None and no_ack:
+            self.connection.acks.add((message.delivery_tag,))
+        return message
+
+    def _claim(self, queues: list[str], n: int) -> list[tuple[dict[str, Any], str]]:
+        """Lease up to ``n`` messages of ``queues`` (applying recorded acks on the way);
+        return the deliverable ones as ``(payload, queue)``."""
+        t = self.connection
+        s = t.settings
+        acks = t.acks.take()
+        params = {"acks": acks, "queues": queues, "n": n,
+                  "max_deliveries": s.max_deliveries, "visibility_timeout": s.visibility_timeout,
+                  "consumer": t.consumer_id}
+        attempts = 0
+
+        def claim(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:
+                # the attempt whose connection was lost may have committed its leases
+                t.release_orphans(conn, keep=acks)
+            return conn.execute(t.queries.claim, params).fetchall()
+
+        t.ensure_ready()
+        try:
+            rows = t.consumer_db.run(claim, "claim")
+        except BaseException:
+            t.acks.give_back(acks)
+            raise
+        delivered = []
+        for msg_id, queue, payload, count, dead, _priority in rows:
+            if dead:
+                log_event(log, logging.WARNING, DEAD_LETTER, message_id=msg_id, queue=queue,
+                          reason="max_deliveries", deliveries=count)
+                continue
+            problem = why_malformed(payload)
+            if problem:
+                # One bad row must not block the queue: bury it with the reason, go on.
+                self.dead_letter([msg_id], "undecodable", problem)
+                continue
+            if count > 1:
+                log_event(log, logging.INFO, REDELIVERY, message_id=msg_id, queue=queue,
+                          delivery=count, task=(payload.get("headers") or {}).get("task"))
+            props = payload["properties"]
+            props["delivery_tag"] = msg_id
+            info = props.setdefault("delivery_info", {})
+            info["redelivered"] = count > 1
+            info["delivery_count"] = count
+            delivered.append((payload, queue))
+        if delivered:
+            t.leases.start()
+        return delivered
+
+    def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
+        claimed = self._claim([check_queue_name(queue)], 1)
+        if not claimed:
+            raise Empty()
+        return claimed[0][0]
+
+    def deliver_ready(self, queues: list[str]) -> tuple[int, bool]:
+        """Claim what fits the free prefetch slots from ``queues`` and hand it to the consumers;
+        return how many were delivered and whether the batch was full (more may be ready)."""
+        n = self.qos.can_consume_max_estimate() or DEFAULT_BATCH
+        claimed = self._claim(queues, n)
+        deliver = self.connection._deliver
+        for payload, queue in claimed:
+            if queue in self._no_ack_queues:
+                # nobody will ack it: the delivery itself is the ack
+                self.connection.acks.add((payload["properties"]["delivery_tag"],))
+            deliver(payload, queue)
+        return len(claimed), len(claimed) >= n
+
+    def _get_many(self, queues: list[str], timeout: float | None = None) -> None:
+        delivered, _ = self.deliver_ready(list(queues))
+        if not delivered:
+            raise Empty()
+
+    # -- handing back --------------------------------------------------------------------------
+
+    def requeue(self, ids: list[int]) -> None:
+        """Make leased messages visible again now."""
+        t = self.connection
+        self._fetch_consumer(t.queries.requeue, {
+            "ids": ids, "channel": t.channel_name, "notify": t.settings.use_notify}, "requeue")
+
+    def dead_letter(self, ids: list[int], reason: str, error: str | None) -> None:
+        """Move messages to the dead letters, with why."""
+        self._fetch_consumer(self.connection.queries.dead_letter,
+                             {"ids": ids, "reason": reason, "error": error}, "dead_letter")
+        for msg_id in ids:
+            log_event(log, logging.WARNING, DEAD_LETTER, message_id=msg_id, reason=reason,
+                      error=error)
+
+    def _restore(self, message: Any) -> None:
+        self.requeue([message.delivery_tag])
+
+    def _restore_at_beginning(self, message: Any) -> None:
+        self.requeue([message.delivery_tag])

@@ -1,0 +1,243 @@
+"""The kombu Transport: one per kombu connection; owns the pools, acks, leases and wake-ups,
+and runs the consumers' claims on Celery's event loop or in a blocking wait."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from queue import Empty
+from typing import Any
+
+import psycopg
+from kombu.transport import virtual
+from kombu.utils.objects import cached_property
+
+from .. import config
+from ..db import Database, Queries
+from ..db.schema import ensure_schema
+from ..errors import DatabaseUnavailable
+from .acks import AckBuffer
+from .channel import Channel
+from .leases import LeaseKeeper
+from .messages import messages_channel
+from .options import broker_settings
+from .wakeups import Wakeups
+
+log = logging.getLogger(__name__)
+
+
+class Transport(virtual.Transport):
+    """kombu transport storing queues in PostgreSQL. See :mod:`kojin_pg.transport`."""
+
+    Channel = Channel
+
+    can_parse_url = True
+    default_port = 5432
+    driver_type = "postgresql"
+    driver_name = "psycopg"
+    polling_interval = 1.0
+
+    connection_errors = virtual.Transport.connection_errors + (
+        psycopg.OperationalError, DatabaseUnavailable)
+    channel_errors = virtual.Transport.channel_errors + (psycopg.DatabaseError,)
+
+    implements = virtual.Transport.implements.extend(
+        asynchronous=True, exchange_type=frozenset(["direct", "topic", "fanout"]),
+        heartbeats=False)
+
+    #: Batches claimed per event-loop callback before yielding to the loop.
+    DRAIN_BATCHES_PER_TICK = 4
+
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        self.consumer_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._ready = False
+        self._hub: Any = None
+        self._listen_fd: int | None = None
+
+    # -- configuration and resources ---------------------------------------------------------
+
+    @cached_property
+    def settings(self) -> config.Settings:
+        return broker_settings(self._url(), self.client.transport_options)
+
+    def _url(self) -> str:
+        url = self.client.hostname or ""
+        if "://" not in url:
+            # kombu split the URL into parts (e.g. Connection(hostname=..., userid=...))
+            c = self.client
+            url = config.build_url(c.hostname or "localhost", c.port or self.default_port,
+                                   c.userid or "postgres", (c.virtual_host or "postgres").strip("/"),
+                                   c.password)
+        return url
+
+    @cached_property
+    def db(self) -> Database:
+        """Pool for publishing (durable commits unless ``synchronous_commit`` says otherwise)."""
+        return Database(self.settings, role="kojin_pg.broker")
+
+    @cached_property
+    def consumer_db(self) -> Database:
+        """Pool for claims, acks, requeues, dead-lettering and lease extensions.
+
+        These commit with ``synchronous_commit = off``: a PostgreSQL crash can lose the last
+        fraction of a second of them, and then a message is delivered once more, which
+        at-least-once delivery allows. Publishes never go through here.
+        """
+        return Database(self.settings, role="kojin_pg.consumer", synchronous_commit="off")
+
+    @cached_property
+    def queries(self) -> Queries:
+        return Queries("broker", self.settings.schema)
+
+    @cached_property
+    def channel_name(self) -> str:
+        return messages_channel(self.settings.schema)
+
+    @cached_property
+    def acks(self) -> AckBuffer:
+        """Acks recorded and not yet applied (see :mod:`.acks`)."""
+        return AckBuffer(lambda ids: self.consumer_db.execute(self.queries.ack, {"ids": ids},
+                                                              "ack"))
+
+    @cached_property
+    def leases(self) -> LeaseKeeper:
+        """Renews the leases of held messages (see :mod:`.leases`)."""
+        s = self.settings
+        return LeaseKeeper(self.consumer_db, self.queries, self.consumer_id, self.held_ids,
+                           s.visibility_timeout, s.renew_interval)
+
+    @cached_property
+    def wakeups(self) -> Wakeups:
+        """NOTIFY announcements and local nudges (see :mod:`.wakeups`)."""
+        return Wakeups(self.db, self.channel_name, enabled=self.settings.use_notify)
+
+    def ensure_ready(self) -> None:
+        """Check (and with auto_migrate apply) the schema once per transport."""
+        if not self._ready:
+            ensure_schema(self.db)
+            self._ready = True
+
+    def establish_connection(self) -> Transport:
+        self.ensure_ready()
+        return super().establish_connection()
+
+    def close_connection(self, connection: Any) -> None:
+        try:
+            super().close_connection(connection)  # channels hand back what they hold
+        finally:
+            try:
+                self.acks.close()
+            finally:
+                self.leases.stop()
+                self.wakeups.close()
+                self.db.close()
+                self.consumer_db.close()
+
+    # -- what this consumer holds ---------------------------------------------------------------
+
+    def held_ids(self) -> list[int]:
+        """Ids of the messages delivered by this transport's channels and not yet acked."""
+        ids: list[int] = []
+        for channel in list(self.channels):
+            if channel._qos is not None:
+                ids.extend(channel._qos.held())
+        return ids
+
+    def release_orphans(self, conn: psycopg.Connection[Any], keep: list[int]) -> None:
+        """Hand back messages leased to this consumer that it never received (see claim)."""
+        # Held first, then recorded acks: an ack enters the buffer before it leaves the held
+        # set, so reading in this order cannot miss a message that is being acked meanwhile.
+        held = self.held_ids()
+        keep = held + self.acks.pending() + list(keep)
+        conn.execute(self.queries.release_orphans, {
+            "consumer": self.consumer_id, "keep": keep,
+            "channel": self.channel_name, "notify": self.settings.use_notify})
+
+    def _consumed_queues(self) -> set[str]:
+        queues: set[str] = set()
+        for channel in list(self.channels):
+            queues.update(channel._active_queues)
+        return queues
+
+    # -- Celery's event loop (kombu hub): used by the worker for every pool ------------------
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        """Wake on NOTIFY and on acks through the loop's poller, instead of blocking."""
+        self._hub = loop
+        loop.add_reader(self.wakeups.nudge_fd(), self._on_nudge)
+        self._arm_listen()
+        loop.call_repeatedly(self.settings.polling_interval, self._drain_nowait)
+        loop.call_soon(self._drain_nowait)
+
+    def _arm_listen(self) -> None:
+        listener = self.wakeups.listener
+        if not listener.enabled:
+            return
+        fd = listener.fileno()
+        if fd is None:  # down: the polling safety net covers the gap until it is back
+            self._hub.call_later(1.0, self._arm_listen)
+            return
+        self._listen_fd = fd
+        self._hub.add_reader(fd, self._on_notify)
+
+    def _on_notify(self) -> None:
+        heard = self.wakeups.listener.take()
+        if heard is None:  # lost, or announcements missed: watch the new socket, look now
+            if self._listen_fd is not None:
+                self._hub.remove_reader(self._listen_fd)
+                self._listen_fd = None
+            self._hub.call_later(0.5, self._arm_listen)
+            self._drain_nowait()
+            return
+        announced = heard & self._consumed_queues()
+        if announced:
+            self._drain_nowait(announced)
+
+    def _on_nudge(self) -> None:
+        self.wakeups.clear_nudges()
+        self._drain_nowait()
+
+    def _drain_nowait(self, announced: set[str] | None = None) -> None:
+        """Deliver what is ready now (on the ``announced`` queues only, if given), a few full
+        batches at a time, then apply the acks no claim took along."""
+        for _ in range(self.DRAIN_BATCHES_PER_TICK):
+            more = False
+            for channel in list(self.channels):
+                if not (channel._consumers and channel.qos.can_consume()):
+                    continue
+                queues = channel._active_queues
+                if announced is not None:
+                    queues = [q for q in queues if q in announced]
+                if queues:
+                    _, full = channel.deliver_ready(queues)
+                    more = more or full
+            if not more:
+                break  # the queues are drained: no need to ask again
+        else:
+            self._hub.call_soon(self._drain_nowait, announced)  # more ready: let the loop run
+        self.acks.flush()
+
+    # -- blocking consumers (no event loop) ----------------------------------------------------
+
+    def drain_events(self, connection: Any, timeout: float | None = None) -> None:
+        """Deliver ready messages; when there are none, sleep on LISTEN instead of polling."""
+        started = time.monotonic()
+        safety = self.settings.polling_interval
+        self.wakeups.listener.ensure()  # listen before looking, so nothing falls in between
+        while True:
+            try:
+                self.cycle.get(self._deliver, timeout=timeout)
+                return
+            except Empty:
+                pass
+            wait = safety
+            if timeout is not None:
+                left = timeout - (time.monotonic() - started)
+                if left <= 0:
+                    raise TimeoutError()
+                wait = min(wait, left)
+            self.wakeups.wait(wait, self._consumed_queues())
