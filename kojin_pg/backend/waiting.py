@@ -19,9 +19,17 @@ from typing import Any
 from celery import states
 from celery.backends.asynchronous import BaseResultConsumer
 
-from ..db import Listener
+from ..db import Listener, ProcessLocal
 
 log = logging.getLogger(__name__)
+
+
+class _Readers:
+    """Who reads the listening connection in this process; the others wait for its news."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.done = threading.Condition(threading.Lock())
 
 
 class ResultConsumer(BaseResultConsumer):
@@ -32,8 +40,7 @@ class ResultConsumer(BaseResultConsumer):
         settings = self.backend.settings
         self.listener = Listener(self.backend.db, self.backend.channel, role="results",
                                  enabled=settings.use_notify)
-        self._read_lock = threading.Lock()
-        self._read_done = threading.Condition(threading.Lock())
+        self._readers: ProcessLocal[_Readers] = ProcessLocal(_Readers)
 
     # -- BaseResultConsumer ------------------------------------------------------------------
 
@@ -53,12 +60,6 @@ class ResultConsumer(BaseResultConsumer):
         """Close the listening connection."""
         self.listener.close()
 
-    def on_after_fork(self) -> None:
-        # The listener and the locks are per process already; a child waits for nothing yet.
-        self._read_lock = threading.Lock()
-        self._read_done = threading.Condition(threading.Lock())
-        super().on_after_fork()
-
     def on_wait_for_pending(self, result: Any, **kwargs: Any) -> None:
         # Listening is on already (consume_from ran): whatever was stored before is read here,
         # whatever is stored later will be announced.
@@ -74,10 +75,11 @@ class ResultConsumer(BaseResultConsumer):
     def drain_events(self, timeout: float | None = None) -> None:
         """Wait up to ``timeout`` seconds for announced results and hand them to their waiters."""
         wait = 1.0 if timeout is None else max(timeout, 0.0)
-        if not self._read_lock.acquire(blocking=False):
+        readers = self._readers.get()
+        if not readers.lock.acquire(blocking=False):
             # Another thread reads the connection; whatever it reads for us, it delivers.
-            with self._read_done:
-                self._read_done.wait(wait)
+            with readers.done:
+                readers.done.wait(wait)
             return
         try:
             heard = self.listener.wait(wait)
@@ -88,9 +90,9 @@ class ResultConsumer(BaseResultConsumer):
             else:
                 self._deliver(self._awaited())  # heard nothing: the safety-net read
         finally:
-            self._read_lock.release()
-            with self._read_done:
-                self._read_done.notify_all()
+            readers.lock.release()
+            with readers.done:
+                readers.done.notify_all()
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -114,7 +116,8 @@ class ResultConsumer(BaseResultConsumer):
         """Sleep until one of ``task_ids`` may have changed, or ``timeout`` passes (get_many)."""
         if timeout <= 0:
             return
-        if self._read_lock.acquire(blocking=False):
+        readers = self._readers.get()
+        if readers.lock.acquire(blocking=False):
             try:
                 self.listener.ensure()
                 deadline = time.monotonic() + timeout
@@ -129,5 +132,5 @@ class ResultConsumer(BaseResultConsumer):
                 else:
                     return
             finally:
-                self._read_lock.release()
+                readers.lock.release()
         time.sleep(min(timeout, self.backend.settings.polling_interval))

@@ -5,15 +5,25 @@ first use, again in a forked child (never on the parent's socket) and again afte
 is lost, no sooner than a short, growing backoff. Callers never see its connection errors:
 :meth:`Listener.wait` and :meth:`Listener.take` return ``None`` whenever announcements may have
 been missed (notifications are off, the connection is down, or it was just re-established), and
-the caller then reads what it waits for directly. :meth:`Listener.pause` UNLISTENs while nothing
-waits, so an idle process never holds back PostgreSQL's notification queue.
+the caller then reads what it waits for directly.
+
+A listening session that nobody reads pins PostgreSQL's notification queue: once its socket
+buffers are full the server can no longer hand it notifications, the queue's tail stops moving,
+and at 100% usage every notifying commit in the database fails. So while no thread waits on a
+listener, this process's sweeper thread reads its socket as data arrives and keeps what it
+hears (up to :data:`BACKLOG_MAX` payloads, beyond which it reports a possible miss), and after
+:data:`IDLE_SECONDS` without a waiter it UNLISTENs (the session stays open; the next wait
+listens again and reports a possible miss). Listeners watched by an event loop
+(:meth:`Listener.watch`) are read by the loop and left alone.
 """
 
 from __future__ import annotations
 
 import logging
 import select
+import threading
 import time
+import weakref
 from typing import Any
 
 import psycopg
@@ -28,24 +38,36 @@ log = logging.getLogger(__name__)
 
 #: Seconds between reconnect attempts: the first, and the most.
 BACKOFF_FIRST, BACKOFF_MAX = 0.05, 2.0
+#: Seconds without a waiter after which a listening session is UNLISTENed.
+IDLE_SECONDS = 30.0
+#: Payloads kept for the next waiter while nobody waits; past this, a miss is reported instead.
+BACKLOG_MAX = 10_000
+#: Seconds the sweeper sleeps on the idle sockets before looking at the sessions again.
+SWEEP_TICK = 0.25
 
 
 class _Session:
     """This process's LISTEN connection and what it has heard but not handed out yet."""
 
     def __init__(self) -> None:
+        self.lock = threading.RLock()
         self.conn: psycopg.Connection[Any] | None = None
         self.listening = False
+        #: Read by an event loop whenever data arrives: never idle.
+        self.watched = False
+        #: Threads inside wait(), and when the last one left.
+        self.waiting = 0
+        self.last_used = time.monotonic()
         #: Payloads psycopg received while running a statement (LISTEN/UNLISTEN).
         self.backlog: set[str] = set()
-        #: Announcements may have been missed since the last wait (the connection was lost).
+        #: Announcements may have been missed since the last wait.
         self.missed = False
         self.retry_at = 0.0
         self.backoff = BACKOFF_FIRST
 
 
 class Listener:
-    """Notifications of one channel for this process. Not for concurrent use by two threads."""
+    """Notifications of one channel for this process (safe to share between threads)."""
 
     def __init__(self, db: Database, channel: str, *, role: str, enabled: bool = True) -> None:
         self.db = db
@@ -64,37 +86,31 @@ class Listener:
         if not self.enabled:
             return None
         s = self._session.get()
-        if s.conn is not None and not s.conn.closed and s.listening:
+        with s.lock:
+            s.last_used = time.monotonic()
+            if s.conn is not None and not s.conn.closed and s.listening:
+                return s.conn
+            if time.monotonic() < s.retry_at:
+                return None
+            try:
+                if s.conn is None or s.conn.closed:
+                    s.conn = self.db.connect()
+                    s.conn.add_notify_handler(lambda n: s.backlog.add(n.payload))
+                s.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+            except (psycopg.Error, OSError, DatabaseUnavailable) as exc:
+                self._lost(s, exc)
+                return None
+            s.listening, s.backoff = True, BACKOFF_FIRST
+            _sweeper.get().add(s)
             return s.conn
-        if time.monotonic() < s.retry_at:
-            return None
-        try:
-            if s.conn is None or s.conn.closed:
-                s.conn = self.db.connect()
-                s.conn.add_notify_handler(lambda n: s.backlog.add(n.payload))
-            s.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
-        except (psycopg.Error, OSError, DatabaseUnavailable) as exc:
-            self._lost(s, exc)
-            return None
-        s.listening, s.backoff = True, BACKOFF_FIRST
-        return s.conn
 
     def _lost(self, s: _Session, exc: BaseException) -> None:
         log_event(log, logging.WARNING, LISTEN_RECONNECT, role=self.role,
                   error=type(exc).__name__, retry_in_s=round(s.backoff, 3))
-        self._drop(s)
+        _drop(s)
         s.missed = True
         s.retry_at = time.monotonic() + s.backoff
         s.backoff = min(s.backoff * 2, BACKOFF_MAX)
-
-    @staticmethod
-    def _drop(s: _Session) -> None:
-        conn, s.conn, s.listening = s.conn, None, False
-        if conn is not None:
-            try:
-                conn.close()
-            except psycopg.Error:
-                pass
 
     @property
     def connected(self) -> bool:
@@ -102,11 +118,19 @@ class Listener:
         s = self._session.peek()
         return s is not None and s.conn is not None and not s.conn.closed
 
-    def fileno(self) -> int | None:
-        """The socket to watch for announcements (listening first), or None if not listening."""
+    @property
+    def listening(self) -> bool:
+        """Whether this process is listening on the channel right now."""
+        s = self._session.peek()
+        return s is not None and s.listening and s.conn is not None and not s.conn.closed
+
+    def watch(self) -> int | None:
+        """The socket for an event loop to watch (listening first; never paused while watched),
+        or None if not listening now."""
         conn = self._listening()
         if conn is None:
             return None
+        self._session.get().watched = True
         return conn.pgconn.socket
 
     # -- hearing -----------------------------------------------------------------------------
@@ -119,9 +143,11 @@ class Listener:
         """Payloads announced within ``timeout`` seconds (returning at the first); an empty set
         if none came or ``wake_fd`` became readable; None if some may have been missed."""
         conn = self._listening()
-        s = self._session.get()
         if conn is None:
             return None
+        s = self._session.get()
+        with s.lock:
+            s.waiting += 1
         try:
             heard = self._drain(s, conn)
             if not heard and timeout > 0 and not s.missed:
@@ -132,38 +158,122 @@ class Listener:
                 poller.poll(timeout * 1000.0)
                 heard = self._drain(s, conn)
         except (psycopg.Error, OSError, ValueError) as exc:
-            self._lost(s, exc)
+            with s.lock:
+                self._lost(s, exc)
             return None
-        if s.missed:
-            s.missed = False
-            return None
+        finally:
+            with s.lock:
+                s.waiting -= 1
+                s.last_used = time.monotonic()
+        with s.lock:
+            if s.missed:
+                s.missed = False
+                return None
         return heard
 
     @staticmethod
     def _drain(s: _Session, conn: psycopg.Connection[Any]) -> set[str]:
-        pgconn = conn.pgconn
-        pgconn.consume_input()
-        heard, s.backlog = s.backlog, set()
-        while (n := pgconn.notifies()) is not None:
-            heard.add(n.extra.decode())
-        return heard
+        with s.lock:
+            pgconn = conn.pgconn
+            pgconn.consume_input()
+            heard, s.backlog = s.backlog, set()
+            while (n := pgconn.notifies()) is not None:
+                heard.add(n.extra.decode())
+            return heard
 
     # -- idling and closing -------------------------------------------------------------------
-
-    def pause(self) -> None:
-        """Stop listening (the session stays open): nothing here waits for announcements."""
-        s = self._session.peek()
-        if s is None or s.conn is None or not s.listening:
-            return
-        try:
-            s.conn.execute("UNLISTEN *")
-            s.listening = False
-            s.backlog.clear()
-        except (psycopg.Error, OSError) as exc:
-            self._lost(s, exc)
 
     def close(self) -> None:
         """Close this process's listening connection (a forked child leaves its parent's)."""
         s = self._session.pop()
         if s is not None:
-            self._drop(s)
+            with s.lock:
+                _drop(s)
+
+
+def _drop(s: _Session) -> None:
+    conn, s.conn, s.listening = s.conn, None, False
+    if conn is not None:
+        try:
+            conn.close()
+        except psycopg.Error:
+            pass
+
+
+def _idle(s: _Session) -> bool:
+    return (s.listening and not s.watched and not s.waiting and s.conn is not None
+            and not s.conn.closed)
+
+
+def _sweep(s: _Session, now: float, readable: bool) -> None:
+    """Read what an idle listener was sent (keeping it for the next waiter), and UNLISTEN it
+    once it has idled :data:`IDLE_SECONDS`."""
+    if not s.lock.acquire(blocking=False):
+        return  # in use right now: not idle
+    try:
+        if not _idle(s):
+            return
+        assert s.conn is not None
+        try:
+            if now - s.last_used >= IDLE_SECONDS:
+                s.conn.execute("UNLISTEN *")  # psycopg reads what was sent meanwhile
+                s.listening = False
+                s.missed = True  # announcements from now on are not heard
+                s.backlog.clear()
+            elif readable:
+                pgconn = s.conn.pgconn
+                pgconn.consume_input()
+                while (n := pgconn.notifies()) is not None:
+                    s.backlog.add(n.extra.decode())
+                if len(s.backlog) > BACKLOG_MAX:
+                    s.backlog.clear()
+                    s.missed = True
+        except (psycopg.Error, OSError):
+            _drop(s)
+            s.missed = True
+    finally:
+        s.lock.release()
+
+
+class _Sweeper:
+    """This process's sweeper: a daemon thread that reads, then pauses, idle listeners."""
+
+    def __init__(self) -> None:
+        self.sessions: weakref.WeakSet[_Session] = weakref.WeakSet()
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def add(self, s: _Session) -> None:
+        with self.lock:
+            self.sessions.add(s)
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, daemon=True,
+                                               name="kojin_pg-listen-sweeper")
+                self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                listening = [s for s in self.sessions if s.listening and s.conn is not None]
+                if not listening:  # nothing listens: the next LISTEN starts a new thread
+                    self.thread = None
+                    return
+            poller = select.poll()
+            by_fd: dict[int, _Session] = {}
+            for s in listening:
+                if _idle(s):
+                    try:
+                        fd = s.conn.pgconn.socket  # type: ignore[union-attr]
+                    except (psycopg.Error, OSError):
+                        continue
+                    by_fd[fd] = s
+                    poller.register(fd, select.POLLIN)
+            ready = {fd for fd, _ in poller.poll(SWEEP_TICK * 1000.0)} if by_fd else set()
+            if not by_fd:
+                time.sleep(SWEEP_TICK)
+            now = time.monotonic()
+            for fd, s in by_fd.items():
+                _sweep(s, now, fd in ready)
+
+
+_sweeper: ProcessLocal[_Sweeper] = ProcessLocal(_Sweeper)

@@ -27,9 +27,9 @@ class _Thread:
 
 
 class LeaseKeeper:
-    """Renews the leases of the messages ``held()`` returns, for consumer ``consumer_id``."""
+    """Renews the leases of the messages ``held()`` returns, for consumer ``consumer_id()``."""
 
-    def __init__(self, db: Database, queries: Queries, consumer_id: str,
+    def __init__(self, db: Database, queries: Queries, consumer_id: Callable[[], str],
                  held: Callable[[], list[int]], visibility_timeout: float,
                  interval: float) -> None:
         self.db = db
@@ -73,12 +73,12 @@ class LeaseKeeper:
         if not held:
             return []
         rows = self.db.fetchall(self.queries.extend_leases, {
-            "ids": held, "consumer": self.consumer_id,
+            "ids": held, "consumer": self.consumer_id(),
             "visibility_timeout": self.visibility_timeout}, "extend leases")
         kept = {r[0] for r in rows}
         still_held = set(self.held())
         lost = [i for i in held if i not in kept and i in still_held]
         for msg_id in lost:
             log_event(log, logging.WARNING, LEASE_LOST, message_id=msg_id,
-                      consumer=self.consumer_id)
+                      consumer=self.consumer_id())
         return lost

@@ -16,7 +16,7 @@ from kombu.transport import virtual
 from kombu.utils.objects import cached_property
 
 from .. import config
-from ..db import Database, Queries
+from ..db import Database, ProcessLocal, Queries
 from ..db.schema import ensure_schema
 from ..errors import DatabaseUnavailable
 from .acks import AckBuffer
@@ -53,12 +53,18 @@ class Transport(virtual.Transport):
 
     def __init__(self, client: Any, **kwargs: Any) -> None:
         super().__init__(client, **kwargs)
-        self.consumer_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._consumer_id: ProcessLocal[str] = ProcessLocal(
+            lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
         self._ready = False
         self._hub: Any = None
         self._listen_fd: int | None = None
 
     # -- configuration and resources ---------------------------------------------------------
+
+    @property
+    def consumer_id(self) -> str:
+        """Who holds a lease: this process's own name (a forked child gets its own)."""
+        return self._consumer_id.get()
 
     @cached_property
     def settings(self) -> config.Settings:
@@ -107,8 +113,8 @@ class Transport(virtual.Transport):
     def leases(self) -> LeaseKeeper:
         """Renews the leases of held messages (see :mod:`.leases`)."""
         s = self.settings
-        return LeaseKeeper(self.consumer_db, self.queries, self.consumer_id, self.held_ids,
-                           s.visibility_timeout, s.renew_interval)
+        return LeaseKeeper(self.consumer_db, self.queries, lambda: self.consumer_id,
+                           self.held_ids, s.visibility_timeout, s.renew_interval)
 
     @cached_property
     def wakeups(self) -> Wakeups:
@@ -177,7 +183,7 @@ class Transport(virtual.Transport):
         listener = self.wakeups.listener
         if not listener.enabled:
             return
-        fd = listener.fileno()
+        fd = listener.watch()
         if fd is None:  # down: the polling safety net covers the gap until it is back
             self._hub.call_later(1.0, self._arm_listen)
             return
