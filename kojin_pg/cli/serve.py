@@ -6,6 +6,7 @@ import argparse
 import os
 
 from .. import config
+from ..errors import KojinError
 from .common import EXIT_OK, database, settings_of
 
 DEFAULT_METRICS_PORT = 9808
@@ -13,7 +14,10 @@ DEFAULT_METRICS_PORT = 9808
 
 def cmd_metrics(args: argparse.Namespace) -> int:
     """Serve the metrics on ``--addr``:``--port`` until interrupted."""
-    from ..metrics import SCRAPE_POOL, serve
+    try:
+        from ..metrics import SCRAPE_POOL, serve
+    except ImportError as exc:
+        raise KojinError(f"{exc}: pip install 'kojin-pg[metrics]'") from None
 
     settings = settings_of(args, **SCRAPE_POOL)
     with database(args):  # fail now, clearly, if the database or the schema is not there
