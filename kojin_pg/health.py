@@ -116,7 +116,7 @@ def server(db: Reader, schema: str) -> ServerFigures:
     """NOTIFY queue usage and the oldest open transaction of this database."""
     row = db.fetchone(Queries("admin", schema).server_health, what="server health")
     usage, age, pid, app, state = row or (0.0, None, None, None, None)
-    oldest = None if age is None else OldestTransaction(round(age, 1), pid, app or "", state)
+    oldest = None if age is None else OldestTransaction(age, pid, app or "", state)
     return ServerFigures(float(usage), oldest)
 
 
