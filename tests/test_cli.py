@@ -136,19 +136,23 @@ def test_dead_letters_show_the_error_and_the_decoded_task(capsys, db_url):
             message = ch.basic_get(name)
             ch.qos.reject(message.delivery_tag, requeue=False)
     with psycopg.connect(db_url) as conn:
-        conn.execute("UPDATE kojin.dead_letters SET error = 'ValueError: bad input\nline 2'")
         ids = [r[0] for r in conn.execute(
             "SELECT id FROM kojin.dead_letters ORDER BY id").fetchall()]
+        conn.execute("UPDATE kojin.dead_letters SET error = 'ValueError: bad input\nline 2' "
+                     "WHERE id = %s", (ids[0],))
+        conn.execute("UPDATE kojin.dead_letters SET error = 'Traceback (most recent call "
+                     "last):\n  File \"t.py\"\nKeyError: 42' WHERE id = %s", (ids[1],))
     listing = run(capsys, "dlq", "list", "--url", db_url)
     assert listing.count("rejected") == 2 and "proj.add" in listing and name in listing
     assert "ValueError: bad input" in listing and "line 2" not in listing
+    assert "KeyError: 42" in listing and "Traceback" not in listing
     shown = json.loads(run(capsys, "dlq", "show", str(ids[0]), "--url", db_url, "--json"))
     assert shown["message"]["task"] == "proj.add" and shown["message"]["id"] == task_id
     assert (shown["message"]["args"], shown["message"]["kwargs"]) == ([2, 3], {"z": "ü"})
     assert shown["error"] == "ValueError: bad input\nline 2"
     text = run(capsys, "dlq", "show", str(ids[0]), str(ids[1]), "--url", db_url)
-    assert 'args:         [2, 3]' in text and "kwargs:       {\"z\": \"\\u00fc\"}" in text
-    assert "body:         {'i': 1}" in text and "line 2" in text
+    assert "args:           [2, 3]" in text and 'kwargs:         {"z": "ü"}' in text
+    assert "body:           {'i': 1}" in text and "line 2" in text and "Traceback" in text
     assert "requeued 1 dead letters" in run(capsys, "dlq", "requeue", str(ids[0]),
                                              "--url", db_url)
     assert "purged 1 dead letters" in run(capsys, "dlq", "purge", "--all", "--url", db_url)

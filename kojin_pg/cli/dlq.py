@@ -19,10 +19,12 @@ from .payload import decode_message
 BATCH = 5000
 
 
-def _first_line(text: str | None, width: int = 60) -> str | None:
-    if not text:
+def _summary(error: str | None, width: int = 60) -> str | None:
+    """One line of an error: a traceback's last line (the exception), else the first."""
+    lines = [line.strip() for line in (error or "").splitlines() if line.strip()]
+    if not lines:
         return None
-    line = text.strip().splitlines()[0] if text.strip() else ""
+    line = lines[-1] if lines[0].startswith("Traceback") else lines[0]
     return line if len(line) <= width else line[: width - 3] + "..."
 
 
@@ -41,7 +43,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         return EXIT_OK
     print_table(["id", "queue", "deliveries", "reason", "task", "dead at", "error"],
                 [[mid, queue, count, reason, task, f"{dead_at:%Y-%m-%d %H:%M:%S}",
-                  _first_line(error)]
+                  _summary(error)]
                  for mid, queue, count, reason, error, dead_at, task in rows], right=(0, 2))
     return EXIT_OK
 
@@ -76,12 +78,14 @@ def _print_dead_letter(item: dict[str, Any]) -> None:
               ("enqueued at", item["enqueued_at"]), ("dead at", item["dead_at"]),
               ("task", msg.get("task")), ("task id", msg.get("id"))]
     if "args" in msg:
-        fields += [("args", json.dumps(msg["args"])), ("kwargs", json.dumps(msg["kwargs"]))]
+        fields += [("args", json.dumps(msg["args"], ensure_ascii=False)),
+                   ("kwargs", json.dumps(msg["kwargs"], ensure_ascii=False))]
     else:
         fields.append(("body", msg.get("body")))
-    fields += [(name, json.dumps(value)) for name, value in msg["headers"].items()]
+    fields += [(name, value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
+               for name, value in msg["headers"].items()]
     for name, value in fields:
-        print(f"  {name + ':':<13} {value}")
+        print(f"  {name + ':':<15} {value}")
     if item["error"]:
         print("  error:")
         for line in str(item["error"]).splitlines():
