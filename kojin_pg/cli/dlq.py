@@ -99,17 +99,18 @@ def _selection(args: argparse.Namespace) -> dict[str, Any]:
     return {"ids": list(args.ids or []), "queue": args.queue, "all": bool(args.all)}
 
 
-def _batched(args: argparse.Namespace, name: str, verb: str) -> int:
+def _take(args: argparse.Namespace, requeue: bool) -> int:
     selection = _selection(args)
+    verb = "requeued" if requeue else "purged"
     progress = Progress(f"{verb} dead letters")
     total = 0
     with database(args) as (db, settings):
         q = Queries("admin", settings.schema)
         upto = (db.fetchone(q.dlq_max_id, what="dlq max id") or (0,))[0]
-        params = {**selection, "upto": upto, "batch": BATCH,
+        params = {**selection, "upto": upto, "batch": BATCH, "requeue": requeue,
                   "channel": messages_channel(settings.schema)}
         while True:
-            row = db.fetchone(q.get(name), params, f"dlq {verb}")
+            row = db.fetchone(q.dlq_take_batch, params, f"dlq {verb}")
             moved = int(row[0]) if row else 0
             total += moved
             progress.update(total)
@@ -125,12 +126,12 @@ def _batched(args: argparse.Namespace, name: str, verb: str) -> int:
 
 def cmd_requeue(args: argparse.Namespace) -> int:
     """Move dead letters back to their queues with a fresh delivery count."""
-    return _batched(args, "dlq_requeue_batch", "requeued")
+    return _take(args, requeue=True)
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
     """Delete dead letters for good."""
-    return _batched(args, "dlq_purge_batch", "purged")
+    return _take(args, requeue=False)
 
 
 def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:

@@ -101,35 +101,23 @@ SELECT count(*) FROM gone_bindings;
 -- again while the command runs is not requeued a second time.
 SELECT coalesce(max(id), 0) FROM {schema}.dead_letters;
 
--- name: dlq_requeue_batch
--- Move up to %(batch)s selected dead letters back to their queues with a fresh delivery count;
--- one NOTIFY per queue. Returns how many moved.
+-- name: dlq_take_batch
+-- Take up to %(batch)s selected dead letters out of the table; with %(requeue)s put them back
+-- in their queues with a fresh delivery count (one NOTIFY per queue), else they are purged.
+-- Returns how many were taken.
 WITH picked AS (
     SELECT id FROM {schema}.dead_letters
     WHERE id <= %(upto)s
       AND (%(all)s OR id = ANY(%(ids)s::bigint[]) OR queue = %(queue)s::text)
     ORDER BY id LIMIT %(batch)s
     FOR UPDATE SKIP LOCKED
-), back AS (
+), taken AS (
     DELETE FROM {schema}.dead_letters d USING picked p WHERE d.id = p.id
     RETURNING d.id, d.queue, d.priority, d.payload
 ), sent AS (
     INSERT INTO {schema}.messages (queue, priority, payload)
-    SELECT queue, priority, payload FROM back ORDER BY id
+    SELECT queue, priority, payload FROM taken WHERE %(requeue)s ORDER BY id
     RETURNING queue
 )
-SELECT (SELECT count(*) FROM sent),
+SELECT (SELECT count(*) FROM taken),
        (SELECT count(pg_notify(%(channel)s, queue)) FROM (SELECT DISTINCT queue FROM sent) q);
-
--- name: dlq_purge_batch
--- Delete up to %(batch)s selected dead letters; returns how many went.
-WITH picked AS (
-    SELECT id FROM {schema}.dead_letters
-    WHERE id <= %(upto)s
-      AND (%(all)s OR id = ANY(%(ids)s::bigint[]) OR queue = %(queue)s::text)
-    ORDER BY id LIMIT %(batch)s
-    FOR UPDATE SKIP LOCKED
-), gone AS (
-    DELETE FROM {schema}.dead_letters d USING picked p WHERE d.id = p.id RETURNING 1
-)
-SELECT count(*) FROM gone;
