@@ -268,3 +268,29 @@ def test_demo_runs_a_worker(db_url):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "-> 5050" in out.stdout and "-> 42" in out.stdout
+
+
+def test_stats_warns_when_the_notify_queue_fills(capsys):
+    """A listener idle in a transaction holds the NOTIFY queue (made small here) until it fills."""
+    from kojin_pg.dev.embedded import temporary_server
+
+    server = temporary_server(settings=(("max_notify_queue_pages", "64"),))  # 512 kB
+    try:
+        url = server.url
+        run(capsys, "migrate", "--url", url)
+        listener = psycopg.connect(url)
+        listener.execute("LISTEN kojin_test_channel")
+        listener.commit()
+        listener.execute("SELECT 1")  # idle in transaction: reads no notifications
+        with psycopg.connect(url) as sender:
+            for i in range(40):
+                sender.execute("SELECT pg_notify('kojin_test_channel', %s)",
+                               (f"{i:04d}" + "x" * 7900,))
+                sender.commit()
+        stats = json.loads(run(capsys, "stats", "--url", url, "--json"))
+        assert stats["notify_queue_usage"] > 0.5
+        text = run(capsys, "stats", "--url", url)
+        assert "WARNING: the NOTIFY queue is over 50% full" in text
+        listener.close()
+    finally:
+        server.destroy()
