@@ -64,7 +64,9 @@ def test_paths_another_user_controls_are_refused(tmp_path):
     assert stat.S_IMODE(os.stat(private_dir(open_dir / "data")).st_mode) == 0o700
 
 
-def test_a_file_at_the_path_is_refused(tmp_path):
+def test_a_file_or_the_root_is_refused(tmp_path):
     (tmp_path / "data").write_text("not a directory")
     with pytest.raises(UnsafeDataDir, match="not a directory"):
         private_dir(tmp_path / "data")
+    with pytest.raises(UnsafeDataDir, match="root directory"):
+        private_dir("/")

@@ -111,6 +111,8 @@ def private_dir(path: Path | str, owner: tuple[int, int] | None = None,
     """
     full = os.path.abspath(path)
     parts = Path(full).parts
+    if len(parts) < 2:
+        raise _refuse(full, "it is the root directory")
     me = os.geteuid()
     fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
     try:
