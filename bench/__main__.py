@@ -83,7 +83,7 @@ def make_pgmq_db(admin_url: str) -> str | None:
 
 def pgbench_insert_rate(url: str, clients: int, seconds: int = 10) -> float:
     """pgbench: committed single-row INSERTs per second, the physical limit of the server."""
-    from kojin_pg.embedded import _bin_dir
+    from kojin_pg.dev.embedded import _bin_dir
 
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS pgbench_insert (id bigint, v text)")
@@ -207,7 +207,7 @@ def main() -> int:
     server = None
     admin = os.environ.get("KOJIN_PG_URL")
     if not admin:
-        from kojin_pg.embedded import temporary_server
+        from kojin_pg.dev.embedded import temporary_server
 
         server = temporary_server()
         admin = server.url

@@ -54,7 +54,7 @@ def main() -> int:
     server = None
     url = sys.argv[2] if len(sys.argv) > 2 else os.environ.get("KOJIN_PG_URL")
     if not url:
-        from kojin_pg.embedded import temporary_server
+        from kojin_pg.dev.embedded import temporary_server
 
         server = temporary_server()
         url = server.url

@@ -20,7 +20,7 @@ import pytest
 from psycopg import sql
 
 from kojin_pg.db import schema as kschema
-from kojin_pg.embedded import EmbeddedServer, temporary_server
+from kojin_pg.dev.embedded import EmbeddedServer, temporary_server
 
 # tests/faults imports the helpers that live beside this file
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

