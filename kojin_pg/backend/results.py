@@ -22,13 +22,11 @@ from ..db import Database, Queries, is_transient
 from ..db.schema import ensure_schema
 from ..errors import PayloadError
 from .chords import Chords
+from .expiry import delete_expired
 from .values import ValueCodec
 from .waiting import ResultConsumer
 
 log = logging.getLogger(__name__)
-
-#: Tables cleaned by :meth:`PostgresBackend.cleanup`, in that order.
-EXPIRING_TABLES = ("results", "groups", "chords", "chord_parts")
 
 _EXTENDED = ("name", "args", "kwargs", "worker", "retries", "queue")
 
@@ -275,17 +273,6 @@ class PostgresBackend(AsyncBackendMixin, BaseBackend):
         Celery's ``celery.backend_cleanup`` periodic task and ``kojin-pg cleanup`` call.
         """
         self.ensure_ready()
-        batch = self.settings.cleanup_batch_size
-        counts: dict[str, int] = {}
-        for table in EXPIRING_TABLES:
-            query = self.queries.get("delete_expired", table=table)
-            total = 0
-            while True:
-                row = self.db.fetchone(query, {"batch": batch}, f"cleanup {table}")
-                deleted = int(row[0]) if row else 0
-                total += deleted
-                if deleted < batch:
-                    break
-            counts[table] = total
+        counts = delete_expired(self.db, self.queries, self.settings.cleanup_batch_size)
         log.info("kojin_pg cleanup deleted expired rows: %s", counts)
         return counts

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..backend.results import EXPIRING_TABLES
+from ..backend.expiry import delete_expired
 from ..db import Queries
 from ..db.schema import latest_version, migrate
 from .common import EXIT_OK, Progress, database, print_json
@@ -27,24 +27,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_cleanup(args: argparse.Namespace) -> int:
     """Delete expired results, groups and chord rows in batches, each its own short transaction.
 
-    The same batched ``delete_expired`` query as the result backend's ``cleanup()`` (which
-    Celery's ``backend_cleanup`` calls), with a progress line on a terminal.
+    The same code as the result backend's ``cleanup()`` (which Celery's ``backend_cleanup``
+    calls), with a progress line on a terminal.
     """
-    counts: dict[str, int] = {}
     progress = Progress("deleting expired rows")
     with database(args) as (db, settings):
-        queries = Queries("backend", settings.schema)
-        for table in EXPIRING_TABLES:
-            query = queries.get("delete_expired", table=table)
-            total = 0
-            while True:
-                row = db.fetchone(query, {"batch": args.batch_size}, f"cleanup {table}")
-                deleted = int(row[0]) if row else 0
-                total += deleted
-                progress.update(sum(counts.values()) + total, f"({table})")
-                if deleted < args.batch_size:
-                    break
-            counts[table] = total
+        counts = delete_expired(db, Queries("backend", settings.schema), args.batch_size,
+                                lambda done, table: progress.update(done, f"({table})"))
     progress.finish()
     if args.json:
         print_json(counts)
