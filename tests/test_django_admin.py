@@ -299,3 +299,18 @@ def test_admin_queries_use_the_indexes(celery_app, kojin_url):
     from kojin_pg.contrib.django import operations
 
     assert len(operations.distinct_values("results", "name")) == 51
+
+
+def test_django_makes_no_migrations_for_the_app(kojin_url):
+    """The models are unmanaged and the app has no migrations package: ``makemigrations``
+    leaves it alone, and Django's ``migrate`` never touches kojin_pg's tables."""
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    out = StringIO()
+    call_command("makemigrations", "--check", "--dry-run", stdout=out)  # SystemExit(1) if any
+    assert "No changes detected" in out.getvalue()
+    from kojin_pg.contrib.django.models import TaskResult
+
+    assert TaskResult._meta.db_table == f'"{SCHEMA}"."results"'
