@@ -42,6 +42,7 @@ def configure(default_url: str, kojin_url: str, schema: str, debug: bool = False
                         "django.contrib.messages.context_processors.messages"]}}],
         STATIC_URL="/static/",
         USE_TZ=True,
+        TIME_ZONE="UTC",
         # tests log in on every test: a fast hasher keeps that cheap
         PASSWORD_HASHERS=["django.contrib.auth.hashers.MD5PasswordHasher"],
     )

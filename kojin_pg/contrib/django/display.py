@@ -4,10 +4,13 @@ status in its colour, a kombu payload as its task."""
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any
 
+from django.utils.formats import date_format
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
+from django.utils.timezone import localtime
 
 from kojin_pg.taskmessage import TaskMessage, decode
 
@@ -28,6 +31,13 @@ def pretty_json(value: Any) -> SafeString | str:
     if value is None:
         return "-"
     return pre(json.dumps(value, indent=2, ensure_ascii=False, sort_keys=False, default=str))
+
+
+def timestamp(value: datetime | None) -> str:
+    """A time to the second, in the current time zone (task times differ by seconds)."""
+    if value is None:
+        return "-"
+    return date_format(localtime(value), "Y-m-d H:i:s")
 
 
 def status(value: str) -> SafeString:
