@@ -314,3 +314,13 @@ def test_django_makes_no_migrations_for_the_app(kojin_url):
     from kojin_pg.contrib.django.models import TaskResult
 
     assert TaskResult._meta.db_table == f'"{SCHEMA}"."results"'
+
+
+def test_database_from_url_drops_kojin_options_keeps_libpq_ones():
+    from kojin_pg.contrib.django.conf import database_from_url
+
+    entry = database_from_url("kojin+postgresql://app:s3cret@db1:5433/shop"
+                              "?schema=jobs&pool_max_size=4&sslmode=require")
+    assert entry == {"ENGINE": "django.db.backends.postgresql", "NAME": "shop", "USER": "app",
+                     "PASSWORD": "s3cret", "HOST": "db1", "PORT": "5433",
+                     "OPTIONS": {"sslmode": "require"}}
