@@ -308,6 +308,7 @@ def test_django_makes_no_migrations_for_the_app(kojin_url):
 
     from django.core.management import call_command
 
+    call_command("check")  # SystemCheckError on any error of the models or admin classes
     out = StringIO()
     call_command("makemigrations", "--check", "--dry-run", stdout=out)  # SystemExit(1) if any
     assert "No changes detected" in out.getvalue()
@@ -324,3 +325,28 @@ def test_database_from_url_drops_kojin_options_keeps_libpq_ones():
     assert entry == {"ENGINE": "django.db.backends.postgresql", "NAME": "shop", "USER": "app",
                      "PASSWORD": "s3cret", "HOST": "db1", "PORT": "5433",
                      "OPTIONS": {"sslmode": "require"}}
+
+
+def test_view_only_staff_sees_dead_letters_but_cannot_requeue_or_purge(celery_app, kojin_url):
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.models import Permission
+    from django.test import Client
+
+    user, created = get_user_model().objects.get_or_create(username="viewer", is_staff=True)
+    if created:
+        user.set_password("viewer-password")
+        user.save()
+        user.user_permissions.add(Permission.objects.get(codename="view_deadletter"))
+    dead_letter(celery_app, "proj.div", [1, 0], {})
+    (div,) = dead_ids(kojin_url)
+    viewer = Client()
+    assert viewer.login(username="viewer", password="viewer-password")
+
+    page = viewer.get(ADMIN + "deadletter/")
+    assert page.status_code == 200 and "proj.div" in page.content.decode()
+    assert 'name="action"' not in page.content.decode()  # no actions offered
+    for action in ("requeue", "purge"):
+        viewer.post(ADMIN + "deadletter/", {"action": action, "_selected_action": [div],
+                                            "confirm": "yes"})
+    assert dead_ids(kojin_url) == [div]
+    assert sql(kojin_url, f"SELECT count(*) FROM {SCHEMA}.messages") == [(0,)]

@@ -16,6 +16,8 @@ from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path
 
+from kojin_pg.taskmessage import TaskMessage
+
 from . import display, operations
 from .filters import DeadLetterQueueFilter, MessageQueueFilter, StatusFilter, TaskNameFilter
 from .models import Chord, DeadLetter, GroupResult, Queue, ScheduledMessage, TaskResult
@@ -160,25 +162,33 @@ class MessageAdmin(ReadOnlyAdmin):
     def task_name(self, obj: Any) -> str:
         return obj.task_name or "-"
 
+    @staticmethod
+    def _task(obj: Any) -> TaskMessage:
+        """The decoded task of a row, decoded once per row and page."""
+        task = obj.__dict__.get("_kojin_task")
+        if task is None:
+            task = obj.__dict__["_kojin_task"] = display.task_of(obj.payload)
+        return task
+
     @admin.display(description="task name")
     def task_name_decoded(self, obj: Any) -> str:
-        return display.task_of(obj.payload).name or "-"
+        return self._task(obj).name or "-"
 
     @admin.display(description="task id")
     def task_id_decoded(self, obj: Any) -> str:
-        return display.task_of(obj.payload).task_id or "-"
+        return self._task(obj).task_id or "-"
 
     @admin.display(description="args")
     def args_value(self, obj: Any) -> Any:
-        return display.arguments(display.task_of(obj.payload), "args")
+        return display.arguments(self._task(obj), "args")
 
     @admin.display(description="kwargs")
     def kwargs_value(self, obj: Any) -> Any:
-        return display.arguments(display.task_of(obj.payload), "kwargs")
+        return display.arguments(self._task(obj), "kwargs")
 
     @admin.display(description="not decoded")
     def decode_problem(self, obj: Any) -> str:
-        return display.task_of(obj.payload).problem or "-"
+        return self._task(obj).problem or "-"
 
     @admin.display(description="headers")
     def headers_value(self, obj: Any) -> Any:

@@ -27,6 +27,8 @@ def database() -> str:
 def db_table(table: str) -> str:
     """``db_table`` for ``table`` in the schema: ``"schema"."table"``.
 
+    Read when Django loads the app's models, so ``KOJIN_PG_SCHEMA`` is fixed from then on.
+
     Django's PostgreSQL backend leaves a name that is already wrapped in double quotes as it is,
     so this quoted, schema-qualified form reaches SQL unchanged. Both parts are plain lower-case
     identifiers (the schema is validated), so no quote inside needs escaping.
