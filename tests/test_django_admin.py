@@ -300,6 +300,17 @@ def test_admin_queries_use_the_indexes(celery_app, kojin_url):
 
     assert len(operations.distinct_values("results", "name")) == 51
 
+    # the unfiltered count of a big table is the planner's estimate; a filtered one is exact
+    from kojin_pg.contrib.django.paginator import EstimatedCountPaginator
+
+    class Paginator(EstimatedCountPaginator):
+        exact_count_limit = 10_000
+
+    estimate = Paginator(TaskResult.objects.all(), 50).count
+    assert 45_000 <= estimate <= 55_000
+    assert Paginator(TaskResult.objects.filter(status="FAILURE"), 50).count == 50
+    assert EstimatedCountPaginator(TaskResult.objects.all(), 50).count == 50_000
+
 
 def test_django_makes_no_migrations_for_the_app(kojin_url):
     """The models are unmanaged and the app has no migrations package: ``makemigrations``

@@ -12,3 +12,7 @@ WITH RECURSIVE walk(value) AS (
     FROM walk w WHERE w.value IS NOT NULL
 )
 SELECT value FROM walk WHERE value IS NOT NULL LIMIT %(limit)s;
+
+-- name: estimated_rows
+-- The planner's estimate of a table's rows (from the last ANALYZE), -1 if never analyzed.
+SELECT reltuples::bigint FROM pg_class WHERE oid = %(table)s::regclass;

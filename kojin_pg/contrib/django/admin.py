@@ -21,6 +21,7 @@ from kojin_pg.taskmessage import TaskMessage
 from . import display, operations
 from .filters import DeadLetterQueueFilter, MessageQueueFilter, StatusFilter, TaskNameFilter
 from .models import Chord, DeadLetter, GroupResult, Queue, ScheduledMessage, TaskResult
+from .paginator import EstimatedCountPaginator
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -47,6 +48,7 @@ class TaskResultAdmin(ReadOnlyAdmin):
     list_filter = (StatusFilter, TaskNameFilter, "date_done")
     search_fields = ("task_id__exact",)
     search_help_text = "Search by task id (exact)."
+    paginator = EstimatedCountPaginator
     fieldsets = (
         (None, {"fields": ("task_id", "name", "colored_status", "date_done", "worker", "queue",
                            "retries", "expires_at")}),

@@ -51,6 +51,13 @@ def distinct_values(table: str, column: str, limit: int = 200) -> list[Any]:
     return [value for (value,) in _run(query, {"limit": limit})]
 
 
+def estimated_rows(table: str) -> int:
+    """The planner's row estimate for ``table`` (-1 when it was never analyzed)."""
+    rows = _run(Queries("django", conf.schema()).estimated_rows,
+                {"table": f"{conf.schema()}.{table}"})
+    return int(rows[0][0]) if rows else -1
+
+
 def _selection(ids: Sequence[int]) -> dict[str, Any]:
     return {"ids": list(ids), "queue": None, "all": False}
 
