@@ -12,9 +12,9 @@ from typing import Any
 
 from ..db import Queries
 from ..errors import KojinError
+from ..taskmessage import decode
 from ..transport import messages_channel
 from .common import EXIT_OK, Progress, UsageError, database, print_json, print_table
-from .payload import decode_message
 
 BATCH = 5000
 
@@ -60,7 +60,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             if row is None:
                 raise KojinError(f"no dead letter with id {mid}")
             item: dict[str, Any] = dict(zip(keys, row[:-1], strict=True))
-            item["message"] = decode_message(row[-1])
+            item["message"] = decode(row[-1]).as_dict()
             shown.append(item)
     if args.json:
         print_json(shown if len(shown) > 1 else shown[0])

@@ -1,0 +1,1 @@
+"""Optional integrations of kojin_pg with other frameworks."""

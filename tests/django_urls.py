@@ -1,0 +1,6 @@
+"""URLconf of the test Django project: the admin only."""
+
+from django.contrib import admin
+from django.urls import path
+
+urlpatterns = [path("admin/", admin.site.urls)]
