@@ -206,14 +206,18 @@ def test_worker_producers_and_waiters_follow_a_promoted_standby(pair, tmp_path, 
         first = min(d for d in done if d > crashed_at)
         stall = max(b[0] - a[0] for a, b in zip(producer.sent, producer.sent[1:], strict=False))
         log = worker.log.read_text(errors="replace")
+        runs = re.findall(r"Task e2e\.\w+\[([0-9a-f-]+)\] succeeded", log)
         producer_retries = sum(1 for r in caplog.records
                                if getattr(r, "kojin_event", None) == "retry")
+        promoted_at = crashed_at + dt.timedelta(seconds=promoted - crashed)
         print(f"\nfailover: {len(producer.sent)} tasks committed, {len(producer.failed)} "
               f"publishes refused; first task done {(first - crashed_at).total_seconds():.2f}s "
-              f"after the crash ({promoted - crashed:.2f}s to promote); longest publish gap "
-              f"{stall:.2f}s; retries logged: worker {_events(log, 'retry')}, this process "
-              f"{producer_retries}; listen reconnects: worker {_events(log, 'listen_reconnect')}; "
-              f"redeliveries {_events(log, 'redelivery')}")
+              f"after the crash, {(first - promoted_at).total_seconds():.2f}s after the "
+              f"promotion; longest publish gap {stall:.2f}s; retries logged: worker "
+              f"{_events(log, 'retry')}, producer/waiter process {producer_retries}; refused "
+              f"connection attempts in the worker's pools {log.count('error connecting in')}; "
+              f"LISTEN reconnects: worker {_events(log, 'listen_reconnect')}; redeliveries "
+              f"{_events(log, 'redelivery')}; tasks run twice {len(runs) - len(set(runs))}")
         assert not producer.failed
     except BaseException:
         print(worker.tail())
@@ -221,4 +225,30 @@ def test_worker_producers_and_waiters_follow_a_promoted_standby(pair, tmp_path, 
     finally:
         worker.stop()
         app.backend.result_consumer.stop()
+        app.backend.db.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 13 item 5: a write on a read-only standby (ReadOnlySqlTransaction, SQLSTATE 25006) "
+    "is not treated as transient by Database.run, and the connection goes back to the pool"))
+def test_without_target_session_attrs_writes_wait_for_the_promotion(pair):
+    """With a host list but no ``target_session_attrs``, libpq connects to the standby while the
+    primary is down; writes there must be retried on a fresh connection, not raised."""
+    from celery import Celery
+
+    url = (f"postgresql://postgres@127.0.0.1:{pair.primary.port},127.0.0.1:{pair.standby.port}"
+           f"/{DBNAME}?retry_timeout=30")
+    app = Celery("ro", backend="kojin+" + url, broker="memory://", set_as_current=False)
+    try:
+        app.backend.mark_as_done("before", 1)
+        pair.crash_primary()
+        promoter = threading.Timer(DETECTION_DELAY, pair.promote_standby)
+        promoter.start()
+        try:
+            app.backend.mark_as_done("during", 2)  # must wait for the promotion, not fail
+        finally:
+            promoter.join(30)
+        assert app.backend.get_task_meta("during")["result"] == 2
+    finally:
         app.backend.db.close()
