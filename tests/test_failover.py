@@ -157,14 +157,15 @@ def _events(text: str, name: str) -> int:
 
 
 @pytest.mark.timeout(90)
-def test_worker_producers_and_waiters_follow_a_promoted_standby(pair, tmp_path, caplog):
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+def test_worker_producers_and_waiters_follow_a_promoted_standby(pair, tmp_path, caplog, pool):
     from e2e_app import make_app
 
     caplog.set_level("WARNING")
     app = make_app(pair.url)
     body_log = tmp_path / "bodies.log"
     body_log.touch()
-    worker = Worker(pair.url, tmp_path / "worker.log", "threads", 4, {}, "ha")
+    worker = Worker(pair.url, tmp_path / "worker.log", pool, 4, {}, "ha")
     try:
         wait_ready(app, worker, timeout=30)
         sleep_then, record = app.tasks["e2e.sleep_then"], app.tasks["e2e.record_sum"]
