@@ -166,10 +166,10 @@ def test_worker_producers_and_waiters_follow_a_promoted_standby(pair, tmp_path, 
     body_log = tmp_path / "bodies.log"
     body_log.touch()
     worker = Worker(pair.url, tmp_path / "worker.log", pool, 4, {}, "ha")
+    producer = Producer(app)
     try:
         wait_ready(app, worker, timeout=30)
         sleep_then, record = app.tasks["e2e.sleep_then"], app.tasks["e2e.record_sum"]
-        producer = Producer(app)
         producer.start()
         # a chord whose header runs across the failover, and a waiter blocked meanwhile
         across = chord(sleep_then.s(0.5, i) for i in range(16))(record.s(str(body_log)))
@@ -224,6 +224,7 @@ def test_worker_producers_and_waiters_follow_a_promoted_standby(pair, tmp_path, 
         print(worker.tail())
         raise
     finally:
+        producer.stop.set()
         worker.stop()
         app.backend.result_consumer.stop()
         app.backend.db.close()
