@@ -33,10 +33,13 @@ __all__ = [
 
 
 def _register_kombu_alias() -> None:
-    # kombu resolves URL schemes only through TRANSPORT_ALIASES: "kojin+postgresql://" needs it.
+    # kombu resolves URL schemes only through TRANSPORT_ALIASES. Connection() splits
+    # "kojin+postgresql://..." at the "+" and looks up "kojin"; Connection.switch() to the next
+    # URL of a failover list ("url1;url2") looks up the whole scheme, "kojin+postgresql".
     from kombu.transport import TRANSPORT_ALIASES
 
-    TRANSPORT_ALIASES.setdefault("kojin", "kojin_pg.transport:Transport")
+    for alias in ("kojin", "kojin+postgresql", "kojin+postgres"):
+        TRANSPORT_ALIASES.setdefault(alias, "kojin_pg.transport:Transport")
 
 
 _register_kombu_alias()

@@ -2,9 +2,11 @@
 
 Options come from three places, later ones winning: the defaults below, the URL query string
 (``postgresql://host/db?schema=jobs&pool_max_size=4``) and the mapping given by Celery
-(``result_backend_transport_options`` / ``broker_transport_options``). Query keys that are libpq
-connection parameters (``sslmode``, ``sslrootcert``, ``application_name``, ...) are passed to
-libpq unchanged; any other unknown key is an error that names it.
+(``result_backend_transport_options`` / ``broker_transport_options``). Keys that are libpq
+connection parameters (``sslmode``, ``target_session_attrs``, ``service``, ``host``, ...) are
+passed to libpq, from the URL unchanged; any other unknown key is an error that names it.
+Every libpq URL form works (multi-host lists with ports, unix-socket hosts, ``service=``), and
+so do libpq key=value strings; :mod:`kojin_pg.conninfo` reads and masks them.
 """
 
 from __future__ import annotations
@@ -14,12 +16,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
+from . import conninfo
 from .errors import ConfigurationError
-
-#: URL schemes accepted, with the ``kojin+`` prefix Celery and kombu use to pick us.
-SCHEMES = ("postgresql", "postgres", "kojin+postgresql", "kojin+postgres", "kojin")
 
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
 
@@ -72,9 +71,7 @@ _FIELDS = {f.name: f for f in dataclasses.fields(Settings) if f.name not in ("co
 
 def plain_url(url: str) -> str:
     """``url`` without the ``kojin+`` prefix Celery/kombu use to pick us (``kojin://`` too)."""
-    if url.startswith("kojin://"):
-        return "postgresql://" + url[len("kojin://"):]
-    return url.removeprefix("kojin+")
+    return conninfo.plain(url)
 
 
 def validate_identifier(name: str, what: str = "schema name") -> str:
@@ -152,77 +149,90 @@ def _libpq_keywords() -> frozenset[str]:
 
 
 def mask_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``****``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostinfo = netloc.rpartition("@")
-        if ":" in userinfo:
-            userinfo = userinfo.split(":", 1)[0] + ":****"
-        netloc = f"{userinfo}@{hostinfo}"
-    query = [(k, "****" if k == "password" else v) for k, v in parse_qsl(parts.query, True)]
-    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query, safe="/:"), ""))
+    """Return ``url`` (a URL or key=value string) with any password replaced by ``****``."""
+    return conninfo.mask(url)
 
 
 def scrub(text: str, url: str) -> str:
     """``text`` with the password of ``url`` (if any) masked: for messages from libpq."""
+    return conninfo.scrub(text, url)
+
+
+def url_from_kombu(client: Any) -> str:
+    """The connection string a kombu transport's ``client`` (a ``Connection``) stands for.
+
+    Raises :class:`ConfigurationError` for a failover list (``url1;url2``) that kombu's
+    ``Connection.switch()`` could not switch through intact.
+    """
+    return conninfo.url_from_kombu(client)
+
+
+def _check_conninfo(text: str, shown: str) -> None:
+    """Let libpq's own parser judge the string; ports are checked here (libpq does it late)."""
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
     try:
-        password = urlsplit(url).password
-    except ValueError:
-        password = None
-    password = password or dict(parse_qsl(urlsplit(url).query)).get("password")
-    if password:
-        text = text.replace(password, "****").replace(quote(password, safe=""), "****")
-    return text
+        params = conninfo_to_dict(text)
+    except ProgrammingError as exc:
+        reason = scrub(str(exc).strip(), text)
+        raise ConfigurationError(f"malformed URL {shown!r}: {reason}") from None
+    for port in str(params.get("port") or "").split(","):
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigurationError(f"malformed URL {shown!r}: invalid port {port!r}")
 
 
 def parse(url: str, options: Mapping[str, Any] | None = None) -> Settings:
-    """Build :class:`Settings` from a ``postgresql://`` URL and an options mapping.
+    """Build :class:`Settings` from a ``postgresql://`` URL (or key=value string) and options.
 
-    Raises :class:`ConfigurationError` naming the problem for a malformed URL, an unknown option
-    or an out-of-range value. The password is never part of the message.
+    The connection string reaches libpq as written, minus kojin_pg's options; libpq parameters
+    given in ``options`` are added to it (and win). Raises :class:`ConfigurationError` naming the
+    problem for a malformed URL, an unknown option or an out-of-range value. The password is
+    never part of the message.
     """
-    if not isinstance(url, str) or "://" not in url:
-        raise ConfigurationError(f"not a PostgreSQL URL: {mask_url(str(url))!r}")
+    if not isinstance(url, str):
+        raise ConfigurationError("not a PostgreSQL URL: expected a string")
+    shown = mask_url(url)
+    text = plain_url(url.strip())
     try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError as exc:
-        raise ConfigurationError(f"malformed URL {mask_url(url)!r}: {exc}") from None
-    if parts.scheme not in SCHEMES:
+        parsed = conninfo.split(text)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"not a PostgreSQL URL: {shown!r} ({exc})") from None
+    if parsed.is_url and parsed.scheme not in conninfo.LIBPQ_SCHEMES:
         raise ConfigurationError(
-            f"unsupported URL scheme {parts.scheme!r} in {mask_url(url)!r}: "
+            f"unsupported URL scheme {parsed.scheme!r} in {shown!r}: "
             "use postgresql:// or kojin+postgresql://"
         )
     libpq = _libpq_keywords()
     values: dict[str, Any] = {}
-    conn_query: list[tuple[str, str]] = []
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+    kept: list[conninfo.Param] = []
+    for param in parsed.params:
+        if param.key in _FIELDS:
+            values[param.key] = param.value
+        elif param.key in libpq:
+            kept.append(param)
+        else:
+            raise ConfigurationError(f"unknown option {param.key!r} in URL {shown!r}")
+    for key, value in (options or {}).items():
         if key in _FIELDS:
             values[key] = value
         elif key in libpq:
-            conn_query.append((key, value))
+            kept.append(conninfo.make_param(parsed, key, str(value)))
         else:
-            raise ConfigurationError(f"unknown option {key!r} in URL {mask_url(url)!r}")
-    for key, value in (options or {}).items():
-        if key not in _FIELDS:
             raise ConfigurationError(
-                f"unknown option {key!r}; known options: {', '.join(sorted(_FIELDS))}"
+                f"unknown option {key!r}; known options: {', '.join(sorted(_FIELDS))} "
+                "and libpq's connection parameters"
             )
-        values[key] = value
     coerced = {k: _coerce(k, v) for k, v in values.items()}
-    conninfo = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(conn_query), ""))
-    settings = Settings(conninfo=conninfo, safe_url=mask_url(conninfo), **coerced)
+    if parsed.is_url:  # libpq takes postgres:// too; one spelling keeps logs comparable
+        parsed = parsed._replace(base="postgresql" + parsed.base[len(parsed.scheme or ""):])
+    conn = conninfo.join(parsed, kept)
+    _check_conninfo(conn, shown)
+    settings = Settings(conninfo=conn, safe_url=mask_url(conn), **coerced)
     _check(settings)
     return settings
 
 
 def build_url(host: str, port: int, user: str, dbname: str, password: str | None = None) -> str:
     """Compose a ``postgresql://`` URL, quoting each part."""
-    auth = quote(user, safe="")
-    if password:
-        auth += ":" + quote(password, safe="")
-    return f"postgresql://{auth}@{host}:{port}/{quote(dbname, safe='')}"
+    return conninfo.build_url(host, port, user, dbname, password)

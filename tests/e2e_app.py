@@ -57,6 +57,13 @@ def make_app(url: str, broker_options: dict | None = None) -> Celery:
         time.sleep(seconds)
         return value
 
+    @app.task(name="e2e.record_sum", bind=True, shared=False)
+    def record_sum(self, values, path):
+        """A chord body that appends one line per execution to ``path`` (counts firings)."""
+        with open(path, "a") as out:
+            out.write(f"{self.request.id}\n")
+        return sum(values)
+
     @app.task(name="e2e.die", shared=False)
     def die():
         os.kill(os.getpid(), 9)

@@ -38,11 +38,17 @@ _TRANSIENT_FATALS = ("starting up", "shutting down", "in recovery", "too many cl
 #: Errors after which an idempotent operation may simply be tried again.
 _NOT_TRANSIENT = (PoolTimeout, pg_errors.QueryCanceled)
 
+#: The server answered, but is a standby (a failover in progress, or a host list without
+#: target_session_attrs=read-write): nothing was done, and a fresh connection may reach the
+#: primary.
+_ON_A_STANDBY = pg_errors.ReadOnlySqlTransaction
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for errors that a retry on a fresh connection can cure."""
     if isinstance(exc, _NOT_TRANSIENT):
         return False
-    return isinstance(exc, psycopg.OperationalError | DatabaseUnavailable)
+    return isinstance(exc, psycopg.OperationalError | DatabaseUnavailable | _ON_A_STANDBY)
 
 
 def configure_connection(conn: psycopg.Connection[Any]) -> None:
@@ -148,6 +154,9 @@ class Database:
                 conn = pool.getconn()  # getconn/putconn: a third of the cost of pool.connection()
                 try:
                     return work(conn)
+                except _ON_A_STANDBY:
+                    conn.close()  # the pool replaces a closed connection: find the primary
+                    raise
                 finally:
                     pool.putconn(conn)
             except Exception as exc:

@@ -71,14 +71,12 @@ class Transport(virtual.Transport):
         return broker_settings(self._url(), self.client.transport_options)
 
     def _url(self) -> str:
-        url = self.client.hostname or ""
-        if "://" not in url:
-            # kombu split the URL into parts (e.g. Connection(hostname=..., userid=...))
-            c = self.client
-            url = config.build_url(c.hostname or "localhost", c.port or self.default_port,
-                                   c.userid or "postgres", (c.virtual_host or "postgres").strip("/"),
-                                   c.password)
-        return url
+        return config.url_from_kombu(self.client)
+
+    def as_uri(self, uri: str, include_password: bool = False, mask: str = "**") -> str:
+        """The broker URL for banners and logs (kombu's own parser fails on host lists)."""
+        url = "kojin+" + self._url()
+        return url if include_password else config.mask_url(url)
 
     @cached_property
     def db(self) -> Database:
