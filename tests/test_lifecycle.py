@@ -6,14 +6,18 @@ real test PostgreSQL; the ones that fail on today's code carry a strict xfail na
 
 from __future__ import annotations
 
+import os
+import resource
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 
 import psycopg
 import pytest
+from kombu import Connection, Consumer, Exchange, Producer, Queue
 
 import kojin_pg  # noqa: F401  (registers the kojin+ URL scheme)
 
@@ -29,6 +33,56 @@ USAGE_IN_PASSING = 3e-4
 
 def kurl(db_url: str) -> str:
     return "kojin+" + db_url
+
+
+def make_queue(prefix: str = "q", **queue_kwargs) -> Queue:
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    return Queue(name, Exchange("ex_" + name, type="direct"), routing_key=name, **queue_kwargs)
+
+
+def publish(conn: Connection, q: Queue, bodies, **kw) -> None:
+    producer = Producer(conn.channel(), exchange=q.exchange, routing_key=q.routing_key,
+                        serializer="json")
+    for body in bodies:
+        producer.publish(body, **kw)
+
+
+def consume(conn: Connection, q: Queue, n: int, *, ack: bool = True, timeout: float = 10,
+            prefetch: int = 100, errors: list | None = None) -> list:
+    """Up to ``n`` (body, message) pairs within ``timeout``. With ``errors``, exceptions raised
+    by drain_events are collected there and draining goes on, instead of raising."""
+    got = []
+
+    def on_message(body, message):
+        got.append((body, message))
+        if ack:
+            message.ack()
+
+    channel = conn.channel()
+    channel.basic_qos(0, prefetch, False)
+    deadline = time.monotonic() + timeout
+    with Consumer(channel, [q], callbacks=[on_message], accept=["json"]):
+        while len(got) < n and (left := deadline - time.monotonic()) > 0:
+            try:
+                conn.drain_events(timeout=min(0.5, left))
+            except TimeoutError:
+                pass
+            except Exception as exc:
+                if errors is None:
+                    raise
+                errors.append(exc)
+    return got
+
+
+def rows(db_url: str, query: str, params=()) -> list[tuple]:
+    with psycopg.connect(db_url) as conn:
+        return conn.execute(query, params).fetchall()
+
+
+def lease_threads() -> list[threading.Thread]:
+    """The transport's lease keeper threads alive in this process (found by thread name: the
+    one internal detail these tests rely on)."""
+    return [t for t in threading.enumerate() if t.name == "kojin_pg-leases" and t.is_alive()]
 
 
 # -- item 1: an idle listener must not pin PostgreSQL's NOTIFY queue -------------------------
@@ -128,3 +182,200 @@ def test_idle_broker_connection_does_not_pin_the_notify_queue(db_url):
         _stop_idle(consumer)
     assert max(usage) < USAGE_IN_PASSING, \
         f"NOTIFY queue usage after each {NOTIFY_BATCH} publishes: {usage}"
+
+
+# -- item 4: clean hand-backs are not deliveries ----------------------------------------------
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 10 item 4: a clean hand-back keeps delivery_count and the next "
+                   "claim adds one, so max_deliveries clean restarts dead-letter the message")
+def test_clean_hand_backs_do_not_count_as_deliveries(db_url):
+    """A consumer that takes a message and closes cleanly (a worker's warm shutdown holding a
+    countdown task) hands it back; more such restarts than max_deliveries must not bury it."""
+    opts = {"max_deliveries": 3}
+    q = make_queue("held")
+    with Connection(kurl(db_url), transport_options=opts) as conn:
+        q(conn.channel()).declare()
+        publish(conn, q, [{"held": True}])
+    delivered = []
+    for _ in range(opts["max_deliveries"] + 2):
+        with Connection(kurl(db_url), transport_options=opts) as conn:
+            got = consume(conn, q, 1, ack=False, timeout=2)
+            delivered.append(len(got))
+        # closing the connection restores the unacked message (restore_unacked)
+    with Connection(kurl(db_url), transport_options=opts) as conn:
+        last = consume(conn, q, 1, timeout=2)
+    dead = rows(db_url, "SELECT reason, delivery_count FROM kojin.dead_letters")
+    assert delivered == [1] * (opts["max_deliveries"] + 2) and len(last) == 1, \
+        f"deliveries per clean restart: {delivered}, then {len(last)}; dead letters: {dead}"
+    assert dead == []
+
+
+# -- item 7: one undecodable body must not stall the rest of its batch ------------------------
+
+def _raw_message(q: Queue, body: str, body_encoding: str) -> dict:
+    """A row as kombu would store it, with a body that passes the shape check."""
+    return {"body": body, "content-type": "application/json", "content-encoding": "utf-8",
+            "headers": {}, "properties": {
+                "body_encoding": body_encoding, "delivery_mode": 2, "priority": 0,
+                "delivery_tag": str(uuid.uuid4()),
+                "delivery_info": {"exchange": q.exchange.name, "routing_key": q.routing_key}}}
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 10 item 7: a body kombu cannot decode raises inside the "
+                   "delivery loop; the rest of the claimed batch stays leased")
+def test_undecodable_bodies_do_not_stall_their_batch(db_url):
+    from psycopg.types.json import Jsonb
+
+    q = make_queue("bad_bodies")
+    bad = [_raw_message(q, "%%%abc", "base64"),          # not base64
+           _raw_message(q, "eyJpIjogOX0=", "rot13x")]    # an encoding kombu does not know
+    bad_ids = []
+    errors: list[Exception] = []
+    with Connection(kurl(db_url), transport_options={"visibility_timeout": 600}) as conn:
+        q(conn.channel()).declare()
+        with psycopg.connect(db_url, autocommit=True) as pg:
+            for i, payload in enumerate(bad):
+                publish(conn, q, [{"i": i}])
+                bad_ids.append(pg.execute(
+                    "INSERT INTO kojin.messages (queue, payload) VALUES (%s, %s) RETURNING id",
+                    (q.name, Jsonb(payload))).fetchone()[0])
+        publish(conn, q, [{"i": 2}, {"i": 3}])
+        # one claim takes all six rows; the good ones must not wait for the lease (600 s)
+        got = consume(conn, q, 4, timeout=5, prefetch=10, errors=errors)
+        left = rows(db_url, "SELECT id FROM kojin.messages ORDER BY id")
+    dead = rows(db_url, "SELECT id FROM kojin.dead_letters ORDER BY id")
+    assert sorted(b["i"] for b, _ in got) == [0, 1, 2, 3], \
+        f"delivered {[b for b, _ in got]}; drain_events raised {errors!r}; still queued: {left}"
+    assert errors == []
+    assert [r[0] for r in dead] == bad_ids
+
+
+# -- item 8: shutdown and reconnect edges --------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, raises=AttributeError,
+                   reason="issue 10 item 8: an ack after kombu reconnected finds its channel's "
+                   "connection gone and raises AttributeError")
+def test_ack_after_kombu_reconnected_is_not_an_attribute_error(db_url):
+    q = make_queue("reconnect")
+    with Connection(kurl(db_url)) as conn:
+        q(conn.channel()).declare()
+        publish(conn, q, [{"n": 1}])
+        (_, message), = consume(conn, q, 1, ack=False)
+        # what Connection.ensure does after a connection error: collect, connect again
+        conn.collect()
+        conn.ensure_connection(max_retries=3)
+        try:
+            message.ack()
+        except conn.connection_errors:
+            pass  # Celery's worker logs these on ack and goes on; anything else kills it
+        # and the message is either acked (gone) or was handed back (delivered again now)
+        redelivered = consume(conn, q, 1, timeout=3)
+    assert len(redelivered) == 1 or rows(db_url, "SELECT count(*) FROM kojin.messages") == [(0,)]
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 10 item 8: close() does not join the lease thread; an ack "
+                   "flush in flight outlives the connection")
+def test_close_joins_the_lease_thread(db_url):
+    q = make_queue("join")
+    assert lease_threads() == []
+    with Connection(kurl(db_url)) as conn:
+        q(conn.channel()).declare()
+        publish(conn, q, [{"n": 1}])
+        (_, message), = consume(conn, q, 1, ack=False)
+        blocker = psycopg.connect(db_url)
+        try:
+            # hold the row so the ack's DELETE is in flight when the connection closes
+            blocker.execute("SELECT id FROM kojin.messages FOR UPDATE")
+            message.ack()
+            deadline = time.monotonic() + 10
+            while not rows(db_url, "SELECT 1 FROM pg_stat_activity WHERE datname = "
+                           "current_database() AND wait_event_type = 'Lock'") \
+                    and time.monotonic() < deadline:
+                time.sleep(0.02)
+            release = threading.Timer(1.0, blocker.rollback)
+            release.start()
+            conn.close()
+            alive_after_close = lease_threads()
+            release.join()
+        finally:
+            blocker.close()
+    assert alive_after_close == [], "a lease thread outlived close()"
+    # and nothing reopened a pool behind close(): this process holds no connection any more
+    deadline = time.monotonic() + 5
+    while (left := rows(db_url, "SELECT application_name FROM pg_stat_activity WHERE datname = "
+                        "current_database() AND application_name LIKE 'kojin_pg%%'")) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert left == []
+    assert rows(db_url, "SELECT count(*) FROM kojin.messages") == [(0,)]
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 10 item 8: every connection that waited once leaks its "
+                   "wake-up pipe (two descriptors)")
+def test_connections_do_not_leak_descriptors(db_url):
+    def one_connection(name: str) -> None:
+        with Connection(kurl(db_url)) as conn:
+            simple = conn.SimpleQueue(name)
+            simple.put({"n": 1})
+            simple.get(timeout=5).ack()
+            with pytest.raises(simple.Empty):
+                simple.get(timeout=0.05)  # waits on LISTEN: the wake-up pipe is made
+            simple.close()
+
+    name = "fds_" + uuid.uuid4().hex[:8]
+    for _ in range(3):
+        one_connection(name)
+    before = _open_fds()
+    for _ in range(50):
+        one_connection(name)
+    after = _open_fds()
+    assert after - before < 10, f"{after - before} descriptors leaked by 50 connections"
+
+
+@pytest.fixture
+def high_descriptors():
+    """More than 1024 descriptors open, so every new socket and pipe gets a number >= 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 4096
+    if soft < want:
+        if hard != resource.RLIM_INFINITY and hard < 1200:
+            pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is below 1200")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard) if hard !=
+                                                    resource.RLIM_INFINITY else want, hard))
+    dummies = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        assert max(dummies) >= 1024
+        yield
+    finally:
+        for fd in dummies:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError,
+                   reason="issue 10 item 8: select.select cannot watch descriptors >= 1024 "
+                   "(ValueError: filedescriptor out of range in select())")
+def test_wait_on_descriptors_above_1024_is_woken_by_a_publish(db_url, high_descriptors):
+    opts = {"polling_interval": 30}
+    name = "high_fd_" + uuid.uuid4().hex[:8]
+    with Connection(kurl(db_url), transport_options=opts) as conn, \
+            Connection(kurl(db_url), transport_options=opts) as producer_conn:
+        simple = conn.SimpleQueue(name)
+        with pytest.raises(simple.Empty):
+            simple.get(timeout=0.1)  # the consumer is set up and listening
+        sender = producer_conn.SimpleQueue(name)
+        threading.Timer(0.5, sender.put, args=({"n": 1},)).start()
+        started = time.monotonic()
+        message = simple.get(timeout=15)
+        waited = time.monotonic() - started
+        message.ack()
+    # woken by the NOTIFY, not by the 30 s safety poll
+    assert message.payload == {"n": 1} and waited < 10
