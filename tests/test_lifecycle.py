@@ -184,6 +184,104 @@ def test_idle_broker_connection_does_not_pin_the_notify_queue(db_url):
         f"NOTIFY queue usage after each {NOTIFY_BATCH} publishes: {usage}"
 
 
+# -- item 2: queue arguments and message expiry, as on RabbitMQ ------------------------------
+
+def queue_rows(db_url: str, queue: str) -> int:
+    return rows(db_url, "SELECT count(*) FROM kojin.messages WHERE queue = %s", (queue,))[0][0]
+
+
+def queue_bindings(db_url: str, queue: str) -> list[tuple]:
+    return rows(db_url, "SELECT exchange, routing_key FROM kojin.bindings WHERE queue = %s",
+                (queue,))
+
+
+def wait_until_gone(db_url: str, queue: str, timeout: float, tick=None) -> tuple[list, int]:
+    """Poll (calling ``tick`` meanwhile) until ``queue`` has no binding and no message, or
+    ``timeout`` passes; return what is left."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if tick is not None:
+            tick()
+        left = (queue_bindings(db_url, queue), queue_rows(db_url, queue))
+        if left == ([], 0) or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
+TTL_QUEUE = {
+    "message_ttl": {"message_ttl": 1.0},
+    "x-message-ttl": {"queue_arguments": {"x-message-ttl": 1000}},
+}
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 10 item 2: x-message-ttl / message_ttl is ignored")
+@pytest.mark.parametrize("form", list(TTL_QUEUE))
+def test_queue_message_ttl_expires_messages(db_url, form):
+    q = make_queue("ttl", **TTL_QUEUE[form])
+    with Connection(kurl(db_url)) as conn:
+        q(conn.channel()).declare()
+        publish(conn, q, [{"old": i} for i in range(3)])
+        time.sleep(1.5)  # past the queue's message TTL
+        publish(conn, q, [{"fresh": 1}])
+        got = [b for b, _ in consume(conn, q, 1, timeout=5)]
+        left = queue_rows(db_url, q.name)
+    assert got == [{"fresh": 1}], "an expired message was delivered"
+    assert left == 0, f"{left} expired messages are still stored"
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 10 item 2: the per-message expiration property is ignored")
+def test_per_message_expiration(db_url):
+    q = make_queue("expiration")
+    with Connection(kurl(db_url)) as conn:
+        q(conn.channel()).declare()
+        publish(conn, q, [{"old": i} for i in range(3)], expiration=1.0)
+        publish(conn, q, [{"keeps": 1}])  # no expiration: stays deliverable
+        time.sleep(1.5)
+        publish(conn, q, [{"fresh": 1}], expiration=30)
+        got = [b for b, _ in consume(conn, q, 2, timeout=5)]
+        left = queue_rows(db_url, q.name)
+    assert got == [{"keeps": 1}, {"fresh": 1}], "an expired message was delivered"
+    assert left == 0, f"{left} expired messages are still stored"
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 10 item 2: x-expires / expires is ignored: an unused queue "
+                   "keeps its bindings and fills up forever")
+def test_unused_queue_expires_with_its_bindings_and_messages(db_url):
+    q = make_queue("expires", expires=1.0)  # kombu declares it with x-expires = 1000 (ms)
+    with Connection(kurl(db_url)) as owner, Connection(kurl(db_url)) as sender:
+        q(owner.channel()).declare()  # declared, never consumed
+        publish(owner, q, [{"i": 1}, {"i": 2}])
+        producer = Producer(sender.channel(), exchange=q.exchange, routing_key=q.routing_key,
+                            serializer="json")
+        # others keep publishing to its exchange, as workers send events to dead monitors
+        left = wait_until_gone(db_url, q.name, timeout=6,
+                               tick=lambda: producer.publish({"later": 1}))
+    assert left == ([], 0), f"6 s after it expired (1 s), the queue still has bindings " \
+        f"{left[0]} and {left[1]} messages"
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 10 item 2: auto_delete is ignored: the queue outlives its "
+                   "last consumer")
+def test_auto_delete_queue_goes_with_its_last_consumer(db_url):
+    q = make_queue("auto_delete", auto_delete=True)
+    with Connection(kurl(db_url)) as sender:
+        producer = Producer(sender.channel(), exchange=q.exchange, routing_key=q.routing_key,
+                            serializer="json")
+        with Connection(kurl(db_url)) as conn:
+            q(conn.channel()).declare()
+            publish(conn, q, [{"i": 1}])
+            assert [b for b, _ in consume(conn, q, 1)] == [{"i": 1}]
+        # the consumer is gone: publishes to the exchange must not pile up for it
+        left = wait_until_gone(db_url, q.name, timeout=5,
+                               tick=lambda: producer.publish({"later": 1}))
+    assert left == ([], 0), f"after its last consumer left, the queue still has bindings " \
+        f"{left[0]} and {left[1]} messages"
+
+
 # -- item 4: clean hand-backs are not deliveries ----------------------------------------------
 
 @pytest.mark.xfail(strict=True, raises=AssertionError,
