@@ -195,6 +195,14 @@ def queue_bindings(db_url: str, queue: str) -> list[tuple]:
                 (queue,))
 
 
+def settled_rows(db_url: str, queue: str, timeout: float = 5) -> int:
+    """Messages left in ``queue`` once it reaches none, or after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while (left := queue_rows(db_url, queue)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
 def wait_until_gone(db_url: str, queue: str, timeout: float, tick=None) -> tuple[list, int]:
     """Poll (calling ``tick`` meanwhile) until ``queue`` has no binding and no message, or
     ``timeout`` passes; return what is left."""
@@ -225,7 +233,7 @@ def test_queue_message_ttl_expires_messages(db_url, form):
         time.sleep(1.5)  # past the queue's message TTL
         publish(conn, q, [{"fresh": 1}])
         got = [b for b, _ in consume(conn, q, 1, timeout=5)]
-        left = queue_rows(db_url, q.name)
+        left = settled_rows(db_url, q.name)
     assert got == [{"fresh": 1}], "an expired message was delivered"
     assert left == 0, f"{left} expired messages are still stored"
 
@@ -241,7 +249,7 @@ def test_per_message_expiration(db_url):
         time.sleep(1.5)
         publish(conn, q, [{"fresh": 1}], expiration=30)
         got = [b for b, _ in consume(conn, q, 2, timeout=5)]
-        left = queue_rows(db_url, q.name)
+        left = settled_rows(db_url, q.name)
     assert got == [{"keeps": 1}, {"fresh": 1}], "an expired message was delivered"
     assert left == 0, f"{left} expired messages are still stored"
 
