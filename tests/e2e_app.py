@@ -74,3 +74,5 @@ def make_app(url: str, broker_options: dict | None = None) -> Celery:
 if os.environ.get("KOJIN_E2E_URL"):
     app = make_app(os.environ["KOJIN_E2E_URL"],
                    json.loads(os.environ.get("KOJIN_E2E_BROKER_OPTIONS") or "{}"))
+    # settings a test gives its workers (e.g. a short result_expires)
+    app.conf.update(json.loads(os.environ.get("KOJIN_E2E_CONF") or "{}"))

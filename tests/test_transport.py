@@ -92,19 +92,42 @@ def test_reject_requeue_and_dead_letter(db_url):
                          ).fetchall() == [(q.name, "rejected", 2)]
 
 
+HOLD_AND_HANG = """
+import sys, time
+from kombu import Connection
+import kojin_pg
+conn = Connection("kojin+" + sys.argv[1],
+                  transport_options={"visibility_timeout": 1, "lease_renew_interval": 0.25})
+message = conn.channel().basic_get(sys.argv[2])
+print(message.payload["n"], flush=True)
+time.sleep(600)  # holds the lease (renewing it) until killed
+"""
+
+
 def test_lease_expiry_redelivers(db_url):
+    """A consumer killed with -9 hands nothing back: only its lease running out returns the
+    message (a clean close would requeue it and prove nothing about leases)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
     q = make_queue()
-    opts = {"visibility_timeout": 1, "lease_renew_interval": 0.5}
-    with Connection(kurl(db_url), transport_options=opts) as conn:
+    with Connection(kurl(db_url)) as conn:
         q(conn.channel()).declare()
         publish(conn, q, [{"n": 1}])
-        consume(conn, q, 1, ack=False)
-        # the consumer "crashes": its leases are no longer extended
-        conn.transport.leases.stop()
-        conn.transport.held_ids = lambda: []
-    time.sleep(1.3)
-    with Connection(kurl(db_url), transport_options=opts) as conn2:
-        (b, m), = consume(conn2, q, 1)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_AND_HANG, db_url, q.name],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "1"
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(30)
+    with psycopg.connect(db_url) as pg:  # still leased by the dead consumer
+        assert pg.execute("SELECT leased_by IS NOT NULL, delivery_count FROM kojin.messages"
+                          ).fetchall() == [(True, 1)]
+    with Connection(kurl(db_url)) as conn2:
+        (b, m), = consume(conn2, q, 1, timeout=10)
         assert b == {"n": 1} and m.delivery_info["delivery_count"] == 2
 
 

@@ -7,7 +7,11 @@ what at-least-once allows, never a chord body) and that the system recovers by i
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -156,22 +160,49 @@ def test_long_transaction_holding_xmin_loses_nothing_and_shows_in_stats(db_url, 
         blocker.close()
 
 
-def test_lease_uses_the_database_clock(db_url, monkeypatch):
-    """A worker whose clock is an hour off still takes a lease of exactly visibility_timeout."""
-    real_time = time.time
-    monkeypatch.setattr(time, "time", lambda: real_time() + 3600)
+CLAIM_ON_A_SKEWED_CLOCK = """
+import sys, time
+import psycopg
+from kombu import Connection
+import kojin_pg
+url, queue = sys.argv[1], sys.argv[2]
+with psycopg.connect(url) as pg:
+    now = pg.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()[0]
+skew = time.time() - now
+conn = Connection("kojin+" + url, transport_options={"visibility_timeout": 60})
+message = conn.channel().basic_get(queue)
+print(round(skew), message.payload["x"], flush=True)
+sys.stdin.read()  # hold the lease until killed: no ack, no hand-back
+"""
+
+
+def test_lease_uses_the_database_clock(db_url):
+    """A consumer whose clock is an hour ahead still takes a lease of visibility_timeout on the
+    database's clock. libfaketime shifts every clock the consumer process reads (time.time,
+    datetime.now, ...), so a lease computed from the client's clock would be an hour longer."""
+    faketime = shutil.which("faketime")
+    if faketime is None:
+        pytest.skip("needs faketime (apt-get install faketime; .ci/run installs it)")
     q = Queue("clock_q", Exchange("clock_q", type="direct"), routing_key="clock_q")
-    with Connection("kojin+" + db_url, transport_options={"visibility_timeout": 60}) as conn:
+    with Connection("kojin+" + db_url) as conn:
         ch = conn.channel()
         q(ch).declare()
         Producer(ch, exchange=q.exchange, routing_key="clock_q").publish({"x": 1})
-        message = ch.basic_get("clock_q")
-        assert message is not None
+    consumer = subprocess.Popen(
+        [faketime, "-f", "+1h", sys.executable, "-c", CLAIM_ON_A_SKEWED_CLOCK, db_url, "clock_q"],
+        env=dict(os.environ, DONT_FAKE_MONOTONIC="1"), stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, text=True)
+    try:
+        skew, x = consumer.stdout.readline().split()
         with psycopg.connect(db_url) as pg:
             lease = pg.execute("SELECT extract(epoch FROM visible_at - now()) "
                                "FROM kojin.messages").fetchone()[0]
-        assert 50 < lease <= 60
-        message.ack()
+    finally:
+        consumer.kill()
+        consumer.wait(30)
+    assert x == "1"
+    assert abs(int(skew) - 3600) < 60, f"the consumer's clock is {skew} s off, not an hour"
+    assert 50 < lease <= 60
 
 
 def test_100mb_message_is_refused_clearly_and_the_channel_keeps_working(db_url):

@@ -1,0 +1,490 @@
+"""What goes wrong as a deployment ages (issue 10): pinned NOTIFY queue, queue arguments and
+message expiry, clean hand-backs counted as deliveries, a bad body stalling a batch, shutdown and
+reconnect edges. Each test drives kojin_pg through kombu's and Celery's public APIs against the
+real test PostgreSQL; the ones that fail on today's code carry a strict xfail naming the item.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+
+import psycopg
+import pytest
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+
+import kojin_pg  # noqa: F401  (registers the kojin+ URL scheme)
+
+#: Stores (and publishes) done while an idle process holds its LISTEN connection (issue 10:
+#: the queue starts to fill after about 60,000; done means 200,000 leave it empty). The NOTIFY
+#: queue is the whole server's: these tests assume no other idle listener on the test server.
+NOTIFICATIONS = 200_000
+NOTIFY_BATCH = 10_000
+#: pg_notification_queue_usage() a listener that keeps up shows in passing (one or two SLRU
+#: segments, about 9e-5 each, while a batch is being read); an idle LISTEN connection passes
+#: it after about 80,000 notifications and reaches 0.0012 at 200,000.
+USAGE_IN_PASSING = 3e-4
+
+
+def kurl(db_url: str) -> str:
+    return "kojin+" + db_url
+
+
+def make_queue(prefix: str = "q", **queue_kwargs) -> Queue:
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    return Queue(name, Exchange("ex_" + name, type="direct"), routing_key=name, **queue_kwargs)
+
+
+def publish(conn: Connection, q: Queue, bodies, **kw) -> None:
+    producer = Producer(conn.channel(), exchange=q.exchange, routing_key=q.routing_key,
+                        serializer="json")
+    for body in bodies:
+        producer.publish(body, **kw)
+
+
+def consume(conn: Connection, q: Queue, n: int, *, ack: bool = True, timeout: float = 10,
+            prefetch: int = 100, errors: list | None = None) -> list:
+    """Up to ``n`` (body, message) pairs within ``timeout``. With ``errors``, exceptions raised
+    by drain_events are collected there and draining goes on, instead of raising."""
+    got = []
+
+    def on_message(body, message):
+        got.append((body, message))
+        if ack:
+            message.ack()
+
+    channel = conn.channel()
+    channel.basic_qos(0, prefetch, False)
+    deadline = time.monotonic() + timeout
+    with Consumer(channel, [q], callbacks=[on_message], accept=["json"]):
+        while len(got) < n and (left := deadline - time.monotonic()) > 0:
+            try:
+                conn.drain_events(timeout=min(0.5, left))
+            except TimeoutError:
+                pass
+            except Exception as exc:
+                if errors is None:
+                    raise
+                errors.append(exc)
+    return got
+
+
+def rows(db_url: str, query: str, params=()) -> list[tuple]:
+    with psycopg.connect(db_url) as conn:
+        return conn.execute(query, params).fetchall()
+
+
+def lease_threads() -> list[threading.Thread]:
+    """The transport's lease keeper threads alive in this process (found by thread name: the
+    one internal detail these tests rely on)."""
+    return [t for t in threading.enumerate() if t.name == "kojin_pg-leases" and t.is_alive()]
+
+
+# -- item 1: an idle listener must not pin PostgreSQL's NOTIFY queue -------------------------
+
+IDLE_RESULT_WAITER = textwrap.dedent("""
+    import sys
+    from celery import Celery
+    import kojin_pg
+    url, task_id = sys.argv[1], sys.argv[2]
+    app = Celery("idle_waiter", backend="kojin+" + url, broker="memory://", set_as_current=False)
+    print(app.AsyncResult(task_id).get(timeout=30), flush=True)
+    sys.stdin.read()  # idle like a web server between requests, until the test lets go
+""")
+
+IDLE_BROKER_CONSUMER = textwrap.dedent("""
+    import sys
+    from kombu import Connection
+    import kojin_pg
+    url, queue = sys.argv[1], sys.argv[2]
+    conn = Connection("kojin+" + url)
+    simple = conn.SimpleQueue(queue)
+    simple.put({"once": True})
+    message = simple.get(timeout=30)
+    message.ack()
+    try:
+        simple.get(timeout=1)  # nothing more: this wait is on LISTEN
+    except simple.Empty:
+        pass
+    print(message.payload["once"], flush=True)
+    sys.stdin.read()  # idle, connection open, until the test lets go
+""")
+
+
+def _start_idle(script: str, *args: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", script, *args], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline().strip()
+    assert line == "True" or line == "1", f"the idle process did not start: {line!r}"
+    return proc
+
+
+def _flood(db_url: str, statement: str, channel: str) -> list[float]:
+    """Run ``statement`` (NOTIFY_BATCH notifications on ``channel`` per call) until
+    NOTIFICATIONS were sent; return pg_notification_queue_usage() before the first batch and
+    after each one."""
+    usage = []
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        usage.append(conn.execute("SELECT pg_notification_queue_usage()").fetchone()[0])
+        for _ in range(NOTIFICATIONS // NOTIFY_BATCH):
+            conn.execute(statement, {"n": NOTIFY_BATCH, "channel": channel})
+            usage.append(conn.execute("SELECT pg_notification_queue_usage()").fetchone()[0])
+    return usage
+
+
+def _stop_idle(proc: subprocess.Popen) -> None:
+    alive = proc.poll() is None
+    proc.stdin.close()
+    proc.wait(30)
+    assert alive, "the idle process died during the test: nothing was listening"
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 10 item 1: a process that waited for a result once "
+                   "keeps LISTENing without reading; its backend stops draining the NOTIFY queue")
+def test_idle_result_waiter_does_not_pin_the_notify_queue(make_app, db_url):
+    backend = make_app().backend
+    task_id = str(uuid.uuid4())
+    backend.mark_as_done(task_id, 1)
+    waiter = _start_idle(IDLE_RESULT_WAITER, db_url, task_id)
+    try:
+        # what store_result sends: one notification per stored result, payload the task id
+        usage = _flood(db_url, """
+            WITH stored AS (
+                INSERT INTO kojin.results (task_id, status, result, date_done, expires_at)
+                SELECT gen_random_uuid()::text, 'SUCCESS', '1'::jsonb, now(),
+                       now() + interval '1 day'
+                FROM generate_series(1, %(n)s)
+                RETURNING task_id)
+            SELECT count(pg_notify(%(channel)s, task_id)) FROM stored""", "kojin_results_kojin")
+    finally:
+        _stop_idle(waiter)
+    assert max(usage) < USAGE_IN_PASSING, \
+        f"NOTIFY queue usage before and after each {NOTIFY_BATCH} stores: {usage}"
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 10 item 1: a kombu connection that waited once "
+                   "keeps LISTENing without reading; its backend stops draining the NOTIFY queue")
+def test_idle_broker_connection_does_not_pin_the_notify_queue(db_url):
+    consumer = _start_idle(IDLE_BROKER_CONSUMER, db_url, "idle_" + uuid.uuid4().hex[:8])
+    try:
+        # what a publish sends: one notification per message, payload the queue name (here
+        # as many queues as messages, named like Celery's event queues, so none is folded
+        # into another by PostgreSQL's per-transaction deduplication)
+        usage = _flood(db_url, """
+            SELECT count(pg_notify(%(channel)s, 'celeryev.' || gen_random_uuid()))
+            FROM generate_series(1, %(n)s)""", "kojin_msgs_kojin")
+    finally:
+        _stop_idle(consumer)
+    assert max(usage) < USAGE_IN_PASSING, \
+        f"NOTIFY queue usage before and after each {NOTIFY_BATCH} publishes: {usage}"
+
+
+# -- item 2: queue arguments and message expiry, as on RabbitMQ ------------------------------
+
+def queue_rows(db_url: str, queue: str) -> int:
+    return rows(db_url, "SELECT count(*) FROM kojin.messages WHERE queue = %s", (queue,))[0][0]
+
+
+def queue_bindings(db_url: str, queue: str) -> list[tuple]:
+    return rows(db_url, "SELECT exchange, routing_key FROM kojin.bindings WHERE queue = %s",
+                (queue,))
+
+
+def settled_rows(db_url: str, queue: str, timeout: float = 5) -> int:
+    """Messages left in ``queue`` once it reaches none, or after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while (left := queue_rows(db_url, queue)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def wait_until_gone(db_url: str, queue: str, timeout: float, tick=None) -> tuple[list, int]:
+    """Poll (calling ``tick`` meanwhile) until ``queue`` has no binding and no message, or
+    ``timeout`` passes; return what is left."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if tick is not None:
+            tick()
+        left = (queue_bindings(db_url, queue), queue_rows(db_url, queue))
+        if left == ([], 0) or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
+TTL_QUEUE = {
+    "message_ttl": {"message_ttl": 1.0},
+    "x-message-ttl": {"queue_arguments": {"x-message-ttl": 1000}},
+}
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 10 item 2: x-message-ttl / message_ttl is ignored")
+@pytest.mark.parametrize("form", list(TTL_QUEUE))
+def test_queue_message_ttl_expires_messages(db_url, form):
+    q = make_queue("ttl", **TTL_QUEUE[form])
+    with Connection(kurl(db_url)) as conn:
+        q(conn.channel()).declare()
+        publish(conn, q, [{"old": i} for i in range(3)])
+        time.sleep(1.5)  # past the queue's message TTL
+        publish(conn, q, [{"fresh": 1}])
+        got = [b for b, _ in consume(conn, q, 1, timeout=5)]
+        left = settled_rows(db_url, q.name)
+    assert got == [{"fresh": 1}], "an expired message was delivered"
+    assert left == 0, f"{left} expired messages are still stored"
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 10 item 2: the per-message expiration property is ignored")
+def test_per_message_expiration(db_url):
+    q = make_queue("expiration")
+    with Connection(kurl(db_url)) as conn:
+        q(conn.channel()).declare()
+        publish(conn, q, [{"old": i} for i in range(3)], expiration=1.0)
+        publish(conn, q, [{"keeps": 1}])  # no expiration: stays deliverable
+        time.sleep(1.5)
+        publish(conn, q, [{"fresh": 1}], expiration=30)
+        got = [b for b, _ in consume(conn, q, 2, timeout=5)]
+        left = settled_rows(db_url, q.name)
+    assert got == [{"keeps": 1}, {"fresh": 1}], "an expired message was delivered"
+    assert left == 0, f"{left} expired messages are still stored"
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 10 item 2: x-expires / expires is ignored: an unused queue "
+                   "keeps its bindings and fills up forever")
+def test_unused_queue_expires_with_its_bindings_and_messages(db_url):
+    q = make_queue("expires", expires=1.0)  # kombu declares it with x-expires = 1000 (ms)
+    with Connection(kurl(db_url)) as owner, Connection(kurl(db_url)) as sender:
+        q(owner.channel()).declare()  # declared, never consumed
+        publish(owner, q, [{"i": 1}, {"i": 2}])
+        producer = Producer(sender.channel(), exchange=q.exchange, routing_key=q.routing_key,
+                            serializer="json")
+        # others keep publishing to its exchange, as workers send events to dead monitors
+        left = wait_until_gone(db_url, q.name, timeout=6,
+                               tick=lambda: producer.publish({"later": 1}))
+    assert left == ([], 0), f"6 s after it expired (1 s), the queue still has bindings " \
+        f"{left[0]} and {left[1]} messages"
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 10 item 2: auto_delete is ignored: the queue outlives its "
+                   "last consumer")
+def test_auto_delete_queue_goes_with_its_last_consumer(db_url):
+    q = make_queue("auto_delete", auto_delete=True)
+    with Connection(kurl(db_url)) as sender:
+        producer = Producer(sender.channel(), exchange=q.exchange, routing_key=q.routing_key,
+                            serializer="json")
+        with Connection(kurl(db_url)) as conn:
+            q(conn.channel()).declare()
+            publish(conn, q, [{"i": 1}])
+            assert [b for b, _ in consume(conn, q, 1)] == [{"i": 1}]
+        # the consumer is gone: publishes to the exchange must not pile up for it
+        left = wait_until_gone(db_url, q.name, timeout=5,
+                               tick=lambda: producer.publish({"later": 1}))
+    assert left == ([], 0), f"after its last consumer left, the queue still has bindings " \
+        f"{left[0]} and {left[1]} messages"
+
+
+# -- item 4: clean hand-backs are not deliveries ----------------------------------------------
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 10 item 4: a clean hand-back keeps delivery_count and the next "
+                   "claim adds one, so max_deliveries clean restarts dead-letter the message")
+def test_clean_hand_backs_do_not_count_as_deliveries(db_url):
+    """A consumer that takes a message and closes cleanly (a worker's warm shutdown holding a
+    countdown task) hands it back; more such restarts than max_deliveries must not bury it."""
+    opts = {"max_deliveries": 3}
+    q = make_queue("held")
+    with Connection(kurl(db_url), transport_options=opts) as conn:
+        q(conn.channel()).declare()
+        publish(conn, q, [{"held": True}])
+    delivered = []
+    for _ in range(opts["max_deliveries"] + 2):
+        with Connection(kurl(db_url), transport_options=opts) as conn:
+            got = consume(conn, q, 1, ack=False, timeout=2)
+            delivered.append(len(got))
+        # closing the connection restores the unacked message (restore_unacked)
+    with Connection(kurl(db_url), transport_options=opts) as conn:
+        last = consume(conn, q, 1, timeout=2)
+    dead = rows(db_url, "SELECT reason, delivery_count FROM kojin.dead_letters")
+    assert delivered == [1] * (opts["max_deliveries"] + 2) and len(last) == 1, \
+        f"deliveries per clean restart: {delivered}, then {len(last)}; dead letters: {dead}"
+    assert dead == []
+
+
+# -- item 7: one undecodable body must not stall the rest of its batch ------------------------
+
+def _raw_message(q: Queue, body: str, body_encoding: str) -> dict:
+    """A row as kombu would store it, with a body that passes the shape check."""
+    return {"body": body, "content-type": "application/json", "content-encoding": "utf-8",
+            "headers": {}, "properties": {
+                "body_encoding": body_encoding, "delivery_mode": 2, "priority": 0,
+                "delivery_tag": str(uuid.uuid4()),
+                "delivery_info": {"exchange": q.exchange.name, "routing_key": q.routing_key}}}
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 10 item 7: a body kombu cannot decode raises inside the "
+                   "delivery loop; the rest of the claimed batch stays leased")
+def test_undecodable_bodies_do_not_stall_their_batch(db_url):
+    from psycopg.types.json import Jsonb
+
+    q = make_queue("bad_bodies")
+    bad = [_raw_message(q, "%%%abc", "base64"),          # not base64
+           _raw_message(q, "eyJpIjogOX0=", "rot13x")]    # an encoding kombu does not know
+    bad_ids = []
+    errors: list[Exception] = []
+    with Connection(kurl(db_url), transport_options={"visibility_timeout": 600}) as conn:
+        q(conn.channel()).declare()
+        with psycopg.connect(db_url, autocommit=True) as pg:
+            for i, payload in enumerate(bad):
+                publish(conn, q, [{"i": i}])
+                bad_ids.append(pg.execute(
+                    "INSERT INTO kojin.messages (queue, payload) VALUES (%s, %s) RETURNING id",
+                    (q.name, Jsonb(payload))).fetchone()[0])
+        publish(conn, q, [{"i": 2}, {"i": 3}])
+        # one claim takes all six rows; the good ones must not wait for the lease (600 s)
+        got = consume(conn, q, 4, timeout=5, prefetch=10, errors=errors)
+        left = rows(db_url, "SELECT id FROM kojin.messages ORDER BY id")
+    dead = rows(db_url, "SELECT id FROM kojin.dead_letters ORDER BY id")
+    assert sorted(b["i"] for b, _ in got) == [0, 1, 2, 3], \
+        f"delivered {[b for b, _ in got]}; drain_events raised {errors!r}; still queued: {left}"
+    assert errors == []
+    assert [r[0] for r in dead] == bad_ids
+
+
+# -- item 8: shutdown and reconnect edges --------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, raises=AttributeError,
+                   reason="issue 10 item 8: an ack after kombu reconnected finds its channel's "
+                   "connection gone and raises AttributeError")
+def test_ack_after_kombu_reconnected_is_not_an_attribute_error(db_url):
+    q = make_queue("reconnect")
+    with Connection(kurl(db_url)) as conn:
+        q(conn.channel()).declare()
+        publish(conn, q, [{"n": 1}])
+        (_, message), = consume(conn, q, 1, ack=False)
+        # what Connection.ensure does after a connection error: collect, connect again
+        conn.collect()
+        conn.ensure_connection(max_retries=3)
+        try:
+            message.ack()
+        except conn.connection_errors:
+            pass  # Celery's worker logs these on ack and goes on; anything else kills it
+        # and the message is either acked (gone) or was handed back (delivered again now)
+        redelivered = consume(conn, q, 1, timeout=3)
+    assert len(redelivered) == 1 or rows(db_url, "SELECT count(*) FROM kojin.messages") == [(0,)]
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 10 item 8: close() does not join the lease thread; an ack "
+                   "flush in flight outlives the connection")
+def test_close_joins_the_lease_thread(db_url):
+    q = make_queue("join")
+    assert lease_threads() == []
+    with Connection(kurl(db_url)) as conn:
+        q(conn.channel()).declare()
+        publish(conn, q, [{"n": 1}])
+        (_, message), = consume(conn, q, 1, ack=False)
+        blocker = psycopg.connect(db_url)
+        try:
+            # hold the row so the ack's DELETE is in flight when the connection closes
+            blocker.execute("SELECT id FROM kojin.messages FOR UPDATE")
+            message.ack()
+            deadline = time.monotonic() + 10
+            while not rows(db_url, "SELECT 1 FROM pg_stat_activity WHERE datname = "
+                           "current_database() AND wait_event_type = 'Lock'") \
+                    and time.monotonic() < deadline:
+                time.sleep(0.02)
+            release = threading.Timer(1.0, blocker.rollback)
+            release.start()
+            conn.close()
+            alive_after_close = lease_threads()
+            release.join()
+        finally:
+            blocker.close()
+    assert alive_after_close == [], "a lease thread outlived close()"
+    # and nothing reopened a pool behind close(): this process holds no connection any more
+    deadline = time.monotonic() + 5
+    while (left := rows(db_url, "SELECT application_name FROM pg_stat_activity WHERE datname = "
+                        "current_database() AND application_name LIKE 'kojin_pg%%'")) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert left == []
+    assert rows(db_url, "SELECT count(*) FROM kojin.messages") == [(0,)]
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 10 item 8: every connection that waited once leaks its "
+                   "wake-up pipe (two descriptors)")
+def test_connections_do_not_leak_descriptors(db_url):
+    def one_connection(name: str) -> None:
+        with Connection(kurl(db_url)) as conn:
+            simple = conn.SimpleQueue(name)
+            simple.put({"n": 1})
+            simple.get(timeout=5).ack()
+            with pytest.raises(simple.Empty):
+                simple.get(timeout=0.05)  # waits on LISTEN: the wake-up pipe is made
+            simple.close()
+
+    name = "fds_" + uuid.uuid4().hex[:8]
+    for _ in range(3):
+        one_connection(name)
+    before = _open_fds()
+    for _ in range(50):
+        one_connection(name)
+    after = _open_fds()
+    assert after - before < 10, f"{after - before} descriptors leaked by 50 connections"
+
+
+@pytest.fixture
+def high_descriptors():
+    """More than 1024 descriptors open, so every new socket and pipe gets a number >= 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 4096
+    if soft < want:
+        if hard != resource.RLIM_INFINITY and hard < 1200:
+            pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is below 1200")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard) if hard !=
+                                                    resource.RLIM_INFINITY else want, hard))
+    dummies = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        assert max(dummies) >= 1024
+        yield
+    finally:
+        for fd in dummies:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError,
+                   reason="issue 10 item 8: select.select cannot watch descriptors >= 1024 "
+                   "(ValueError: filedescriptor out of range in select())")
+def test_wait_on_descriptors_above_1024_is_woken_by_a_publish(db_url, high_descriptors):
+    opts = {"polling_interval": 30}
+    name = "high_fd_" + uuid.uuid4().hex[:8]
+    with Connection(kurl(db_url), transport_options=opts) as conn, \
+            Connection(kurl(db_url), transport_options=opts) as producer_conn:
+        simple = conn.SimpleQueue(name)
+        with pytest.raises(simple.Empty):
+            simple.get(timeout=0.1)  # the consumer is set up and listening
+        sender = producer_conn.SimpleQueue(name)
+        threading.Timer(0.5, sender.put, args=({"n": 1},)).start()
+        started = time.monotonic()
+        message = simple.get(timeout=15)
+        waited = time.monotonic() - started
+        message.ack()
+    # woken by the NOTIFY, not by the 30 s safety poll
+    assert message.payload == {"n": 1} and waited < 10
