@@ -49,6 +49,9 @@ class Settings:
     #: ``off`` trades the last few hundred ms of results on a crash for speed (Redis AOF-like).
     synchronous_commit: str | None = None
     cleanup_batch_size: int = 5000
+    #: Seconds an unfinished chord is kept after its last activity, at least (like the chord
+    #: keys of Celery's Redis backend); never less than ``result_expires``.
+    chord_expires: float = 86400.0
     #: Broker: seconds a claimed, unacked message stays invisible before redelivery.
     visibility_timeout: float = 1800.0
     #: Broker: deliveries after which a message goes to the dead-letter table.
@@ -126,6 +129,7 @@ def _coerce(name: str, raw: Any) -> Any:
 def _check(s: Settings) -> None:
     validate_identifier(s.schema)
     positive = ("pool_timeout", "polling_interval", "visibility_timeout", "cleanup_batch_size",
+                "chord_expires",
                 "max_message_bytes", "pool_max_size", "max_deliveries")
     for name in positive:
         if getattr(s, name) <= 0:

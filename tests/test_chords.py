@@ -138,6 +138,19 @@ def test_add_to_chord_waits_for_one_more(chord_app, db_url):
     assert fired(db_url, gid) == [["a", "b", "c"]]
 
 
+def test_add_to_chord_counts_the_same_task_once(chord_app, db_url):
+    """A retried add_to_chord (same replacing task) must not make the chord wait for ever."""
+    gid, body = start_chord(chord_app, 2)
+    added = chord_app.AsyncResult(str(uuid.uuid4()))
+    chord_app.backend.add_to_chord(gid, added)
+    chord_app.backend.add_to_chord(gid, added)
+    part(chord_app, gid, body, 0, "a")
+    part(chord_app, gid, body, 1, "b")
+    assert fired(db_url, gid) == []
+    part(chord_app, gid, body, 2, "c")
+    assert fired(db_url, gid) == [["a", "b", "c"]]
+
+
 def test_parts_before_chord_size_is_known(chord_app, db_url):
     gid = str(uuid.uuid4())
     body = chord_app.tasks["record"].s(group_id=gid)

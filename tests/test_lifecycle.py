@@ -146,8 +146,6 @@ def _stop_idle(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 10 item 1: a process that waited for a result once "
-                   "keeps LISTENing without reading; its backend stops draining the NOTIFY queue")
 def test_idle_result_waiter_does_not_pin_the_notify_queue(make_app, db_url):
     backend = make_app().backend
     task_id = str(uuid.uuid4())
@@ -170,8 +168,6 @@ def test_idle_result_waiter_does_not_pin_the_notify_queue(make_app, db_url):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 10 item 1: a kombu connection that waited once "
-                   "keeps LISTENing without reading; its backend stops draining the NOTIFY queue")
 def test_idle_broker_connection_does_not_pin_the_notify_queue(db_url):
     consumer = _start_idle(IDLE_BROKER_CONSUMER, db_url, "idle_" + uuid.uuid4().hex[:8])
     try:

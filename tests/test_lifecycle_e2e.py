@@ -105,9 +105,6 @@ def test_shutdown_sent_while_a_worker_was_down_does_not_kill_it_later(e2e_app, w
 # -- item 3: a chord longer than result_expires ----------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 10 item 3: cleanup() deletes the chord row of a chord that "
-                   "runs longer than result_expires; the body never fires")
 def test_chord_longer_than_result_expires_fires_once(e2e_app, workers, db_url):
     conf = {"result_expires": 2}
     e2e_app.conf.update(conf)  # before the backend is made: it reads result_expires once

@@ -20,6 +20,7 @@ from celery import states
 from celery.canvas import maybe_signature
 from celery.exceptions import ChordError
 from celery.result import GroupResult, allow_join_result
+from celery.utils.functional import _regen
 
 from ..db import Database, Queries
 from .values import ValueCodec
@@ -59,19 +60,26 @@ class Chords:
 
     @property
     def _expires(self) -> float | None:
-        return self.backend.expires_seconds()
+        """Seconds an unfinished chord is kept after its last activity (None: for ever)."""
+        result_expires = self.backend.expires_seconds()
+        if result_expires is None:
+            return None
+        return max(result_expires, self.backend.settings.chord_expires)
 
     def apply(self, header_result_args: Any) -> None:
         """A chord is starting: reset its counter; keep the header's shape if it nests groups."""
         group_id, results = header_result_args[0], header_result_args[1]
         header_ids = None
-        if isinstance(results, list | tuple):  # not a lazy generator: the order is known
+        # A lazy header (Celery's _regen, a list subclass) is unrolled while its tasks are sent:
+        # reading it here would send nothing. Its parts are then ordered by group_index.
+        if isinstance(results, list | tuple) and not isinstance(results, _regen):
             header_ids = [r.id for r in results]
         self.db.execute(self.queries.reset_chord, {
             "group_id": group_id, "header_ids": header_ids,
             "expires": self._expires}, "apply_chord")
         if header_ids is not None and any(isinstance(r, GroupResult) for r in results):
-            self.backend.save_group(group_id, self.app.GroupResult(*header_result_args))
+            self.backend.store_group(group_id, self.app.GroupResult(*header_result_args),
+                                     self._expires)
 
     def set_size(self, group_id: str, chord_size: int) -> None:
         """Record how many header parts the chord waits for."""
@@ -79,10 +87,10 @@ class Chords:
             "group_id": group_id, "chord_size": chord_size,
             "expires": self._expires}, "set_chord_size")
 
-    def add_part(self, group_id: str) -> None:
-        """Wait for one more header part (a header task replaced itself)."""
-        self.db.execute(self.queries.add_to_chord,
-                        {"group_id": group_id, "expires": self._expires}, "add_to_chord")
+    def add_part(self, group_id: str, task_id: str) -> None:
+        """Wait for one more header part, task ``task_id`` (a header task replaced itself)."""
+        self.db.execute(self.queries.add_to_chord, {
+            "group_id": group_id, "task_id": task_id, "expires": self._expires}, "add_to_chord")
 
     def part_returned(self, request: Any, state: str, result: Any) -> None:
         """Count one finished header task; the part that completes the chord fires the body."""
@@ -105,8 +113,9 @@ class Chords:
         try:
             self._fire_chord_body(group_id, callback)
         finally:
-            self.db.execute(self.queries.chord_fired, {"group_id": group_id, "token": token},
-                            "chord_fired")
+            self.db.execute(self.queries.chord_fired, {
+                "group_id": group_id, "token": token,
+                "expires": self.backend.expires_seconds()}, "chord_fired")
 
     def _fire_chord_body(self, group_id: str, callback: Any) -> None:
         app = self.app

@@ -11,8 +11,9 @@ from collections.abc import Callable
 
 from ..db import Database, Queries
 
-#: Tables cleaned, in that order.
-EXPIRING_TABLES = ("results", "groups", "chords", "chord_parts")
+#: Tables with an ``expires_at`` column, cleaned in that order; chord parts go after their
+#: chord (they have no expiry of their own, so a long chord keeps every part it collected).
+EXPIRING_TABLES = ("results", "groups", "chords")
 
 
 def delete_expired(db: Database, queries: Queries, batch: int,
@@ -21,8 +22,9 @@ def delete_expired(db: Database, queries: Queries, batch: int,
     called after each batch."""
     counts: dict[str, int] = {}
     done = 0
-    for table in EXPIRING_TABLES:
-        query = queries.get("delete_expired", table=table)
+    steps = [(table, queries.get("delete_expired", table=table)) for table in EXPIRING_TABLES]
+    steps.append(("chord_parts", queries.delete_orphan_chord_parts))
+    for table, query in steps:
         total = 0
         while True:
             row = db.fetchone(query, {"batch": batch}, f"cleanup {table}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -219,12 +220,16 @@ class PostgresBackend(AsyncBackendMixin, BaseBackend):
     # -- groups ----------------------------------------------------------------------------
 
     def _save_group(self, group_id: str, result: Any) -> Any:
+        self.store_group(group_id, result, self.expires_seconds())
+        return result
+
+    def store_group(self, group_id: str, result: Any, expires: float | None) -> None:
+        """Store (or replace) a GroupResult's members, kept ``expires`` seconds (None: always)."""
         encoded, raw = self.values.encode({"result": result.as_tuple()})
         self.ensure_ready()
         self.db.execute(self.queries.save_group, {
             "group_id": group_id, "result": encoded, "result_bytes": raw,
-            "expires": self.expires_seconds()}, "save_group")
-        return result
+            "expires": expires}, "save_group")
 
     def _restore_group(self, group_id: str) -> dict[str, Any] | None:
         row = self._fetchone(self.queries.get_group, {"group_id": group_id}, "restore_group")
@@ -256,7 +261,8 @@ class PostgresBackend(AsyncBackendMixin, BaseBackend):
     def add_to_chord(self, group_id: str, result: Any) -> None:
         """Wait for one more header part (a header task replaced itself)."""
         self.ensure_ready()
-        self.chords.add_part(group_id)
+        # Keyed by the added task, so a retry counts once; without an id, count it as new.
+        self.chords.add_part(group_id, getattr(result, "id", None) or uuid.uuid4().hex)
 
     def on_chord_part_return(self, request: Any, state: str, result: Any, **kwargs: Any) -> None:
         """Count one finished header task; the part that completes the chord fires the body."""

@@ -75,36 +75,44 @@ DELETE FROM {schema}.groups WHERE group_id = %(group_id)s;
 
 -- name: reset_chord
 -- A chord is being applied: start its counter from zero (a re-applied frozen chord reuses its id).
+-- Chord rows live as long as the chord: %(expires)s is the in-flight expiry, pushed forward by
+-- every statement below that touches the chord.
 WITH gone AS (DELETE FROM {schema}.chord_parts WHERE group_id = %(group_id)s)
 INSERT INTO {schema}.chords AS c (group_id, header_ids, expires_at)
 VALUES (%(group_id)s, %(header_ids)s, now() + make_interval(secs => %(expires)s))
 ON CONFLICT (group_id) DO UPDATE SET
-    chord_size = NULL, extra = 0, completed = 0, claim_token = NULL, claim_until = NULL,
-    fired = false, header_ids = excluded.header_ids, created_at = now(),
+    chord_size = NULL, extra = 0, extra_ids = '{{}}', completed = 0, claim_token = NULL,
+    claim_until = NULL, fired = false, header_ids = excluded.header_ids, created_at = now(),
     expires_at = excluded.expires_at;
 
 -- name: set_chord_size
 -- Record how many header parts the chord waits for.
 INSERT INTO {schema}.chords AS c (group_id, chord_size, expires_at)
 VALUES (%(group_id)s, %(chord_size)s, now() + make_interval(secs => %(expires)s))
-ON CONFLICT (group_id) DO UPDATE SET chord_size = excluded.chord_size;
+ON CONFLICT (group_id) DO UPDATE SET chord_size = excluded.chord_size,
+                                     expires_at = excluded.expires_at;
 
 -- name: add_to_chord
 -- One more header part to wait for (a header task replaced itself with a new signature).
-INSERT INTO {schema}.chords AS c (group_id, extra, expires_at)
-VALUES (%(group_id)s, 1, now() + make_interval(secs => %(expires)s))
-ON CONFLICT (group_id) DO UPDATE SET extra = c.extra + 1;
+-- Keyed by the added task's id: the same call retried after a lost connection counts once.
+INSERT INTO {schema}.chords AS c (group_id, extra, extra_ids, expires_at)
+VALUES (%(group_id)s, 1, ARRAY[%(task_id)s::text],
+        now() + make_interval(secs => %(expires)s))
+ON CONFLICT (group_id) DO UPDATE SET extra = c.extra + 1,
+                                     extra_ids = c.extra_ids || %(task_id)s::text,
+                                     expires_at = excluded.expires_at
+WHERE NOT (%(task_id)s::text = ANY(c.extra_ids));
 
 -- name: chord_part_return
 -- Record one header part exactly once and count it, atomically. When the count reaches the
 -- chord size, the caller whose token lands in claim_token fires the body. A claim that is not
 -- released (its holder died before firing) lapses at claim_until, so a redelivered header
 -- task can take over. The same token may retry this statement after a lost connection.
+-- Parts have no expiry of their own: they go with their chord (delete_orphan_chord_parts).
 WITH part AS (
     INSERT INTO {schema}.chord_parts
-        (group_id, task_id, idx, status, result, result_bytes, expires_at)
-    VALUES (%(group_id)s, %(task_id)s, %(idx)s, %(status)s, %(result)s, %(result_bytes)s,
-            now() + make_interval(secs => %(expires)s))
+        (group_id, task_id, idx, status, result, result_bytes)
+    VALUES (%(group_id)s, %(task_id)s, %(idx)s, %(status)s, %(result)s, %(result_bytes)s)
     ON CONFLICT DO NOTHING
     RETURNING 1
 )
@@ -112,6 +120,7 @@ INSERT INTO {schema}.chords AS c (group_id, completed, expires_at)
 SELECT %(group_id)s, count(*), now() + make_interval(secs => %(expires)s) FROM part
 ON CONFLICT (group_id) DO UPDATE SET
     completed = c.completed + excluded.completed,
+    expires_at = excluded.expires_at,
     claim_token = CASE WHEN c.chord_size IS NOT NULL
                         AND c.completed + excluded.completed >= c.chord_size + c.extra
                         AND (c.claim_token IS NULL OR c.claim_until < now()
@@ -135,9 +144,11 @@ WHERE p.group_id = %(group_id)s
 ORDER BY array_position(c.header_ids, p.task_id), p.idx, p.seq;
 
 -- name: chord_fired
--- The body was sent: mark the chord done (late duplicates are ignored) and drop its parts.
+-- The body was sent: mark the chord done and drop its parts. The row is kept for the results'
+-- expiry, so late duplicate reports of a header part are ignored.
 WITH done AS (
-    UPDATE {schema}.chords SET fired = true, claim_until = NULL
+    UPDATE {schema}.chords SET fired = true, claim_until = NULL,
+                               expires_at = now() + make_interval(secs => %(expires)s)
     WHERE group_id = %(group_id)s AND claim_token = %(token)s
     RETURNING group_id
 )
@@ -149,6 +160,17 @@ DELETE FROM {schema}.chord_parts p USING done WHERE p.group_id = done.group_id;
 WITH doomed AS (
     DELETE FROM {schema}.{table} WHERE ctid = ANY(ARRAY(
         SELECT ctid FROM {schema}.{table} WHERE expires_at <= now()
+        LIMIT %(batch)s FOR UPDATE SKIP LOCKED))
+    RETURNING 1
+)
+SELECT count(*) FROM doomed;
+
+-- name: delete_orphan_chord_parts
+-- Delete one bounded batch of header parts whose chord row is gone (expired or abandoned).
+WITH doomed AS (
+    DELETE FROM {schema}.chord_parts WHERE ctid = ANY(ARRAY(
+        SELECT p.ctid FROM {schema}.chord_parts p
+        WHERE NOT EXISTS (SELECT 1 FROM {schema}.chords c WHERE c.group_id = p.group_id)
         LIMIT %(batch)s FOR UPDATE SKIP LOCKED))
     RETURNING 1
 )
