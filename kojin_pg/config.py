@@ -58,6 +58,9 @@ class Settings:
     max_deliveries: int = 10
     #: Broker: largest message body accepted, in bytes.
     max_message_bytes: int = 64 * 1024 * 1024
+    #: Broker: seconds between the rounds in which live consumers say so and a sweep removes
+    #: expired messages and queues that expired or lost their last consumer.
+    sweep_interval: float = 2.0
     #: Broker: seconds between lease extensions of held messages (default: a third of the vt).
     lease_renew_interval: float | None = None
 
@@ -129,7 +132,7 @@ def _coerce(name: str, raw: Any) -> Any:
 def _check(s: Settings) -> None:
     validate_identifier(s.schema)
     positive = ("pool_timeout", "polling_interval", "visibility_timeout", "cleanup_batch_size",
-                "chord_expires",
+                "chord_expires", "sweep_interval",
                 "max_message_bytes", "pool_max_size", "max_deliveries")
     for name in positive:
         if getattr(s, name) <= 0:

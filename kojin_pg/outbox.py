@@ -23,7 +23,7 @@ from celery.result import AsyncResult
 
 from . import codec, config
 from .db import Queries
-from .transport.messages import messages_channel
+from .transport.messages import expiration_seconds, messages_channel
 from .transport.options import broker_settings
 
 
@@ -66,6 +66,7 @@ def send_task(conn: psycopg.Connection[Any], app: Any, name: str, args: Any = ()
     schema = _broker_schema(app)
     conn.execute(Queries("broker", schema).publish, {
         "queue": queue, "priority": priority, "payload": codec.jsonb(codec.dumps(payload)),
-        "delay": 0.0, "channel": messages_channel(schema), "notify": True,
+        "delay": 0.0, "publish_id": uuid.uuid4(), "expiration": expiration_seconds(payload),
+        "channel": messages_channel(schema), "notify": True,
     })
     return app.AsyncResult(task_id)

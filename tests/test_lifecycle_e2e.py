@@ -35,9 +35,6 @@ def wait_for(predicate, timeout: float, interval: float = 0.1) -> bool:
 # -- item 2: a monitor session that leaves leaves nothing behind ----------------------------
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 10 item 2: the event receiver's queue ignores auto_delete, "
-                   "x-expires and x-message-ttl: its binding stays and events pile up in it")
 def test_events_monitor_session_leaves_nothing_behind(e2e_app, workers, db_url):
     """``celery events`` / Flower: connect for a few seconds, then go. Celery declares the
     receiver's queue auto_delete with ``event_queue_expires`` and ``event_queue_ttl``."""
@@ -74,10 +71,6 @@ def test_events_monitor_session_leaves_nothing_behind(e2e_app, workers, db_url):
         f"{left[0]} and {left[1]} events"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 10 item 2: a control broadcast sent while a worker was down "
-                   "waits in its pidbox queue (auto_delete, x-expires ignored) and shuts it "
-                   "down when it next starts")
 def test_shutdown_sent_while_a_worker_was_down_does_not_kill_it_later(e2e_app, workers,
                                                                        db_url):
     conf = {"control_queue_expires": 2.0}
@@ -140,9 +133,6 @@ def test_chord_longer_than_result_expires_fires_once(e2e_app, workers, db_url):
 # -- item 4: clean restarts do not use up deliveries -----------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 10 item 4: each warm shutdown hands the countdown task back "
-                   "but the next claim counts one more delivery; it ends in dead letters")
 def test_warm_restarts_do_not_dead_letter_a_held_countdown_task(e2e_app, workers, db_url):
     opts = {"max_deliveries": 2}
     add = e2e_app.tasks["e2e.add"]

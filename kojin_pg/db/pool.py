@@ -144,8 +144,10 @@ class Database:
 
     # -- retrying execution ----------------------------------------------------------------
 
-    def run(self, work: Callable[[psycopg.Connection[Any]], T], what: str = "query") -> T:
-        """Run ``work(conn)`` on a pooled connection, retrying it after connection loss."""
+    def run(self, work: Callable[[psycopg.Connection[Any]], T], what: str = "query",
+            *, retry: bool = True) -> T:
+        """Run ``work(conn)`` on a pooled connection, retrying it after connection loss (unless
+        ``retry`` is false: for work that the next periodic round does anyway)."""
         deadline = time.monotonic() + self.settings.retry_timeout
         attempt = 0
         while True:
@@ -160,7 +162,7 @@ class Database:
                 finally:
                     pool.putconn(conn)
             except Exception as exc:
-                if not is_transient(exc):
+                if not retry or not is_transient(exc):
                     raise
                 attempt += 1
                 remaining = deadline - time.monotonic()

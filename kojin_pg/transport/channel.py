@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import binascii
 import logging
+import uuid
 from queue import Empty
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 from kombu.transport import virtual
+from kombu.transport.base import to_rabbitmq_queue_arguments
 
 from .. import codec
 from ..config import check_queue_name
 from ..errors import PayloadError
 from ..events import DEAD_LETTER, REDELIVERY, log_event
-from .messages import DEFAULT_BATCH, why_malformed
+from .messages import DEFAULT_BATCH, expiration_seconds, queue_arguments, why_malformed
 from .qos import QoS
 from .routing import Bindings
 
@@ -60,9 +63,11 @@ class Channel(virtual.Channel):
 
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
         t = self.connection
+        # publish_id: the statement is retried after a lost connection, and inserts once
         self._fetch(t.queries.publish, {
             "queue": check_queue_name(queue), "priority": self._get_message_priority(message),
-            "payload": self._encode(message), "delay": 0.0,
+            "payload": self._encode(message), "delay": 0.0, "publish_id": uuid.uuid4(),
+            "expiration": expiration_seconds(message),
             "channel": t.channel_name, "notify": t.settings.use_notify,
         }, "publish")
 
@@ -72,13 +77,21 @@ class Channel(virtual.Channel):
         self._fetch(t.queries.publish_fanout, {
             "exchange": check_queue_name(exchange),
             "priority": self._get_message_priority(message), "payload": self._encode(message),
+            "publish_id": uuid.uuid4(), "expiration": expiration_seconds(message),
             "channel": t.channel_name, "notify": t.settings.use_notify,
         }, "publish_fanout")
 
     # -- queues and bindings -------------------------------------------------------------------
 
+    def prepare_queue_arguments(self, arguments: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        """kombu's ``Queue(message_ttl=..., expires=...)`` as RabbitMQ's ``x-`` arguments."""
+        return to_rabbitmq_queue_arguments(arguments, **kwargs)
+
     def _new_queue(self, queue: str, **kwargs: Any) -> None:
-        check_queue_name(queue)
+        """Record the queue with its arguments (message TTL, expiry, auto_delete)."""
+        self._fetch(self.connection.queries.declare_queue,
+                    {"queue": check_queue_name(queue), **queue_arguments(kwargs)},
+                    "declare_queue")
 
     def _has_queue(self, queue: str, **kwargs: Any) -> bool:
         rows = self._fetch(self.connection.queries.has_queue,
@@ -131,7 +144,18 @@ class Channel(virtual.Channel):
             self._no_ack_queues.add(queue)
         else:
             self._no_ack_queues.discard(queue)
-        return super().basic_consume(queue, no_ack, *args, **kwargs)
+        tag = super().basic_consume(queue, no_ack, *args, **kwargs)
+        t = self.connection
+        t.consumed = True
+        self._fetch_consumer(t.queries.consumer_start,
+                             {"queue": queue, "consumer": t.consumer_id}, "consumer_start")
+        return tag
+
+    def basic_cancel(self, consumer_tag: str) -> None:
+        queue = self._tag_to_queue.get(consumer_tag)
+        super().basic_cancel(consumer_tag)
+        if queue is not None and queue not in self._active_queues:
+            self.connection.consumer_stopped([queue])
 
     def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
         message = super().basic_get(queue, no_ack=no_ack, **kwargs)
@@ -165,15 +189,16 @@ class Channel(virtual.Channel):
             t.acks.give_back(acks)
             raise
         delivered = []
+        undecodable: list[tuple[int, str]] = []
         for msg_id, queue, payload, count, dead, _priority in rows:
             if dead:
                 log_event(log, logging.WARNING, DEAD_LETTER, message_id=msg_id, queue=queue,
                           reason="max_deliveries", deliveries=count)
                 continue
-            problem = why_malformed(payload)
+            problem = why_malformed(payload) or self._decode_body(payload)
             if problem:
                 # One bad row must not block the queue: bury it with the reason, go on.
-                self.dead_letter([msg_id], "undecodable", problem)
+                undecodable.append((msg_id, problem))
                 continue
             if count > 1:
                 log_event(log, logging.INFO, REDELIVERY, message_id=msg_id, queue=queue,
@@ -184,9 +209,29 @@ class Channel(virtual.Channel):
             info["redelivered"] = count > 1
             info["delivery_count"] = count
             delivered.append((payload, queue))
+        for msg_id, problem in undecodable:
+            self.dead_letter([msg_id], "undecodable", problem)
         if delivered:
             t.leases.start()
         return delivered
+
+    def _decode_body(self, payload: dict[str, Any]) -> str | None:
+        """Decode the body here, as kombu's Message would (leaving it nothing to decode), so a
+        body it cannot decode is found now, not while the rest of the batch waits; returns
+        why it cannot be decoded, or None."""
+        props = payload["properties"]
+        encoding = props.get("body_encoding")
+        body = payload.get("body")
+        if not encoding or not body:
+            return None
+        if encoding.lower() != "utf-8" and self.codecs.get(encoding) is None:
+            return f"body cannot be decoded: unknown body_encoding {encoding!r}"
+        try:
+            payload["body"] = self.decode_body(body, encoding)
+        except (KeyError, ValueError, TypeError, binascii.Error) as exc:
+            return f"body cannot be decoded ({encoding}): {exc!r}"
+        del props["body_encoding"]
+        return None
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
         claimed = self._claim([check_queue_name(queue)], 1)
@@ -200,11 +245,18 @@ class Channel(virtual.Channel):
         n = self.qos.can_consume_max_estimate() or DEFAULT_BATCH
         claimed = self._claim(queues, n)
         deliver = self.connection._deliver
-        for payload, queue in claimed:
-            if queue in self._no_ack_queues:
-                # nobody will ack it: the delivery itself is the ack
-                self.connection.acks.add((payload["properties"]["delivery_tag"],))
-            deliver(payload, queue)
+        for i, (payload, queue) in enumerate(claimed):
+            try:
+                if queue in self._no_ack_queues:
+                    # nobody will ack it: the delivery itself is the ack
+                    self.connection.acks.add((payload["properties"]["delivery_tag"],))
+                deliver(payload, queue)
+            except BaseException:
+                # the rest of the batch goes back now, not when its leases run out
+                rest = [p["properties"]["delivery_tag"] for p, _ in claimed[i + 1:]]
+                if rest:
+                    self.hand_back(rest)
+                raise
         return len(claimed), len(claimed) >= n
 
     def _get_many(self, queues: list[str], timeout: float | None = None) -> None:
@@ -215,21 +267,31 @@ class Channel(virtual.Channel):
     # -- handing back --------------------------------------------------------------------------
 
     def requeue(self, ids: list[int]) -> None:
-        """Make leased messages visible again now."""
+        """Make messages this consumer leases visible again now (the delivery counts)."""
+        self._give_back("requeue", ids)
+
+    def hand_back(self, ids: list[int]) -> None:
+        """Give back messages this consumer leases, cleanly: the delivery does not count."""
+        self._give_back("hand_back", ids)
+
+    def _give_back(self, query: str, ids: list[int]) -> None:
         t = self.connection
-        self._fetch_consumer(t.queries.requeue, {
-            "ids": ids, "channel": t.channel_name, "notify": t.settings.use_notify}, "requeue")
+        self._fetch_consumer(t.queries.get(query), {
+            "ids": ids, "consumer": t.consumer_id, "channel": t.channel_name,
+            "notify": t.settings.use_notify}, query)
 
     def dead_letter(self, ids: list[int], reason: str, error: str | None) -> None:
-        """Move messages to the dead letters, with why."""
-        self._fetch_consumer(self.connection.queries.dead_letter,
-                             {"ids": ids, "reason": reason, "error": error}, "dead_letter")
+        """Move messages this consumer leases to the dead letters, with why."""
+        t = self.connection
+        self._fetch_consumer(t.queries.dead_letter, {
+            "ids": ids, "reason": reason, "error": error, "consumer": t.consumer_id},
+            "dead_letter")
         for msg_id in ids:
             log_event(log, logging.WARNING, DEAD_LETTER, message_id=msg_id, reason=reason,
                       error=error)
 
     def _restore(self, message: Any) -> None:
-        self.requeue([message.delivery_tag])
+        self.hand_back([message.delivery_tag])
 
     def _restore_at_beginning(self, message: Any) -> None:
-        self.requeue([message.delivery_tag])
+        self.hand_back([message.delivery_tag])

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import PayloadError
+
 #: Messages claimed at once when the channel has no prefetch limit.
 DEFAULT_BATCH = 16
 
@@ -29,3 +31,40 @@ def why_malformed(payload: Any) -> str | None:
     if not isinstance(payload.get("body", ""), str | bytes | type(None)):
         return "not a kombu message: 'body' is not a string"
     return None
+
+
+def expiration_seconds(message: dict[str, Any]) -> float | None:
+    """The message's own TTL in seconds (AMQP's ``expiration`` property: milliseconds, as text),
+    or None."""
+    raw = (message.get("properties") or {}).get("expiration")
+    if raw is None or raw == "":
+        return None
+    try:
+        ms = float(raw)
+    except (TypeError, ValueError):
+        raise PayloadError(f"invalid message expiration {raw!r}: milliseconds expected") from None
+    if ms != ms or ms < 0:  # NaN or negative
+        raise PayloadError(f"invalid message expiration {raw!r}: milliseconds expected")
+    return ms / 1000.0
+
+
+def queue_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The RabbitMQ queue arguments kombu passes to ``queue_declare``, as the parameters of the
+    ``declare_queue`` query (seconds, or None)."""
+    args = kwargs.get("arguments") or {}
+
+    def seconds(key: str) -> float | None:
+        value = args.get(key)
+        if value is None:
+            return None
+        try:
+            ms = float(value)
+        except (TypeError, ValueError):
+            raise PayloadError(f"invalid queue argument {key}={value!r}: milliseconds "
+                               "expected") from None
+        if ms != ms or ms < 0:
+            raise PayloadError(f"invalid queue argument {key}={value!r}: milliseconds expected")
+        return ms / 1000.0
+
+    return {"message_ttl": seconds("x-message-ttl"), "expires": seconds("x-expires"),
+            "auto_delete": bool(kwargs.get("auto_delete"))}

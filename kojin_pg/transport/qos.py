@@ -13,15 +13,28 @@ log = logging.getLogger(__name__)
 class QoS(virtual.QoS):
     """kombu's prefetch window over messages leased to this consumer."""
 
+    def _closed(self, what: str, delivery_tag: int) -> bool:
+        if self.channel.connection is not None:
+            return False
+        # The channel closed (e.g. kombu reconnected) and handed its messages back when it
+        # did: this one is delivered again, which at-least-once delivery allows.
+        log.info("kojin_pg: %s of message %s after its channel closed: it was handed back "
+                 "and will be delivered again", what, delivery_tag)
+        return True
+
     def ack(self, delivery_tag: int) -> None:
         """Done: the row is deleted with the consumer's next claim, or a few ms later."""
+        if self._closed("ack", delivery_tag):
+            return
         transport = self.channel.connection
         transport.acks.add((delivery_tag,))
         super().ack(delivery_tag)
         transport.wakeups.nudge()  # a prefetch slot is free
 
     def reject(self, delivery_tag: int, requeue: bool = False) -> None:
-        """Give the message back to its queue, or bury it in the dead letters."""
+        """Give the message back to its queue (the delivery counts), or bury it."""
+        if self._closed("reject", delivery_tag):
+            return
         if requeue:
             self.channel.requeue([delivery_tag])
         else:
@@ -34,9 +47,9 @@ class QoS(virtual.QoS):
         self._flush()
         tags = list(self._delivered)
         self._delivered.clear()
-        if tags:
+        if tags and self.channel.connection is not None:
             try:
-                self.channel.requeue(tags)
+                self.channel.hand_back(tags)
             except Exception as exc:
                 # The leases run out by themselves: nothing is lost, only delayed.
                 log.warning("kojin_pg: could not hand back %d messages (%r); they return "

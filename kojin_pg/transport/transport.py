@@ -24,6 +24,7 @@ from .channel import Channel
 from .leases import LeaseKeeper
 from .messages import messages_channel
 from .options import broker_settings
+from .upkeep import upkeep_for
 from .wakeups import Wakeups
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,10 @@ class Transport(virtual.Transport):
         self._consumer_id: ProcessLocal[str] = ProcessLocal(
             lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
         self._ready = False
+        #: Set when close starts: background rounds leave this transport alone from then on.
+        self.closing = False
+        #: Whether a channel of this transport ever consumed (then closing deregisters it).
+        self.consumed = False
         self._hub: Any = None
         self._listen_fd: int | None = None
 
@@ -120,9 +125,11 @@ class Transport(virtual.Transport):
         return Wakeups(self.db, self.channel_name, enabled=self.settings.use_notify)
 
     def ensure_ready(self) -> None:
-        """Check (and with auto_migrate apply) the schema once per transport."""
+        """Check (and with auto_migrate apply) the schema once per transport, and join this
+        process's queue upkeep."""
         if not self._ready:
             ensure_schema(self.db)
+            upkeep_for(self).attach(self)
             self._ready = True
 
     def establish_connection(self) -> Transport:
@@ -130,16 +137,29 @@ class Transport(virtual.Transport):
         return super().establish_connection()
 
     def close_connection(self, connection: Any) -> None:
+        self.closing = True
         try:
             super().close_connection(connection)  # channels hand back what they hold
+            if self.consumed:
+                self.consumer_stopped(None)
         finally:
             try:
+                upkeep_for(self).detach(self)
                 self.acks.close()
             finally:
                 self.leases.stop()
                 self.wakeups.close()
                 self.db.close()
                 self.consumer_db.close()
+
+    def consumer_stopped(self, queues: list[str] | None) -> None:
+        """This transport consumes ``queues`` (None: any queue) no more; an auto_delete queue
+        nobody else consumes is deleted now."""
+        try:
+            self.consumer_db.execute(self.queries.consumer_stop, {
+                "queues": queues, "consumer": self.consumer_id}, "consumer_stop")
+        except Exception as exc:  # the sweep forgets this consumer after its grace period
+            log.warning("kojin_pg: could not deregister consumer %s: %r", self.consumer_id, exc)
 
     # -- what this consumer holds ---------------------------------------------------------------
 
@@ -161,7 +181,8 @@ class Transport(virtual.Transport):
             "consumer": self.consumer_id, "keep": keep,
             "channel": self.channel_name, "notify": self.settings.use_notify})
 
-    def _consumed_queues(self) -> set[str]:
+    def consumed_queues(self) -> set[str]:
+        """The queues this transport's channels consume."""
         queues: set[str] = set()
         for channel in list(self.channels):
             queues.update(channel._active_queues)
@@ -197,7 +218,7 @@ class Transport(virtual.Transport):
             self._hub.call_later(0.5, self._arm_listen)
             self._drain_nowait()
             return
-        announced = heard & self._consumed_queues()
+        announced = heard & self.consumed_queues()
         if announced:
             self._drain_nowait(announced)
 
@@ -244,4 +265,4 @@ class Transport(virtual.Transport):
                 if left <= 0:
                     raise TimeoutError()
                 wait = min(wait, left)
-            self.wakeups.wait(wait, self._consumed_queues())
+            self.wakeups.wait(wait, self.consumed_queues())

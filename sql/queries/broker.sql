@@ -1,20 +1,34 @@
 -- Queries of the broker transport. Queue and exchange names are always bound parameters.
 
 -- name: publish
--- Enqueue one message and wake consumers of its queue at commit.
-WITH sent AS (
-    INSERT INTO {schema}.messages (queue, priority, payload, visible_at)
-    VALUES (%(queue)s, %(priority)s, %(payload)s, now() + make_interval(secs => %(delay)s))
+-- Enqueue one message and wake consumers of its queue at commit. publish_id (made by the
+-- client) makes the same publish retried after a lost commit reply insert nothing. A queue
+-- deleted for being unused (a tombstone in queues) takes nothing, as on RabbitMQ; the queue's
+-- message TTL and the message's own expiration (seconds, or NULL) set expires_at.
+WITH q AS (
+    SELECT message_ttl, deleted_at FROM {schema}.queues WHERE name = %(queue)s
+), sent AS (
+    INSERT INTO {schema}.messages (queue, priority, payload, visible_at, publish_id, expires_at)
+    SELECT %(queue)s, %(priority)s, %(payload)s, now() + make_interval(secs => %(delay)s),
+           %(publish_id)s,
+           least(now() + make_interval(secs => %(expiration)s), now() + (SELECT message_ttl FROM q))
+    WHERE NOT EXISTS (SELECT 1 FROM q WHERE deleted_at IS NOT NULL)
+    ON CONFLICT (publish_id) DO NOTHING
     RETURNING queue
 )
 SELECT pg_notify(%(channel)s, queue) FROM sent WHERE %(notify)s;
 
 -- name: publish_fanout
 -- Enqueue a copy of the message for every queue bound to a fanout exchange; one NOTIFY each.
+-- Each copy's publish_id is derived from the publish's and the queue's name (insert once).
 WITH sent AS (
-    INSERT INTO {schema}.messages (queue, priority, payload)
-    SELECT DISTINCT b.queue, %(priority)s, %(payload)s FROM {schema}.bindings b
-    WHERE b.exchange = %(exchange)s
+    INSERT INTO {schema}.messages (queue, priority, payload, publish_id, expires_at)
+    SELECT b.queue, %(priority)s, %(payload)s, md5(%(publish_id)s::text || b.queue)::uuid,
+           least(now() + make_interval(secs => %(expiration)s), now() + q.message_ttl)
+    FROM (SELECT DISTINCT queue FROM {schema}.bindings WHERE exchange = %(exchange)s) b
+    LEFT JOIN {schema}.queues q ON q.name = b.queue
+    WHERE q.deleted_at IS NULL
+    ON CONFLICT (publish_id) DO NOTHING
     RETURNING queue
 )
 SELECT pg_notify(%(channel)s, queue) FROM (SELECT DISTINCT queue FROM sent) q WHERE %(notify)s;
@@ -35,6 +49,7 @@ WITH acked AS (
     CROSS JOIN LATERAL (
         SELECT id, delivery_count, priority FROM {schema}.messages
         WHERE queue = q.name AND visible_at <= now()
+          AND (expires_at IS NULL OR expires_at > now())  -- expired: never delivered
         ORDER BY priority DESC, id
         LIMIT %(n)s
         FOR UPDATE SKIP LOCKED
@@ -71,18 +86,32 @@ ORDER BY dead, priority DESC, id;
 DELETE FROM {schema}.messages WHERE id = ANY(%(ids)s);
 
 -- name: requeue
--- Make leased messages visible again now (reject with requeue, or a consumer shutting down).
+-- Make messages this consumer leases visible again now, their delivery counted (reject with
+-- requeue). A message whose lease this consumer lost is someone else's: left alone.
 WITH back AS (
     UPDATE {schema}.messages SET visible_at = now(), leased_by = NULL
-    WHERE id = ANY(%(ids)s)
+    WHERE id = ANY(%(ids)s) AND leased_by = %(consumer)s
+    RETURNING queue
+)
+SELECT pg_notify(%(channel)s, queue) FROM (SELECT DISTINCT queue FROM back) q WHERE %(notify)s;
+
+-- name: hand_back
+-- A clean hand-back (channel closed, worker shutdown): visible again now, and this delivery
+-- does not count, so restarts never push a healthy message towards max_deliveries.
+WITH back AS (
+    UPDATE {schema}.messages
+    SET visible_at = now(), leased_by = NULL, delivery_count = greatest(delivery_count - 1, 0)
+    WHERE id = ANY(%(ids)s) AND leased_by = %(consumer)s
     RETURNING queue
 )
 SELECT pg_notify(%(channel)s, queue) FROM (SELECT DISTINCT queue FROM back) q WHERE %(notify)s;
 
 -- name: dead_letter
--- Move messages to the dead letters with a reason (reject without requeue).
+-- Move messages this consumer leases to the dead letters with a reason (reject without
+-- requeue, undecodable rows).
 WITH dead AS (
-    DELETE FROM {schema}.messages WHERE id = ANY(%(ids)s) RETURNING *
+    DELETE FROM {schema}.messages WHERE id = ANY(%(ids)s) AND leased_by = %(consumer)s
+    RETURNING *
 )
 INSERT INTO {schema}.dead_letters
     (id, queue, priority, payload, delivery_count, reason, error, enqueued_at)
@@ -108,8 +137,10 @@ WITH gone AS (
 SELECT count(*) FROM gone;
 
 -- name: delete_queue
--- Delete a queue: its messages and its bindings.
-WITH gone AS (DELETE FROM {schema}.messages WHERE queue = %(queue)s)
+-- Delete a queue: its messages, its bindings, its declaration and its consumers.
+WITH gone AS (DELETE FROM {schema}.messages WHERE queue = %(queue)s),
+     undeclared AS (DELETE FROM {schema}.queues WHERE name = %(queue)s),
+     forgotten AS (DELETE FROM {schema}.consumers WHERE queue = %(queue)s)
 DELETE FROM {schema}.bindings WHERE queue = %(queue)s;
 
 -- name: has_queue
@@ -181,10 +212,117 @@ SELECT count(*) FROM gone;
 
 -- name: release_orphans
 -- After a claim retried on a new connection: the lost attempt may have committed leases this
--- consumer never received. Hand back whatever it holds a lease on but does not know about.
+-- consumer never received. Hand back whatever it holds a lease on but does not know about
+-- (never received: not a delivery).
 WITH back AS (
-    UPDATE {schema}.messages SET visible_at = now(), leased_by = NULL
+    UPDATE {schema}.messages
+    SET visible_at = now(), leased_by = NULL, delivery_count = greatest(delivery_count - 1, 0)
     WHERE leased_by = %(consumer)s AND NOT (id = ANY(%(keep)s::bigint[]))
     RETURNING queue
 )
 SELECT pg_notify(%(channel)s, queue) FROM (SELECT DISTINCT queue FROM back) q WHERE %(notify)s;
+
+-- name: declare_queue
+-- Record a declared queue and its RabbitMQ arguments (seconds, or NULL); declaring a deleted
+-- queue again revives it. A plain queue declared again with the same arguments is not written.
+INSERT INTO {schema}.queues AS q (name, message_ttl, expires, auto_delete)
+VALUES (%(queue)s, make_interval(secs => %(message_ttl)s), make_interval(secs => %(expires)s),
+        %(auto_delete)s)
+ON CONFLICT (name) DO UPDATE SET
+    message_ttl = excluded.message_ttl, expires = excluded.expires,
+    auto_delete = excluded.auto_delete, last_used = now(), deleted_at = NULL,
+    had_consumer = q.had_consumer AND q.deleted_at IS NULL
+WHERE q.deleted_at IS NOT NULL OR q.expires IS NOT NULL OR excluded.expires IS NOT NULL
+   OR (q.message_ttl, q.auto_delete) IS DISTINCT FROM (excluded.message_ttl, excluded.auto_delete);
+
+-- name: consumer_start
+-- This consumer consumes the queue from now on (a live consumer keeps a queue from expiring).
+WITH used AS (
+    UPDATE {schema}.queues SET had_consumer = true, last_used = now()
+    WHERE name = %(queue)s AND (NOT had_consumer OR expires IS NOT NULL)
+)
+INSERT INTO {schema}.consumers (queue, consumer) VALUES (%(queue)s, %(consumer)s)
+ON CONFLICT (queue, consumer) DO UPDATE SET seen_at = now();
+
+-- name: consumer_stop
+-- This consumer stopped consuming the given queues (NULL: all of them). An auto_delete queue
+-- that nobody else consumes is deleted now, as on RabbitMQ: bindings and unleased messages go,
+-- its declaration stays as a tombstone.
+WITH gone AS (
+    DELETE FROM {schema}.consumers
+    WHERE consumer = %(consumer)s AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s))
+    RETURNING queue
+), doomed AS (
+    UPDATE {schema}.queues q SET deleted_at = now()
+    FROM gone
+    WHERE q.name = gone.queue AND q.auto_delete AND q.deleted_at IS NULL
+      AND NOT EXISTS (SELECT 1 FROM {schema}.consumers c
+                      WHERE c.queue = q.name AND c.consumer <> %(consumer)s)
+    RETURNING q.name
+), unbound AS (
+    DELETE FROM {schema}.bindings b USING doomed WHERE b.queue = doomed.name
+)
+DELETE FROM {schema}.messages m USING doomed
+WHERE m.queue = doomed.name AND (m.leased_by IS NULL OR m.visible_at <= now());
+
+-- name: consumers_alive
+-- Live consumers say so (every sweep_interval): (queue, consumer) pairs, and the expiring
+-- queues they consume count as used.
+WITH seen AS (
+    INSERT INTO {schema}.consumers (queue, consumer)
+    SELECT * FROM unnest(%(queues)s::text[], %(consumers)s::text[])
+    ON CONFLICT (queue, consumer) DO UPDATE SET seen_at = now()
+)
+UPDATE {schema}.queues SET last_used = now()
+WHERE name = ANY(%(queues)s) AND expires IS NOT NULL;
+
+-- name: sweep_lock
+-- One sweeper at a time in the whole database (released at commit); false: another sweeps.
+SELECT pg_try_advisory_xact_lock(hashtext(%(lock)s));
+
+-- name: sweep_consumers
+-- Forget consumers that stopped saying they are alive (their process died).
+DELETE FROM {schema}.consumers WHERE seen_at < now() - make_interval(secs => %(grace)s);
+
+-- name: sweep_queues
+-- Delete queues unused for longer than their x-expires, and auto_delete queues whose consumers
+-- are all gone: their bindings go now, their declaration stays as a tombstone.
+WITH doomed AS (
+    UPDATE {schema}.queues q SET deleted_at = now()
+    WHERE q.deleted_at IS NULL
+      AND ((q.expires IS NOT NULL AND q.last_used < now() - q.expires)
+           OR (q.auto_delete AND q.had_consumer))
+      AND NOT EXISTS (SELECT 1 FROM {schema}.consumers c WHERE c.queue = q.name)
+    RETURNING q.name
+)
+DELETE FROM {schema}.bindings b USING doomed WHERE b.queue = doomed.name;
+
+-- name: sweep_expired_messages
+-- Delete one bounded batch of expired messages (a message leased right now is left to its
+-- consumer).
+WITH doomed AS (
+    DELETE FROM {schema}.messages WHERE ctid = ANY(ARRAY(
+        SELECT ctid FROM {schema}.messages
+        WHERE expires_at <= now() AND (leased_by IS NULL OR visible_at <= now())
+        LIMIT %(batch)s FOR UPDATE SKIP LOCKED))
+    RETURNING 1
+)
+SELECT count(*) FROM doomed;
+
+-- name: sweep_orphan_messages
+-- Delete one bounded batch of the messages of deleted queues (leased ones are left to their
+-- consumer).
+WITH doomed AS (
+    DELETE FROM {schema}.messages WHERE ctid = ANY(ARRAY(
+        SELECT m.ctid FROM {schema}.queues q JOIN {schema}.messages m ON m.queue = q.name
+        WHERE q.deleted_at IS NOT NULL AND (m.leased_by IS NULL OR m.visible_at <= now())
+        LIMIT %(batch)s FOR UPDATE OF m SKIP LOCKED))
+    RETURNING 1
+)
+SELECT count(*) FROM doomed;
+
+-- name: sweep_tombstones
+-- Forget deleted queues after a while (routing caches have long moved on).
+DELETE FROM {schema}.queues
+WHERE deleted_at < now() - make_interval(secs => %(keep)s)
+  AND NOT EXISTS (SELECT 1 FROM {schema}.bindings b WHERE b.queue = queues.name);
