@@ -57,14 +57,20 @@ NO_EXPIRATION = (
     "published with expiration=2 is still delivered 3 s later")
 
 
+#: What pytest raises for a test killed by pytest-timeout, or for "DID NOT RAISE".
+Failed = pytest.fail.Exception
+
+
 def dead_server_xfail(reason: str):
-    """Strict xfail plus the time bound of a scenario that meets the dead server."""
+    """Strict xfail plus the time bound of a scenario that meets the dead server (the expected
+    failure is the timeout; anything else, e.g. a fixture error, is reported as a failure)."""
     def mark(fn):
-        return pytest.mark.timeout(DEAD_SERVER_BOUND)(pytest.mark.xfail(strict=True, reason=reason)(fn))
+        fn = pytest.mark.xfail(strict=True, raises=Failed, reason=reason)(fn)
+        return pytest.mark.timeout(DEAD_SERVER_BOUND)(fn)
     return mark
 
 
-xfail_ttl = pytest.mark.xfail(strict=True, reason=NO_EXPIRATION)
+xfail_ttl = pytest.mark.xfail(strict=True, raises=(AssertionError, Failed), reason=NO_EXPIRATION)
 
 
 def _assert_port_closed() -> None:
