@@ -64,6 +64,13 @@ def make_app(url: str, broker_options: dict | None = None) -> Celery:
             out.write(f"{self.request.id}\n")
         return sum(values)
 
+    @app.task(name="e2e.write_to_file_and_return_int", shared=False)
+    def write_to_file_and_return_int(file_name, i):
+        # Celery's t/integration/tasks.py: proves when a chord header part has run
+        with open(file_name, mode="a", buffering=1) as file_handle:
+            file_handle.write(str(i) + "\n")
+        return i
+
     @app.task(name="e2e.die", shared=False)
     def die():
         os.kill(os.getpid(), 9)

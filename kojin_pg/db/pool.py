@@ -35,6 +35,9 @@ T = TypeVar("T")
 _TRANSIENT_FATALS = ("starting up", "shutting down", "in recovery", "too many clients",
                      "terminating connection", "not yet accepting")
 
+#: Seconds a connection attempt may take unless the URL or the caller says otherwise.
+DEFAULT_CONNECT_TIMEOUT = 10.0
+
 #: Errors after which an idempotent operation may simply be tried again.
 _NOT_TRANSIENT = (PoolTimeout, pg_errors.QueryCanceled)
 
@@ -66,10 +69,13 @@ class Database:
     """
 
     def __init__(self, settings: Settings, *, role: str = "kojin_pg",
-                 synchronous_commit: str | None = None) -> None:
+                 synchronous_commit: str | None = None,
+                 connect_timeout: float | None = None) -> None:
         self.settings = settings
         self.role = role
         self.synchronous_commit = synchronous_commit or settings.synchronous_commit
+        #: Seconds a connection attempt may take (a ``connect_timeout`` in the URL wins).
+        self.connect_timeout = connect_timeout or DEFAULT_CONNECT_TIMEOUT
         self._pool: ProcessLocal[ConnectionPool] = ProcessLocal(self._open_pool)
 
     def __repr__(self) -> str:
@@ -81,6 +87,9 @@ class Database:
         kwargs: dict[str, Any] = {"autocommit": True}
         if "application_name" not in self.settings.conninfo:
             kwargs["application_name"] = self.role
+        if "connect_timeout" not in self.settings.conninfo:
+            # libpq takes whole seconds (and waits for ever on 0)
+            kwargs["connect_timeout"] = max(1, round(self.connect_timeout))
         return kwargs
 
     def _configure(self, conn: psycopg.Connection[Any]) -> None:
@@ -105,8 +114,7 @@ class Database:
         error; one that is down or restarting is :class:`DatabaseUnavailable`, retried.
         """
         try:
-            psycopg.Connection.connect(self.settings.conninfo, connect_timeout=10,
-                                       **self._connect_kwargs()).close()
+            psycopg.Connection.connect(self.settings.conninfo, **self._connect_kwargs()).close()
         except psycopg.OperationalError as exc:
             text = scrub(str(exc).strip(), self.settings.conninfo)
             message = f"cannot connect to PostgreSQL at {self.settings.safe_url}: {text}"

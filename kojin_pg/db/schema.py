@@ -84,8 +84,10 @@ def _apply(conn: psycopg.Connection[Any], schema: str, m: Migration) -> None:
     log.info("kojin_pg: applied migration %04d_%s to schema %s", m.version, m.name, schema)
 
 
-def ensure_schema(db: Database) -> None:
-    """Make sure the schema is current: migrate if allowed, else raise a clear SchemaError."""
+def ensure_schema(db: Database, *, retry: bool = True) -> None:
+    """Make sure the schema is current: migrate if allowed, else raise a clear SchemaError.
+
+    ``retry=False``: fail at once when the server cannot be reached (the caller retries)."""
     settings: Settings = db.settings
 
     def work(conn: psycopg.Connection[Any]) -> None:
@@ -102,4 +104,4 @@ def ensure_schema(db: Database) -> None:
             )
         migrate(conn, settings.schema)
 
-    db.run(work, "schema check")
+    db.run(work, "schema check", retry=retry)

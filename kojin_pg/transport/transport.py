@@ -86,7 +86,8 @@ class Transport(virtual.Transport):
     @cached_property
     def db(self) -> Database:
         """Pool for publishing (durable commits unless ``synchronous_commit`` says otherwise)."""
-        return Database(self.settings, role="kojin_pg.broker")
+        return Database(self.settings, role="kojin_pg.broker",
+                        connect_timeout=self.client.connect_timeout)
 
     @cached_property
     def consumer_db(self) -> Database:
@@ -96,7 +97,8 @@ class Transport(virtual.Transport):
         fraction of a second of them, and then a message is delivered once more, which
         at-least-once delivery allows. Publishes never go through here.
         """
-        return Database(self.settings, role="kojin_pg.consumer", synchronous_commit="off")
+        return Database(self.settings, role="kojin_pg.consumer", synchronous_commit="off",
+                        connect_timeout=self.client.connect_timeout)
 
     @cached_property
     def queries(self) -> Queries:
@@ -124,16 +126,18 @@ class Transport(virtual.Transport):
         """NOTIFY announcements and local nudges (see :mod:`.wakeups`)."""
         return Wakeups(self.db, self.channel_name, enabled=self.settings.use_notify)
 
-    def ensure_ready(self) -> None:
+    def ensure_ready(self, *, retry: bool = True) -> None:
         """Check (and with auto_migrate apply) the schema once per transport, and join this
         process's queue upkeep."""
         if not self._ready:
-            ensure_schema(self.db)
+            ensure_schema(self.db, retry=retry)
             upkeep_for(self).attach(self)
             self._ready = True
 
     def establish_connection(self) -> Transport:
-        self.ensure_ready()
+        # No retries of our own here: kombu retries connecting by its own policy
+        # (Connection(connect_timeout=...), max_retries, failover to the next URL).
+        self.ensure_ready(retry=False)
         return super().establish_connection()
 
     def close_connection(self, connection: Any) -> None:
