@@ -456,3 +456,44 @@ def test_wait_on_descriptors_above_1024_is_woken_by_a_publish(db_url, high_descr
         message.ack()
     # woken by the NOTIFY, not by the 30 s safety poll
     assert message.payload == {"n": 1} and waited < 10
+
+
+# -- item 2: a broadcast leased by a worker that died is not replayed after its TTL ------------
+
+HOLD_AND_DIE = textwrap.dedent("""
+    import sys, time
+    from kombu import Connection
+    import kojin_pg
+    conn = Connection("kojin+" + sys.argv[1], transport_options={"visibility_timeout": 1,
+                                                                 "lease_renew_interval": 0.25})
+    message = conn.channel().basic_get(sys.argv[2])
+    print(message.payload["method"], flush=True)
+    time.sleep(600)  # holds the lease until killed
+""")
+
+
+def test_stale_command_leased_by_a_dead_worker_is_not_redelivered(db_url):
+    """What replayed a shutdown 30 minutes later: a pidbox-like queue (message TTL, as Celery's
+    control_queue_ttl) whose message was leased by a worker killed with -9. When the lease
+    runs out, the message is past its TTL: nobody gets it, and the sweep removes it."""
+    import signal
+
+    q = make_queue("pidbox", message_ttl=1.5)
+    with Connection(kurl(db_url)) as conn:
+        q(conn.channel()).declare()
+        publish(conn, q, [{"method": "shutdown"}])
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_AND_DIE, db_url, q.name],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "shutdown"
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(30)
+    time.sleep(2.0)  # the lease (1 s) and the TTL (1.5 s) have both run out
+    with Connection(kurl(db_url)) as conn:
+        replayed = consume(conn, q, 1, timeout=2)
+        deadline = time.monotonic() + 8
+        while (left := queue_rows(db_url, q.name)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert replayed == [], "a command past its TTL was delivered again"
+    assert left == 0, "the expired command is still stored"
