@@ -23,7 +23,8 @@ from celery.result import AsyncResult
 
 from . import codec, config
 from .db import Queries
-from .transport.messages import expiration_seconds, messages_channel
+from .db.channels import messages_channel
+from .transport.messages import publish_fields
 from .transport.options import broker_settings
 
 
@@ -66,7 +67,7 @@ def send_task(conn: psycopg.Connection[Any], app: Any, name: str, args: Any = ()
     schema = _broker_schema(app)
     conn.execute(Queries("broker", schema).publish, {
         "queue": queue, "priority": priority, "payload": codec.jsonb(codec.dumps(payload)),
-        "delay": 0.0, "publish_id": uuid.uuid4(), "expiration": expiration_seconds(payload),
+        "publish_id": uuid.uuid4(), **publish_fields(payload),
         "channel": messages_channel(schema), "notify": True,
     })
     return app.AsyncResult(task_id)

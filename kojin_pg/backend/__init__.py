@@ -16,6 +16,7 @@ the URL query or in ``result_backend_transport_options`` (see :mod:`kojin_pg.con
 
 from __future__ import annotations
 
-from .results import PostgresBackend, results_channel
+from ..db.channels import results_channel
+from .results import PostgresBackend
 
 __all__ = ["PostgresBackend", "results_channel"]

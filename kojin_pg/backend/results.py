@@ -20,6 +20,7 @@ from celery.result import result_from_tuple
 
 from .. import config
 from ..db import Database, Queries, is_transient
+from ..db.channels import results_channel
 from ..db.schema import ensure_schema
 from ..errors import PayloadError
 from .chords import Chords
@@ -30,11 +31,6 @@ from .waiting import ResultConsumer
 log = logging.getLogger(__name__)
 
 _EXTENDED = ("name", "args", "kwargs", "worker", "retries", "queue")
-
-
-def results_channel(schema: str) -> str:
-    """The NOTIFY channel on which stored results of ``schema`` are announced."""
-    return f"kojin_results_{schema}"
 
 
 class PostgresBackend(AsyncBackendMixin, BaseBackend):

@@ -11,9 +11,9 @@ import json
 from typing import Any
 
 from ..db import Queries
+from ..db.channels import messages_channel
 from ..errors import KojinError
 from ..taskmessage import decode
-from ..transport import messages_channel
 from .common import EXIT_OK, Progress, UsageError, database, print_json, print_table
 
 BATCH = 5000

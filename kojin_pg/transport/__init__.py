@@ -32,8 +32,8 @@ Modules: :mod:`.transport` (the kombu Transport, event loop and blocking waits),
 
 from __future__ import annotations
 
+from ..db.channels import messages_channel
 from .channel import Channel
-from .messages import messages_channel
 from .qos import QoS
 from .transport import Transport
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import binascii
 import logging
+import time
 import uuid
 from queue import Empty
 from typing import TYPE_CHECKING, Any
@@ -14,16 +15,28 @@ from kombu.transport.base import to_rabbitmq_queue_arguments
 
 from .. import codec
 from ..config import check_queue_name
+from ..db.channels import results_channel
 from ..errors import PayloadError
 from ..events import DEAD_LETTER, REDELIVERY, log_event
-from .messages import DEFAULT_BATCH, expiration_seconds, queue_arguments, why_malformed
+from .messages import (
+    DEFAULT_BATCH,
+    expiration_seconds,
+    publish_fields,
+    queue_arguments,
+    why_malformed,
+)
 from .qos import QoS
 from .routing import Bindings
+from .scheduling import REVOKED_RESULT
 
 if TYPE_CHECKING:
     from .transport import Transport
 
 log = logging.getLogger(__name__)
+
+REVOKED_RESULT_JSON = codec.jsonb(codec.dumps(REVOKED_RESULT))
+#: Seconds a REVOKED result written by the broker is kept (Celery's default result_expires).
+REVOKED_RESULT_EXPIRES = 86400.0
 
 
 class Channel(virtual.Channel):
@@ -39,6 +52,9 @@ class Channel(virtual.Channel):
         self.bindings = Bindings(connection.queries, self._fetch)
         #: Queues consumed with no_ack (Celery's event receivers): delivered means done.
         self._no_ack_queues: set[str] = set()
+        #: time.monotonic() when the earliest scheduled message of the queues of the last claim
+        #: is due (None: nothing scheduled); the transport sets its timer by it.
+        self.next_due: float | None = None
 
     def _fetch(self, query: Any, params: dict[str, Any], what: str) -> list[tuple[Any, ...]]:
         """Run one publishing-side statement on the durable pool."""
@@ -66,8 +82,8 @@ class Channel(virtual.Channel):
         # publish_id: the statement is retried after a lost connection, and inserts once
         self._fetch(t.queries.publish, {
             "queue": check_queue_name(queue), "priority": self._get_message_priority(message),
-            "payload": self._encode(message), "delay": 0.0, "publish_id": uuid.uuid4(),
-            "expiration": expiration_seconds(message),
+            "payload": self._encode(message), "publish_id": uuid.uuid4(),
+            **publish_fields(message),
             "channel": t.channel_name, "notify": t.settings.use_notify,
         }, "publish")
 
@@ -171,7 +187,9 @@ class Channel(virtual.Channel):
         acks = t.acks.take()
         params = {"acks": acks, "queues": queues, "n": n,
                   "max_deliveries": s.max_deliveries, "visibility_timeout": s.visibility_timeout,
-                  "consumer": t.consumer_id}
+                  "consumer": t.consumer_id, "revoked_result": REVOKED_RESULT_JSON,
+                  "result_expires": REVOKED_RESULT_EXPIRES,
+                  "results_channel": results_channel(s.schema)}
         attempts = 0
 
         def claim(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
@@ -190,7 +208,11 @@ class Channel(virtual.Channel):
             raise
         delivered = []
         undecodable: list[tuple[int, str]] = []
-        for msg_id, queue, payload, count, dead, _priority in rows:
+        self.next_due = None
+        for msg_id, queue, payload, count, dead, _priority, due_in in rows:
+            if msg_id is None:  # when the earliest scheduled message of these queues is due
+                self.next_due = time.monotonic() + max(0.0, due_in)
+                continue
             if dead:
                 log_event(log, logging.WARNING, DEAD_LETTER, message_id=msg_id, queue=queue,
                           reason="max_deliveries", deliveries=count)

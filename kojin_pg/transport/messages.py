@@ -8,14 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import PayloadError
+from .scheduling import due_at, task_id, unique_key
 
 #: Messages claimed at once when the channel has no prefetch limit.
 DEFAULT_BATCH = 16
-
-
-def messages_channel(schema: str) -> str:
-    """The NOTIFY channel announcing new messages (payload: the queue name)."""
-    return f"kojin_msgs_{schema}"
 
 
 def why_malformed(payload: Any) -> str | None:
@@ -68,3 +64,10 @@ def queue_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
 
     return {"message_ttl": seconds("x-message-ttl"), "expires": seconds("x-expires"),
             "auto_delete": bool(kwargs.get("auto_delete"))}
+
+
+def publish_fields(message: dict[str, Any]) -> dict[str, Any]:
+    """What the ``publish`` query stores beside the payload, read from the message itself: its
+    expiration, due time, task id and unique key (see :mod:`.scheduling`)."""
+    return {"expiration": expiration_seconds(message), "due_at": due_at(message),
+            "task_id": task_id(message), "unique_key": unique_key(message)}

@@ -17,12 +17,12 @@ from kombu.utils.objects import cached_property
 
 from .. import config
 from ..db import Database, ProcessLocal, Queries
+from ..db.channels import messages_channel
 from ..db.schema import ensure_schema
 from ..errors import DatabaseUnavailable
 from .acks import AckBuffer
 from .channel import Channel
 from .leases import LeaseKeeper
-from .messages import messages_channel
 from .options import broker_settings
 from .upkeep import upkeep_for
 from .wakeups import Wakeups
@@ -63,6 +63,8 @@ class Transport(virtual.Transport):
         self.consumed = False
         self._hub: Any = None
         self._listen_fd: int | None = None
+        #: The event loop's timer for the earliest scheduled message: (due, timer entry).
+        self._due_timer: tuple[float, Any] | None = None
 
     # -- configuration and resources ---------------------------------------------------------
 
@@ -249,6 +251,27 @@ class Transport(virtual.Transport):
         else:
             self._hub.call_soon(self._drain_nowait, announced)  # more ready: let the loop run
         self.acks.flush()
+        self._arm_due_timer()
+
+    def next_due(self) -> float | None:
+        """time.monotonic() when the earliest scheduled message of the consumed queues is due."""
+        dues = [c.next_due for c in list(self.channels) if c.next_due is not None]
+        return min(dues) if dues else None
+
+    def _arm_due_timer(self) -> None:
+        """Wake the loop when the earliest scheduled message is due, not a polling tick later."""
+        due = self.next_due()
+        current = self._due_timer
+        if due is None or (current is not None and current[0] <= due):
+            return
+        if current is not None:
+            current[1].cancel()
+        entry = self._hub.call_later(max(0.0, due - time.monotonic()), self._on_due)
+        self._due_timer = (due, entry)
+
+    def _on_due(self) -> None:
+        self._due_timer = None
+        self._drain_nowait()
 
     # -- blocking consumers (no event loop) ----------------------------------------------------
 
@@ -264,6 +287,9 @@ class Transport(virtual.Transport):
             except Empty:
                 pass
             wait = safety
+            due = self.next_due()
+            if due is not None:  # wake for the earliest scheduled message, not after it
+                wait = min(wait, max(0.0, due - time.monotonic()))
             if timeout is not None:
                 left = timeout - (time.monotonic() - started)
                 if left <= 0:

@@ -2,21 +2,28 @@
 
 -- name: publish
 -- Enqueue one message and wake consumers of its queue at commit. publish_id (made by the
--- client) makes the same publish retried after a lost commit reply insert nothing. A queue
--- deleted for being unused (a tombstone in queues) takes nothing, as on RabbitMQ; the queue's
--- message TTL and the message's own expiration (seconds, or NULL) set expires_at.
+-- client) makes the same publish retried after a lost commit reply insert nothing, and so does
+-- a unique_key already queued or scheduled in the queue. A queue deleted for being unused (a
+-- tombstone in queues) takes nothing, as on RabbitMQ; the queue's message TTL and the message's
+-- own expiration (seconds, or NULL) set expires_at. A scheduled message (due_at) wakes the
+-- queue's consumers only when it is the queue's new earliest, so they can set their timers.
 WITH q AS (
     SELECT message_ttl, deleted_at FROM {schema}.queues WHERE name = %(queue)s
 ), sent AS (
-    INSERT INTO {schema}.messages (queue, priority, payload, visible_at, publish_id, expires_at)
-    SELECT %(queue)s, %(priority)s, %(payload)s, now() + make_interval(secs => %(delay)s),
-           %(publish_id)s,
-           least(now() + make_interval(secs => %(expiration)s), now() + (SELECT message_ttl FROM q))
+    INSERT INTO {schema}.messages
+        (queue, priority, payload, visible_at, publish_id, expires_at, due_at, task_id, unique_key)
+    SELECT %(queue)s, %(priority)s, %(payload)s, coalesce(%(due_at)s, now()), %(publish_id)s,
+           least(now() + make_interval(secs => %(expiration)s), now() + (SELECT message_ttl FROM q)),
+           %(due_at)s, %(task_id)s, %(unique_key)s
     WHERE NOT EXISTS (SELECT 1 FROM q WHERE deleted_at IS NOT NULL)
-    ON CONFLICT (publish_id) DO NOTHING
-    RETURNING queue
+    ON CONFLICT DO NOTHING
+    RETURNING queue, due_at
 )
-SELECT pg_notify(%(channel)s, queue) FROM sent WHERE %(notify)s;
+SELECT pg_notify(%(channel)s, queue) FROM sent
+WHERE %(notify)s
+  AND (due_at IS NULL OR NOT EXISTS (
+        SELECT 1 FROM {schema}.messages m
+        WHERE m.queue = sent.queue AND m.due_at IS NOT NULL AND m.due_at <= sent.due_at));
 
 -- name: publish_fanout
 -- Enqueue a copy of the message for every queue bound to a fanout exchange; one NOTIFY each.
@@ -34,31 +41,47 @@ WITH sent AS (
 SELECT pg_notify(%(channel)s, queue) FROM (SELECT DISTINCT queue FROM sent) q WHERE %(notify)s;
 
 -- name: claim
--- Apply pending acks, then lease up to n visible messages of the given queues, in priority then FIFO order, skipping rows
--- other consumers are claiming. A message that was already delivered max_deliveries times goes
--- to the dead letters instead (returned with dead = true, payload NULL).
+-- Apply pending acks, then lease up to n deliverable messages of the given queues: ready ones
+-- in priority then FIFO order, and scheduled ones now due, skipping rows other consumers are
+-- claiming. A message already delivered max_deliveries times goes to the dead letters instead
+-- (returned with dead = true, payload NULL); one revoked while leased is dropped (its result
+-- becomes REVOKED). One more row, with id NULL, says in how many seconds the earliest
+-- scheduled message of these queues is due (none: no such row).
 WITH acked AS (
     -- acks collected since the last claim, applied in the same round trip
     DELETE FROM {schema}.messages WHERE id = ANY(%(acks)s::bigint[])
-), picked AS (
+), ready AS (
     -- per queue, so each walks messages_claim_idx in delivery order and stops after n rows:
     -- the claim costs the same with 10 or 10 million messages queued (queue = ANY(...) would
-    -- read and sort the whole backlog).
-    SELECT m.id, m.delivery_count
+    -- read and sort the whole backlog), and scheduled rows are not in that index at all.
+    SELECT m.*
     FROM unnest(%(queues)s::text[]) AS q(name)
     CROSS JOIN LATERAL (
-        SELECT id, delivery_count, priority FROM {schema}.messages
-        WHERE queue = q.name AND visible_at <= now()
+        SELECT id, delivery_count, priority, revoked FROM {schema}.messages
+        WHERE queue = q.name AND due_at IS NULL AND visible_at <= now()
           AND (expires_at IS NULL OR expires_at > now())  -- expired: never delivered
         ORDER BY priority DESC, id
         LIMIT %(n)s
         FOR UPDATE SKIP LOCKED
     ) m
-    ORDER BY m.priority DESC, m.id
+), due AS (
+    SELECT m.*
+    FROM unnest(%(queues)s::text[]) AS q(name)
+    CROSS JOIN LATERAL (
+        SELECT id, delivery_count, priority, revoked FROM {schema}.messages
+        WHERE queue = q.name AND due_at <= now()
+          AND (expires_at IS NULL OR expires_at > now())
+        ORDER BY due_at
+        LIMIT %(n)s
+        FOR UPDATE SKIP LOCKED
+    ) m
+), picked AS (
+    SELECT * FROM ready UNION ALL SELECT * FROM due
+    ORDER BY priority DESC, id
     LIMIT %(n)s
 ), dead AS (
     DELETE FROM {schema}.messages m USING picked p
-    WHERE m.id = p.id AND p.delivery_count >= %(max_deliveries)s
+    WHERE m.id = p.id AND p.delivery_count >= %(max_deliveries)s AND NOT p.revoked
     RETURNING m.*
 ), buried AS (
     INSERT INTO {schema}.dead_letters
@@ -67,18 +90,45 @@ WITH acked AS (
            'delivered ' || delivery_count || ' times without an ack', enqueued_at
     FROM dead
     ON CONFLICT (id) DO NOTHING
+), dropped AS (
+    DELETE FROM {schema}.messages m USING picked p
+    WHERE m.id = p.id AND p.revoked
+    RETURNING m.task_id
+), revoked_results AS (
+    INSERT INTO {schema}.results AS r (task_id, status, result, date_done, expires_at)
+    SELECT task_id, 'REVOKED', %(revoked_result)s, now(),
+           now() + make_interval(secs => %(result_expires)s)
+    FROM dropped WHERE task_id IS NOT NULL
+    ON CONFLICT (task_id) DO UPDATE SET status = 'REVOKED', result = excluded.result,
+        date_done = excluded.date_done, expires_at = excluded.expires_at
+    WHERE r.status NOT IN ('SUCCESS', 'FAILURE', 'REVOKED')
+    RETURNING pg_notify(%(results_channel)s, r.task_id)  -- wakes whoever waits for it
 ), claimed AS (
     UPDATE {schema}.messages m
     SET visible_at = now() + make_interval(secs => %(visibility_timeout)s),
         delivery_count = m.delivery_count + 1,
-        leased_by = %(consumer)s
+        leased_by = %(consumer)s,
+        due_at = NULL,      -- leased now: from here on like any other message
+        unique_key = NULL   -- no longer queued: the same key may be enqueued again
     FROM picked p
-    WHERE m.id = p.id AND p.delivery_count < %(max_deliveries)s
+    WHERE m.id = p.id AND p.delivery_count < %(max_deliveries)s AND NOT p.revoked
     RETURNING m.id, m.queue, m.payload, m.delivery_count, m.priority
+), next_due AS (
+    SELECT min(d.due_at) AS at
+    FROM unnest(%(queues)s::text[]) AS q(name)
+    CROSS JOIN LATERAL (
+        SELECT due_at FROM {schema}.messages
+        WHERE queue = q.name AND due_at > now()
+        ORDER BY due_at LIMIT 1
+    ) d
 )
-SELECT id, queue, payload, delivery_count, false AS dead, priority FROM claimed
+SELECT id, queue, payload, delivery_count, false AS dead, priority, NULL::float8 AS due_in
+FROM claimed
 UNION ALL
-SELECT id, queue, NULL, delivery_count, true, priority FROM dead
+SELECT id, queue, NULL, delivery_count, true, priority, NULL FROM dead
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, extract(epoch FROM at - now())::float8
+FROM next_due WHERE at IS NOT NULL
 ORDER BY dead, priority DESC, id;
 
 -- name: ack
@@ -326,3 +376,59 @@ SELECT count(*) FROM doomed;
 DELETE FROM {schema}.queues
 WHERE deleted_at < now() - make_interval(secs => %(keep)s)
   AND NOT EXISTS (SELECT 1 FROM {schema}.bindings b WHERE b.queue = queues.name);
+
+-- name: publish_unique
+-- Enqueue a message with a unique key; if the key is already queued or scheduled in the queue,
+-- enqueue nothing. Returns the task id that holds the key and whether it is this one. The key
+-- makes a retry after a lost commit reply find its own row.
+WITH q AS (
+    SELECT message_ttl, deleted_at FROM {schema}.queues WHERE name = %(queue)s
+), sent AS (
+    INSERT INTO {schema}.messages AS m
+        (queue, priority, payload, visible_at, expires_at, due_at, task_id, unique_key)
+    SELECT %(queue)s, %(priority)s, %(payload)s, coalesce(%(due_at)s, now()),
+           least(now() + make_interval(secs => %(expiration)s), now() + (SELECT message_ttl FROM q)),
+           %(due_at)s, %(task_id)s, %(unique_key)s
+    WHERE NOT EXISTS (SELECT 1 FROM q WHERE deleted_at IS NOT NULL)
+    ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL
+    DO UPDATE SET unique_key = excluded.unique_key
+    RETURNING m.queue, m.due_at, m.task_id, xmax = 0 AS inserted
+)
+SELECT task_id, inserted,
+       CASE WHEN %(notify)s AND inserted AND (due_at IS NULL OR NOT EXISTS (
+                SELECT 1 FROM {schema}.messages o
+                WHERE o.queue = sent.queue AND o.due_at IS NOT NULL AND o.due_at < sent.due_at))
+            THEN pg_notify(%(channel)s, queue) END
+FROM sent;
+
+-- name: revoke
+-- Revoke tasks durably: queued and scheduled messages of these task ids are deleted and their
+-- results become REVOKED (waiters are woken); one leased right now is flagged, so whoever
+-- claims it again drops it. Returns how many messages were deleted and flagged.
+WITH gone AS (
+    DELETE FROM {schema}.messages
+    WHERE task_id = ANY(%(task_ids)s::text[]) AND (leased_by IS NULL OR visible_at <= now())
+    RETURNING task_id
+), flagged AS (
+    UPDATE {schema}.messages SET revoked = true
+    WHERE task_id = ANY(%(task_ids)s::text[]) AND leased_by IS NOT NULL AND visible_at > now()
+    RETURNING task_id
+), stored AS (
+    INSERT INTO {schema}.results AS r (task_id, status, result, date_done, expires_at)
+    SELECT DISTINCT task_id, 'REVOKED', %(revoked_result)s::jsonb, now(),
+           now() + make_interval(secs => %(result_expires)s)
+    FROM gone
+    ON CONFLICT (task_id) DO UPDATE SET status = 'REVOKED', result = excluded.result,
+        date_done = excluded.date_done, expires_at = excluded.expires_at
+    WHERE r.status NOT IN ('SUCCESS', 'FAILURE', 'REVOKED')
+    RETURNING pg_notify(%(results_channel)s, r.task_id)  -- wakes whoever waits for it
+)
+SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM flagged),
+       (SELECT count(*) FROM stored);
+
+-- name: scheduled_list
+-- Scheduled messages, soonest first, optionally of one queue.
+SELECT id, queue, due_at, task_id, payload->'headers'->>'task', enqueued_at
+FROM {schema}.messages
+WHERE due_at IS NOT NULL AND (%(queue)s::text IS NULL OR queue = %(queue)s)
+ORDER BY due_at, id LIMIT %(limit)s;

@@ -64,7 +64,7 @@ def _selection(ids: Sequence[int]) -> dict[str, Any]:
 
 def requeue_dead_letters(ids: Sequence[int]) -> int:
     """Move these dead letters back to their queues (``dlq_requeue``); returns how many moved."""
-    from kojin_pg.transport import messages_channel
+    from kojin_pg.db.channels import messages_channel
 
     schema = conf.schema()
     rows = _run(Queries("broker", schema).dlq_requeue,
