@@ -42,6 +42,8 @@ class QueueFigures:
     dead: int
     oldest_ready_age_s: float | None
     bindings: int
+    #: Seconds until the next scheduled message is due (None: nothing scheduled).
+    next_due_s: float | None = None
 
 
 @dataclass(frozen=True)

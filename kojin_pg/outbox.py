@@ -47,10 +47,23 @@ def send_task(conn: psycopg.Connection[Any], app: Any, name: str, args: Any = ()
     """
     task_id = task_id or str(uuid.uuid4())
     queue = config.check_queue_name(queue or app.conf.task_default_queue)
-    message = app.amqp.create_task_message(
+    payload = task_message(app, name, args, kwargs, queue=queue, priority=priority,
+                           task_id=task_id, **options)
+    schema = _broker_schema(app)
+    conn.execute(Queries("broker", schema).publish, {
+        "queue": queue, "priority": priority, "payload": codec.jsonb(codec.dumps(payload)),
+        "publish_id": uuid.uuid4(), **publish_fields(payload),
+        "channel": messages_channel(schema), "notify": True,
+    })
+    return app.AsyncResult(task_id)
+
+
+def task_message(app: Any, name: str, args: Any, kwargs: Any, *, queue: str, priority: int,
+                 task_id: str, **options: Any) -> dict[str, Any]:
+    """The message a kombu publish of Celery task ``name`` would store (JSON body)."""
+    headers, properties, body, _ = app.amqp.create_task_message(
         task_id, name, args or (), kwargs or {}, **options)
-    headers, properties, body, _ = message
-    payload = {
+    return {
         "body": base64.b64encode(codec.dumps(body)).decode(),
         "content-encoding": "utf-8",
         "content-type": "application/json",
@@ -64,10 +77,3 @@ def send_task(conn: psycopg.Connection[Any], app: Any, name: str, args: Any = ()
             "delivery_tag": str(uuid.uuid4()),
         },
     }
-    schema = _broker_schema(app)
-    conn.execute(Queries("broker", schema).publish, {
-        "queue": queue, "priority": priority, "payload": codec.jsonb(codec.dumps(payload)),
-        "publish_id": uuid.uuid4(), **publish_fields(payload),
-        "channel": messages_channel(schema), "notify": True,
-    })
-    return app.AsyncResult(task_id)

@@ -71,6 +71,22 @@ def make_app(url: str, broker_options: dict | None = None) -> Celery:
             file_handle.write(str(i) + "\n")
         return i
 
+    @app.task(name="e2e.stamp", shared=False)
+    def stamp(path, label):
+        """Append ``label`` and the wall-clock time to ``path``: counts runs, and when."""
+        with open(path, "a", buffering=1) as out:
+            out.write(f"{label} {time.time()}\n")
+        return label
+
+    @app.task(name="e2e.retry_later", bind=True, max_retries=3, shared=False)
+    def retry_later(self, path, countdown):
+        """Stamps each attempt; retries once, ``countdown`` seconds later (broker-scheduled)."""
+        with open(path, "a", buffering=1) as out:
+            out.write(f"attempt{self.request.retries} {time.time()}\n")
+        if self.request.retries < 1:
+            raise self.retry(countdown=countdown)
+        return self.request.retries
+
     @app.task(name="e2e.die", shared=False)
     def die():
         os.kill(os.getpid(), 9)

@@ -1,4 +1,5 @@
-"""``kojin-pg``: schema, cleanup, stats, queues, bindings, dead letters and metrics, for operators.
+"""``kojin-pg``: schema, cleanup, stats, queues, scheduled tasks, revoke, bindings, dead letters and
+metrics, for operators.
 
 Global options go before or after the command: ``--url`` (default ``KOJIN_PG_URL``),
 ``--schema`` (default ``kojin``), ``--json`` (JSON instead of tables, on every command) and
@@ -25,7 +26,7 @@ from collections.abc import Sequence
 import psycopg
 
 from ..errors import ConfigurationError, KojinError
-from . import bindings, dlq, maintenance, queues, serve, stats
+from . import bindings, dlq, maintenance, queues, scheduling, serve, stats
 from .common import EXIT_FAILURE, EXIT_USAGE, UsageError, global_options
 
 __all__ = ["build_parser", "main"]
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[global_options(suppress=False)])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parent = global_options(suppress=True)
-    for group in (maintenance, stats, queues, bindings, dlq, serve):
+    for group in (maintenance, stats, queues, scheduling, bindings, dlq, serve):
         group.add_commands(sub, parent)
     return parser
 

@@ -20,10 +20,11 @@ def print_queues(queues: Sequence[dict[str, Any]]) -> None:
     if not queues:
         print("no queues")
         return
-    print_table(["queue", "ready", "leased", "scheduled", "dead", "oldest ready", "bindings"],
-                [[q["queue"], q["ready"], q["leased"], q["scheduled"], q["dead"],
-                  age(q["oldest_ready_age_s"]), q["bindings"]] for q in queues],
-                right=(1, 2, 3, 4, 5, 6))
+    print_table(["queue", "ready", "leased", "scheduled", "next due in", "dead", "oldest ready",
+                 "bindings"],
+                [[q["queue"], q["ready"], q["leased"], q["scheduled"], age(q.get("next_due_s")),
+                  q["dead"], age(q["oldest_ready_age_s"]), q["bindings"]] for q in queues],
+                right=(1, 2, 3, 4, 5, 6, 7))
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -26,17 +26,13 @@ from .messages import (
     why_malformed,
 )
 from .qos import QoS
+from .revoke import REVOKED_RESULT_EXPIRES, REVOKED_RESULT_JSON, revoke_tasks, revoked_in_broadcast
 from .routing import Bindings
-from .scheduling import REVOKED_RESULT
 
 if TYPE_CHECKING:
     from .transport import Transport
 
 log = logging.getLogger(__name__)
-
-REVOKED_RESULT_JSON = codec.jsonb(codec.dumps(REVOKED_RESULT))
-#: Seconds a REVOKED result written by the broker is kept (Celery's default result_expires).
-REVOKED_RESULT_EXPIRES = 86400.0
 
 
 class Channel(virtual.Channel):
@@ -90,6 +86,10 @@ class Channel(virtual.Channel):
     def _put_fanout(self, exchange: str, message: dict[str, Any], routing_key: str,
                     **kwargs: Any) -> None:
         t = self.connection
+        revoked = revoked_in_broadcast(message)
+        if revoked:  # Celery's revoke command: make it durable first (see .revoke)
+            t.ensure_ready()
+            revoke_tasks(t.db, t.queries, t.settings.schema, revoked)
         self._fetch(t.queries.publish_fanout, {
             "exchange": check_queue_name(exchange),
             "priority": self._get_message_priority(message), "payload": self._encode(message),

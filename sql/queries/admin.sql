@@ -4,14 +4,16 @@
 -- name: queue_overview
 -- Every queue that holds messages or dead letters or is only bound (declared, empty): ready,
 -- leased, scheduled (not yet visible, not leased) and dead counts, the age of the oldest ready
--- message and the number of bindings.
+-- message, the number of bindings, and in how many seconds the next scheduled one is due.
 WITH m AS (
     SELECT queue,
            count(*) FILTER (WHERE visible_at <= now()) AS ready,
            count(*) FILTER (WHERE visible_at > now() AND leased_by IS NOT NULL) AS leased,
            count(*) FILTER (WHERE visible_at > now() AND leased_by IS NULL) AS scheduled,
            extract(epoch FROM now() - min(enqueued_at) FILTER (WHERE visible_at <= now()))::float8
-               AS oldest_ready_age
+               AS oldest_ready_age,
+           extract(epoch FROM min(due_at) FILTER (WHERE due_at > now()) - now())::float8
+               AS next_due
     FROM {schema}.messages GROUP BY queue
 ), d AS (
     SELECT queue, count(*) AS dead FROM {schema}.dead_letters GROUP BY queue
@@ -19,7 +21,7 @@ WITH m AS (
     SELECT queue, count(*) AS bindings FROM {schema}.bindings GROUP BY queue
 )
 SELECT q.queue, coalesce(m.ready, 0), coalesce(m.leased, 0), coalesce(m.scheduled, 0),
-       coalesce(d.dead, 0), m.oldest_ready_age, coalesce(b.bindings, 0)
+       coalesce(d.dead, 0), m.oldest_ready_age, coalesce(b.bindings, 0), m.next_due
 FROM (SELECT queue FROM m UNION SELECT queue FROM d UNION SELECT queue FROM b) q
 LEFT JOIN m USING (queue) LEFT JOIN d USING (queue) LEFT JOIN b USING (queue)
 ORDER BY q.queue;

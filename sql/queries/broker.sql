@@ -432,3 +432,8 @@ SELECT id, queue, due_at, task_id, payload->'headers'->>'task', enqueued_at
 FROM {schema}.messages
 WHERE due_at IS NOT NULL AND (%(queue)s::text IS NULL OR queue = %(queue)s)
 ORDER BY due_at, id LIMIT %(limit)s;
+
+-- name: scheduled_task_ids
+-- The task ids of scheduled messages, by message id.
+SELECT DISTINCT task_id FROM {schema}.messages
+WHERE id = ANY(%(ids)s::bigint[]) AND due_at IS NOT NULL;
