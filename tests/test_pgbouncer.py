@@ -57,15 +57,6 @@ def _via(bouncer: PgBouncer, db_url: str) -> str:
     return bouncer.url(db_url) + "?listen_url=" + quote(db_url, safe="")
 
 
-def test_debian_ships_pgbouncer_without_protocol_level_prepared_statements():
-    # max_prepared_statements (prepared statements through transaction pooling) is 1.21+
-    name, number = version().split()
-    major, minor = (int(x) for x in number.split(".")[:2])
-    assert name == "PgBouncer"
-    if (major, minor) >= (1, 21):
-        pytest.skip(f"{number}: could prepare behind the pooler, kojin_pg still does not")
-
-
 def test_pooler_found_and_nothing_prepared(bouncer, db_url):
     through = bouncer.url(db_url)
     direct, pooled = Database(config.parse(db_url)), Database(config.parse(through))
@@ -84,6 +75,21 @@ def test_pooler_found_and_nothing_prepared(bouncer, db_url):
     finally:
         for db in (direct, pooled, *others):
             db.close()
+
+
+def test_synchronous_commit_is_set_per_transaction(bouncer, db_url):
+    _session_default_on(db_url)
+    through = bouncer.url(db_url)
+    consumer = Database(config.parse(through, {"pool_max_size": 2}), synchronous_commit="off")
+    try:
+        with psycopg.connect(through, autocommit=True, prepare_threshold=None) as other:
+            for _ in range(20):
+                assert consumer.fetchone("SELECT current_setting('synchronous_commit')") == ("off",)
+                assert consumer.execute("SELECT 1") == 1
+                # the same server session, next transaction, another client: the default
+                assert other.execute("SHOW synchronous_commit").fetchone() == ("on",)
+    finally:
+        consumer.close()
 
 
 def test_pooler_option_and_prepare_threshold(db_url):
@@ -229,7 +235,7 @@ def test_workers_results_groups_chords_revoke_cleanup_through_pgbouncer(bouncer,
         text = w.log.read_text(errors="replace")
         assert "PreparedStatement" not in text and "InvalidSqlStatementName" not in text, w.tail()
     ratio = statistics.median(through) / statistics.median(direct)
-    print(f"\n{rounds} rounds; delay().get() p50 through PgBouncer "
+    print(f"\n{version()}, {rounds} rounds; delay().get() p50 through PgBouncer "
           f"{statistics.median(through) * 1000:.2f} ms, direct "
           f"{statistics.median(direct) * 1000:.2f} ms: ratio {ratio:.2f}")
     assert ratio < 2.0, (through, direct)
