@@ -239,3 +239,24 @@ def test_workers_results_groups_chords_revoke_cleanup_through_pgbouncer(bouncer,
           f"{statistics.median(through) * 1000:.2f} ms, direct "
           f"{statistics.median(direct) * 1000:.2f} ms: ratio {ratio:.2f}")
     assert ratio < 2.0, (through, direct)
+
+
+def test_per_transaction_setting_never_hides_a_caught_error(db_url):
+    """Behind a pooler the work of one ``run`` is one transaction: an error the work caught
+    itself aborts it, and that is raised, not committed as a silent rollback."""
+    db = Database(config.parse(db_url, {"pooler": "transaction"}), synchronous_commit="off")
+
+    def work(conn):
+        conn.execute("CREATE TABLE kojin_caught (x int)")
+        try:
+            conn.execute("SELECT 1/0")
+        except psycopg.errors.DivisionByZero:
+            pass
+
+    try:
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            db.run(work)
+        assert db.fetchone("SELECT to_regclass('kojin_caught')") == (None,)
+        assert db.fetchone("SELECT current_setting('synchronous_commit')") == ("off",)
+    finally:
+        db.close()

@@ -272,6 +272,11 @@ class Database:
                 except psycopg.Error:
                     pass
             raise
+        if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+            # work caught an error itself: COMMIT would roll back without a word
+            conn.execute("ROLLBACK")
+            raise pg_errors.InFailedSqlTransaction(
+                "a statement failed inside the transaction and its error was caught")
         conn.execute("COMMIT")
         return result
 
