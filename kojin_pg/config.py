@@ -63,6 +63,20 @@ class Settings:
     sweep_interval: float = 2.0
     #: Broker: seconds between lease extensions of held messages (default: a third of the vt).
     lease_renew_interval: float | None = None
+    #: Executions of a statement after which psycopg prepares it on the server; ``none`` or 0
+    #: never prepares. Ignored behind a transaction pooler, where nothing is prepared.
+    prepare_threshold: int | None = 5
+    #: ``auto`` (find out on connecting), ``none`` (a direct server or a session pooler) or
+    #: ``transaction`` (alias ``pgbouncer``): a pooler that hands each transaction to any server
+    #: connection. Behind one: no prepared statements, no session settings, no LISTEN through it.
+    pooler: str = "auto"
+    #: A direct URL to the server, used only for LISTEN (wake-ups behind a transaction pooler).
+    listen_url: str | None = field(default=None, repr=False)
+
+    @property
+    def prepare_after(self) -> int | None:
+        """psycopg's ``prepare_threshold`` for our connections (None: never prepare)."""
+        return self.prepare_threshold or None
 
     @property
     def renew_interval(self) -> float:
@@ -73,6 +87,10 @@ class Settings:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings) if f.name not in ("conninfo", "safe_url")}
+
+#: Values of the ``pooler`` option, and what each means.
+POOLERS = {"auto": "auto", "none": "none", "transaction": "transaction",
+           "pgbouncer": "transaction"}
 
 
 def plain_url(url: str) -> str:
@@ -105,7 +123,7 @@ def _coerce(name: str, raw: Any) -> Any:
     f = _FIELDS[name]
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     try:
-        if raw is None:
+        if raw is None or ("None" in kind and str(raw).strip().lower() in ("none", "")):
             if "None" in kind:
                 return None
             raise ValueError("a value is required")
@@ -145,6 +163,11 @@ def _check(s: Settings) -> None:
         raise ConfigurationError(
             "option 'lease_renew_interval' must be greater than 0 and less than visibility_timeout"
         )
+    if s.prepare_threshold is not None and s.prepare_threshold < 0:
+        raise ConfigurationError("option 'prepare_threshold' must be 0 or more, or none")
+    if s.pooler not in POOLERS:
+        raise ConfigurationError(
+            f"invalid pooler {s.pooler!r}: use one of {', '.join(sorted(POOLERS))}")
     if s.synchronous_commit not in (None, "on", "off", "local", "remote_write", "remote_apply"):
         raise ConfigurationError(f"invalid synchronous_commit {s.synchronous_commit!r}")
 
@@ -235,6 +258,12 @@ def parse(url: str, options: Mapping[str, Any] | None = None) -> Settings:
         parsed = parsed._replace(base="postgresql" + parsed.base[len(parsed.scheme or ""):])
     conn = conninfo.join(parsed, kept)
     _check_conninfo(conn, shown)
+    if coerced.get("listen_url") is not None:
+        listen = plain_url(coerced["listen_url"].strip())
+        _check_conninfo(listen, mask_url(listen))
+        coerced["listen_url"] = listen
+    if isinstance(coerced.get("pooler"), str):
+        coerced["pooler"] = POOLERS.get(coerced["pooler"].strip().lower(), coerced["pooler"])
     settings = Settings(conninfo=conn, safe_url=mask_url(conn), **coerced)
     _check(settings)
     return settings

@@ -15,6 +15,10 @@ hears (up to :data:`BACKLOG_MAX` payloads, beyond which it reports a possible mi
 :data:`IDLE_SECONDS` without a waiter it UNLISTENs (the session stays open; the next wait
 listens again and reports a possible miss). Listeners watched by an event loop
 (:meth:`Listener.watch`) are read by the loop and left alone.
+
+LISTEN needs a session of its own: behind a transaction pooler it connects to ``listen_url``
+(a direct URL to the server); without one it turns itself off with a warning, and its callers
+poll every ``polling_interval``.
 """
 
 from __future__ import annotations
@@ -94,7 +98,11 @@ class Listener:
                 return None
             try:
                 if s.conn is None or s.conn.closed:
-                    s.conn = self.db.connect()
+                    conn = self.db.connect_listener()
+                    if conn is None:
+                        self._no_session()
+                        return None
+                    s.conn = conn
                     s.conn.add_notify_handler(lambda n: s.backlog.add(n.payload))
                 s.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
             except (psycopg.Error, OSError, DatabaseUnavailable) as exc:
@@ -103,6 +111,13 @@ class Listener:
             s.listening, s.backoff = True, BACKOFF_FIRST
             _sweeper.get().add(s)
             return s.conn
+
+    def _no_session(self) -> None:
+        """Through a transaction pooler and without ``listen_url``: stop trying to listen."""
+        self.enabled = False
+        log.warning("kojin_pg: %s leads through a transaction pooler, where LISTEN does not "
+                    "work, and no listen_url is set: %s polls every polling_interval instead "
+                    "of waking on NOTIFY", self.db.settings.safe_url, self.role)
 
     def _lost(self, s: _Session, exc: BaseException) -> None:
         log_event(log, logging.WARNING, LISTEN_RECONNECT, role=self.role,

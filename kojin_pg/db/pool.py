@@ -4,6 +4,14 @@ Every operation that goes through :meth:`Database.run` is retried with exponenti
 the connection fails (server restart, terminated backend, network blip) until
 ``retry_timeout`` runs out; then :class:`~kojin_pg.errors.DatabaseUnavailable` is raised.
 Only idempotent work may be passed to it: a lost connection can hide a commit.
+
+Behind a transaction pooler (PgBouncer ``pool_mode = transaction``: the ``pooler`` option, or
+found on connecting because the backend pid the server reports is not the one the connection
+was given) a session is shared with other clients, so nothing may outlive a transaction:
+statements are never prepared, and ``synchronous_commit`` is set with ``SET LOCAL`` inside the
+transaction of each :meth:`Database.run` (sent with ``BEGIN`` in one round trip, plus one for
+``COMMIT``) instead of once per session. A direct server keeps the session-level setting, which
+costs nothing per statement.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg import sql
 from psycopg.abc import Query
 from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import ConnectionPool, PoolTimeout
@@ -54,6 +63,17 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, psycopg.OperationalError | DatabaseUnavailable | _ON_A_STANDBY)
 
 
+def behind_pooler(conn: psycopg.Connection[Any]) -> bool:
+    """True if ``conn`` reaches its server through a pooler or proxy.
+
+    A pooler cannot pass on the server's backend pid and cancel key (the client may be served
+    by any server connection), so it makes up its own: the pid the connection was given at
+    start-up is not the one of the backend that runs its statements.
+    """
+    row = conn.execute("SELECT pg_backend_pid()", prepare=False).fetchone()
+    return row is None or row[0] != conn.info.backend_pid
+
+
 def configure_connection(conn: psycopg.Connection[Any]) -> None:
     """Use orjson for json/jsonb on this connection, both ways."""
     set_json_dumps(codec.dumps, context=conn)
@@ -65,7 +85,8 @@ class Database:
 
     The pool is created on first use, not in the constructor, and a forked child gets a pool of
     its own (see :mod:`kojin_pg.db.forksafe`). ``synchronous_commit`` (default: the
-    ``synchronous_commit`` option, else the server's) applies to every session of the pool.
+    ``synchronous_commit`` option, else the server's) applies to every session of the pool, or
+    behind a transaction pooler to every transaction of :meth:`run`.
     """
 
     def __init__(self, settings: Settings, *, role: str = "kojin_pg",
@@ -77,6 +98,8 @@ class Database:
         #: Seconds a connection attempt may take (a ``connect_timeout`` in the URL wins).
         self.connect_timeout = connect_timeout or DEFAULT_CONNECT_TIMEOUT
         self._pool: ProcessLocal[ConnectionPool] = ProcessLocal(self._open_pool)
+        #: Whether the URL leads through a transaction pooler (None: not found out yet).
+        self._pooled: bool | None = {"transaction": True, "none": False}.get(settings.pooler)
 
     def __repr__(self) -> str:
         return f"<Database {self.settings.safe_url} schema={self.settings.schema} {self.role}>"
@@ -92,18 +115,62 @@ class Database:
             kwargs["connect_timeout"] = max(1, round(self.connect_timeout))
         return kwargs
 
+    @property
+    def pooled(self) -> bool:
+        """Whether the URL leads through a transaction pooler (found out on first connect)."""
+        if self._pooled is None:
+            self.connect().close()
+        return bool(self._pooled)
+
+    def _learn(self, conn: psycopg.Connection[Any]) -> None:
+        if self._pooled is None:
+            self._pooled = behind_pooler(conn)
+            if self._pooled:
+                log.info("kojin_pg: %s leads through a pooler: no prepared statements, "
+                         "settings per transaction", self.settings.safe_url)
+
     def _configure(self, conn: psycopg.Connection[Any]) -> None:
         configure_connection(conn)
-        if self.synchronous_commit:
+        self._learn(conn)
+        conn.prepare_threshold = None if self._pooled else self.settings.prepare_after
+        if self.synchronous_commit and not self._pooled:
             conn.execute("SELECT set_config('synchronous_commit', %s, false)",
-                         (self.synchronous_commit,))
+                         (self.synchronous_commit,), prepare=False)
 
     def connect(self, **overrides: Any) -> psycopg.Connection[Any]:
         """A new dedicated connection (for LISTEN or a long-lived consumer), not pooled."""
         kwargs = self._connect_kwargs()
         kwargs.update(overrides)
         conn = psycopg.Connection.connect(self.settings.conninfo, **kwargs)
-        self._configure(conn)
+        try:
+            self._configure(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def connect_listener(self) -> psycopg.Connection[Any] | None:
+        """A new connection to LISTEN on: to ``listen_url`` if given, else to the URL unless it
+        leads through a transaction pooler (where LISTEN would land on a shared server session
+        and hear nothing reliably): then None."""
+        listen = self.settings.listen_url
+        if listen is None:
+            conn = self.connect()
+            if self._pooled:
+                conn.close()
+                return None
+            return conn
+        kwargs = self._connect_kwargs()
+        if "application_name" not in listen:
+            kwargs["application_name"] = self.role
+        if "connect_timeout" in listen:
+            kwargs.pop("connect_timeout", None)
+        try:
+            conn = psycopg.Connection.connect(listen, **kwargs)
+        except psycopg.OperationalError as exc:
+            # the listen URL's password must not reach logs through the error text
+            raise psycopg.OperationalError(scrub(str(exc), listen)) from None
+        configure_connection(conn)
         return conn
 
     def _probe(self) -> None:
@@ -114,7 +181,9 @@ class Database:
         error; one that is down or restarting is :class:`DatabaseUnavailable`, retried.
         """
         try:
-            psycopg.Connection.connect(self.settings.conninfo, **self._connect_kwargs()).close()
+            with psycopg.Connection.connect(self.settings.conninfo,
+                                            **self._connect_kwargs()) as conn:
+                self._learn(conn)
         except psycopg.OperationalError as exc:
             text = scrub(str(exc).strip(), self.settings.conninfo)
             message = f"cannot connect to PostgreSQL at {self.settings.safe_url}: {text}"
@@ -163,7 +232,7 @@ class Database:
                 pool = self.pool()
                 conn = pool.getconn()  # getconn/putconn: a third of the cost of pool.connection()
                 try:
-                    return work(conn)
+                    return self._call(conn, work)
                 except _ON_A_STANDBY:
                     conn.close()  # the pool replaces a closed connection: find the primary
                     raise
@@ -186,6 +255,30 @@ class Database:
                 if (live := self._pool.peek()) is not None:
                     live.check()  # drop every other dead idle connection at once
                 time.sleep(delay)
+
+    def _call(self, conn: psycopg.Connection[Any], work: Callable[[psycopg.Connection[Any]], T]) -> T:
+        """``work(conn)``; behind a pooler, in a transaction that sets ``synchronous_commit``
+        locally (so the shared server session keeps its own setting)."""
+        if not (self._pooled and self.synchronous_commit):
+            return work(conn)
+        conn.execute(sql.SQL("BEGIN; SET LOCAL synchronous_commit = {}").format(
+            sql.Literal(self.synchronous_commit)))  # one round trip: the simple protocol
+        try:
+            result = work(conn)
+        except BaseException:
+            if not conn.closed:
+                try:
+                    conn.execute("ROLLBACK")
+                except psycopg.Error:
+                    pass
+            raise
+        if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+            # work caught an error itself: COMMIT would roll back without a word
+            conn.execute("ROLLBACK")
+            raise pg_errors.InFailedSqlTransaction(
+                "a statement failed inside the transaction and its error was caught")
+        conn.execute("COMMIT")
+        return result
 
     def execute(self, query: Query, params: Any = None, what: str = "query") -> int:
         """Execute one statement; return the affected row count."""

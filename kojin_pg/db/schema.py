@@ -1,7 +1,10 @@
 """The migrator: applies ``sql/NNNN_*.sql`` in order, once, under an advisory lock.
 
 Safe to run from many processes at once (the lock serializes them; the losers find nothing left
-to do). When the schema is current, :func:`ensure_schema` costs one cheap query per process.
+to do). All missing migrations are applied in one transaction that holds a transaction-scoped
+advisory lock, so nothing outlives it: through a transaction pooler (PgBouncer) no lock is left
+behind on a server session that another client then holds. When the schema is current,
+:func:`ensure_schema` costs one cheap query per process.
 """
 
 from __future__ import annotations
@@ -51,37 +54,34 @@ def _too_new(schema: str, version: int) -> SchemaError:
 def migrate(conn: psycopg.Connection[Any], schema: str) -> list[int]:
     """Apply every missing migration to ``schema``; return the versions applied."""
     ident = sql.Identifier(schema)
-    applied: list[int] = []
-    conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (_LOCK_NAMESPACE + schema,))
-    try:
-        with conn.transaction():
-            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))
-            conn.execute(sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {}.schema_migrations ("
-                " version integer PRIMARY KEY, name text NOT NULL,"
-                " applied_at timestamptz NOT NULL DEFAULT now())").format(ident))
-        version = current_version(conn, schema)
+    applied: list[Migration] = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (_LOCK_NAMESPACE + schema,))
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))
+        conn.execute(sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {}.schema_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())").format(ident))
+        version = current_version(conn, schema)  # read under the lock
         if version > latest_version():
             raise _too_new(schema, version)
         for m in migrations():
             if m.version <= version:
                 continue
             _apply(conn, schema, m)
-            applied.append(m.version)
-    finally:
-        conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (_LOCK_NAMESPACE + schema,))
-    return applied
+            applied.append(m)
+    for m in applied:
+        log.info("kojin_pg: applied migration %04d_%s to schema %s", m.version, m.name, schema)
+    return [m.version for m in applied]
 
 
 def _apply(conn: psycopg.Connection[Any], schema: str, m: Migration) -> None:
     ident = sql.Identifier(schema)
-    with conn.transaction():
-        conn.execute(sql.SQL(m.text).format(schema=ident))
-        conn.execute(
-            sql.SQL("INSERT INTO {}.schema_migrations (version, name) VALUES (%s, %s)").format(ident),
-            (m.version, m.name),
-        )
-    log.info("kojin_pg: applied migration %04d_%s to schema %s", m.version, m.name, schema)
+    conn.execute(sql.SQL(m.text).format(schema=ident))
+    conn.execute(
+        sql.SQL("INSERT INTO {}.schema_migrations (version, name) VALUES (%s, %s)").format(ident),
+        (m.version, m.name),
+    )
 
 
 def ensure_schema(db: Database, *, retry: bool = True) -> None:
