@@ -101,11 +101,41 @@ def test_queues_full_names_empty_declared_and_scheduled(capsys, db_url):
                      "(%(q)s, '{}', now() + interval '1 hour', 'c1')", {"q": busy})
     rows = {r["queue"]: r for r in json.loads(run(capsys, "queues", "--url", db_url, "--json"))}
     assert rows[long_name] == {"queue": long_name, "ready": 0, "leased": 0, "scheduled": 0,
-                               "dead": 0, "oldest_ready_age_s": None, "bindings": 1}
+                               "dead": 0, "oldest_ready_age_s": None, "bindings": 1,
+                               "next_due_s": None}
     assert (rows[busy]["ready"], rows[busy]["scheduled"], rows[busy]["leased"]) == (2, 1, 1)
     text = run(capsys, "queues", "list", "--url", db_url)
     assert long_name in text and "scheduled" in text.splitlines()[0]
     assert long_name in run(capsys, "stats", "--url", db_url)
+
+
+def test_scheduled_list_cancel_and_revoke(capsys, db_url):
+    q = "sched_" + uuid.uuid4().hex[:6]
+    declare(db_url, q)
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    with psycopg.connect(db_url) as conn:
+        msg_ids = [conn.execute(
+            "INSERT INTO kojin.messages (queue, payload, visible_at, due_at, task_id) VALUES "
+            "(%s, jsonb_build_object('headers', jsonb_build_object('task', 'shop.ship')), "
+            "now() + interval '1 hour', now() + interval '1 hour', %s) RETURNING id",
+            (q, task_id)).fetchone()[0] for task_id in ids]
+    listed = json.loads(run(capsys, "scheduled", "list", "--url", db_url, "--json"))
+    assert [m["task_id"] for m in listed] == ids and listed[0]["task"] == "shop.ship"
+    queues = {r["queue"]: r for r in json.loads(run(capsys, "queues", "--url", db_url, "--json"))}
+    assert queues[q]["scheduled"] == 3 and 3000 < queues[q]["next_due_s"] <= 3600
+    out = json.loads(run(capsys, "scheduled", "cancel", str(msg_ids[0]), "--url", db_url,
+                         "--json"))
+    assert out == {"deleted": 1, "flagged": 0, "recorded": 1}
+    assert "1 queued or scheduled messages deleted" in run(capsys, "revoke", ids[1],
+                                                            "--url", db_url)
+    with psycopg.connect(db_url) as conn:
+        left = conn.execute("SELECT task_id FROM kojin.messages WHERE queue = %s",
+                            (q,)).fetchall()
+        revoked = conn.execute("SELECT task_id FROM kojin.results WHERE status = 'REVOKED' "
+                               "ORDER BY task_id").fetchall()
+    assert left == [(ids[2],)]
+    assert revoked == sorted([(ids[0],), (ids[1],)])
+    fails(capsys, 1, "scheduled", "cancel", "999999", "--url", db_url)
 
 
 def test_queues_delete(capsys, db_url):
