@@ -152,9 +152,9 @@ class MessageAdmin(ReadOnlyAdmin):
     def enqueued(self, obj: Any) -> str:
         return display.timestamp(obj.enqueued_at)
 
-    @admin.display(description="due at", ordering="visible_at")
+    @admin.display(description="due at", ordering="due_at")
     def due(self, obj: Any) -> str:
-        return display.timestamp(obj.visible_at)
+        return display.timestamp(obj.due_at)
 
     @admin.display(description="dead at", ordering="dead_at")
     def died(self, obj: Any) -> str:
@@ -213,7 +213,7 @@ class ScheduledMessageAdmin(MessageAdmin):
     list_filter = (MessageQueueFilter,)
     search_fields = ("queue",)  # shows the search box; get_search_results does the work
     search_help_text = "Search by message id, task id or task name."
-    fields = ("id", "queue", "priority", "visible_at", "enqueued_at", "delivery_count",
+    fields = ("id", "queue", "priority", "due_at", "task_id", "enqueued_at", "delivery_count",
               *MessageAdmin.detail_task_fields)
     readonly_fields = MessageAdmin.detail_task_fields
 

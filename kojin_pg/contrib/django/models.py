@@ -6,7 +6,6 @@ from __future__ import annotations
 from django.contrib.postgres.fields import ArrayField
 from django.db import models
 from django.db.models.fields.json import KT
-from django.db.models.functions import Now
 
 from .conf import db_table
 
@@ -111,16 +110,11 @@ class MessageQuerySet(models.QuerySet):
 
 
 class ScheduledManager(models.Manager):
-    """The one definition of a scheduled (delayed) message in this app.
-
-    Today a scheduled message is a row of ``messages`` not yet visible and not leased (a lease
-    also pushes ``visible_at`` out). When the broker gets a proper scheduled state, this is the
-    place to change.
-    """
+    """The one definition of a scheduled message in this app: a row of ``messages`` the broker
+    holds until its ``due_at`` (a Celery ETA/countdown task)."""
 
     def get_queryset(self) -> MessageQuerySet:
-        return MessageQuerySet(self.model, using=self._db).filter(
-            visible_at__gt=Now(), leased_by__isnull=True)
+        return MessageQuerySet(self.model, using=self._db).filter(due_at__isnull=False)
 
 
 class Message(models.Model):
@@ -134,6 +128,8 @@ class Message(models.Model):
     delivery_count = models.IntegerField(verbose_name="deliveries")
     leased_by = models.TextField(null=True, verbose_name="leased by")
     enqueued_at = models.DateTimeField(verbose_name="enqueued at")
+    due_at = models.DateTimeField(null=True, verbose_name="due at")
+    task_id = models.TextField(null=True, verbose_name="task id")
 
     objects = MessageQuerySet.as_manager()
 
@@ -154,7 +150,7 @@ class ScheduledMessage(Message):
     class Meta:
         proxy = True
         verbose_name = "scheduled message"
-        ordering = ("visible_at", "id")
+        ordering = ("due_at", "id")
 
 
 class DeadLetter(models.Model):
