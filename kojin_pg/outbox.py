@@ -10,6 +10,14 @@
 The message row is written on the caller's connection, so it commits or rolls back with the
 caller's own writes; the NOTIFY that wakes workers is delivered by PostgreSQL only at commit.
 The app's broker must be kojin_pg on the same database (and schema).
+
+Like ``app.send_task``: the queue comes from ``task_routes`` (else ``task_default_queue``)
+unless ``queue=`` is given; ``countdown``/``eta`` are scheduled in the broker, ``expires`` and
+unique keys apply; ``use_notify`` of the broker's options is honoured; and Celery's
+``before_task_publish`` / ``after_task_publish`` signals fire. Unlike it: the message goes
+straight into the routed queue by name (no exchange lookup, so a route's custom exchange or
+routing key is not applied), the body is always JSON (another ``task_serializer`` is an
+error), and the signals fire when the row is written, before the caller's commit.
 """
 
 from __future__ import annotations
@@ -19,22 +27,37 @@ import uuid
 from typing import Any
 
 import psycopg
+from celery import signals
 from celery.result import AsyncResult
 
 from . import codec, config
 from .db import Queries
 from .db.channels import messages_channel
+from .errors import ConfigurationError
 from .transport.messages import publish_fields
 from .transport.options import broker_settings
 
 
-def _broker_schema(app: Any) -> str:
-    """The schema of the app's kojin_pg broker (from its URL and transport options)."""
+def _broker(app: Any) -> tuple[str, bool]:
+    """The schema of the app's kojin_pg broker and whether it notifies (from its URL and
+    transport options)."""
     url = app.conf.broker_url or ""
     if "://" in url:
-        return broker_settings(url, app.conf.broker_transport_options).schema
+        settings = broker_settings(url, app.conf.broker_transport_options)
+        return settings.schema, settings.use_notify
     options = app.conf.broker_transport_options or {}
-    return config.validate_identifier(options.get("schema", "kojin"))
+    notify = config.parse("postgresql://", {"use_notify": options.get("use_notify", True)})
+    return config.validate_identifier(options.get("schema", "kojin")), notify.use_notify
+
+
+def _route(app: Any, name: str, args: Any, kwargs: Any, queue: str | None,
+           options: dict[str, Any]) -> str:
+    """The queue ``app.send_task`` would use: ``queue=``, else ``task_routes``, else default."""
+    if queue is None:
+        routed = app.amqp.router.route(dict(options), name, args, kwargs)
+        target = routed.get("queue")
+        queue = getattr(target, "name", target) or app.conf.task_default_queue
+    return config.check_queue_name(queue)
 
 
 def send_task(conn: psycopg.Connection[Any], app: Any, name: str, args: Any = (),
@@ -43,24 +66,37 @@ def send_task(conn: psycopg.Connection[Any], app: Any, name: str, args: Any = ()
     """Publish task ``name`` on ``conn`` in its current transaction; return its AsyncResult.
 
     ``options`` are Celery's message options (``countdown``, ``eta``, ``expires``,
-    ``retries``, ...). The message takes the same shape a kombu publish would give it.
+    ``retries``, ``kojin_unique_key``, ...). The message takes the shape a kombu publish would
+    give it. See the module docstring for how this compares with ``app.send_task``.
     """
+    serializer = options.pop("serializer", None) or app.conf.task_serializer
+    if serializer != "json":
+        raise ConfigurationError(f"the outbox writes JSON bodies; task serializer "
+                                 f"{serializer!r} is not supported here")
     task_id = task_id or str(uuid.uuid4())
-    queue = config.check_queue_name(queue or app.conf.task_default_queue)
+    queue = _route(app, name, args, kwargs, queue, options)
     payload = task_message(app, name, args, kwargs, queue=queue, priority=priority,
                            task_id=task_id, **options)
-    schema = _broker_schema(app)
+    schema, notify = _broker(app)
+    signals.before_task_publish.send(
+        sender=name, body=payload["body"], exchange="", routing_key=queue,
+        headers=payload["headers"], properties=payload["properties"], declare=[],
+        retry_policy=None)
     conn.execute(Queries("broker", schema).publish, {
         "queue": queue, "priority": priority, "payload": codec.jsonb(codec.dumps(payload)),
         "publish_id": uuid.uuid4(), **publish_fields(payload),
-        "channel": messages_channel(schema), "notify": True,
+        "channel": messages_channel(schema), "notify": notify,
     })
+    signals.after_task_publish.send(sender=name, body=payload["body"], exchange="",
+                                    routing_key=queue, headers=payload["headers"])
     return app.AsyncResult(task_id)
 
 
 def task_message(app: Any, name: str, args: Any, kwargs: Any, *, queue: str, priority: int,
                  task_id: str, **options: Any) -> dict[str, Any]:
     """The message a kombu publish of Celery task ``name`` would store (JSON body)."""
+    # kojin_pg's own message options travel as message properties, as with apply_async
+    ours = {k: options.pop(k) for k in ("kojin_unique_key", "kojin_unique") if k in options}
     headers, properties, body, _ = app.amqp.create_task_message(
         task_id, name, args or (), kwargs or {}, **options)
     return {
@@ -70,6 +106,7 @@ def task_message(app: Any, name: str, args: Any, kwargs: Any, *, queue: str, pri
         "headers": headers,
         "properties": {
             **properties,
+            **ours,
             "priority": priority,
             "body_encoding": "base64",
             "delivery_mode": 2,

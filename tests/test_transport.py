@@ -310,6 +310,42 @@ def test_outbox_commit_and_rollback(db_url):
     assert message.headers["task"] == "proj.add" and body[0] == [1, 2]
 
 
+def test_outbox_routes_signals_notify_and_schedules_like_send_task(db_url):
+    from celery import Celery, signals
+
+    from kojin_pg import outbox
+
+    app = Celery("ob", broker=kurl(db_url), backend="kojin+" + db_url, set_as_current=False)
+    app.conf.task_routes = {"proj.report": {"queue": "reports"}}
+    app.conf.broker_transport_options = {"use_notify": False}
+    seen = []
+
+    def before(sender=None, routing_key=None, **kw):
+        seen.append(("before", sender, routing_key))
+
+    def after(sender=None, routing_key=None, **kw):
+        seen.append(("after", sender, routing_key))
+
+    signals.before_task_publish.connect(before, weak=False)
+    signals.after_task_publish.connect(after, weak=False)
+    try:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute("LISTEN kojin_msgs_kojin")  # a session hears its own notifications
+            with conn.transaction():
+                outbox.send_task(conn, app, "proj.report", args=(1,))
+                outbox.send_task(conn, app, "proj.later", args=(2,), countdown=600)
+            heard = list(conn.notifies(timeout=0.5, stop_after=1))
+            rows = conn.execute("SELECT queue, due_at IS NOT NULL FROM kojin.messages "
+                                "ORDER BY id").fetchall()
+    finally:
+        signals.before_task_publish.disconnect(before)
+        signals.after_task_publish.disconnect(after)
+    assert rows == [("reports", False), ("celery", True)]  # task_routes; countdown scheduled
+    assert heard == []  # use_notify=False honoured
+    assert seen == [("before", "proj.report", "reports"), ("after", "proj.report", "reports"),
+                    ("before", "proj.later", "celery"), ("after", "proj.later", "celery")]
+
+
 def test_corrupted_message_goes_to_dead_letters_and_does_not_block(db_url):
     q = make_queue()
     with Connection(kurl(db_url)) as conn:
