@@ -113,8 +113,9 @@ def sweep(conn: psycopg.Connection[Any], transport: Transport) -> None:
         got = conn.execute(q.sweep_lock, {"lock": f"kojin_pg.sweep:{s.schema}"}).fetchone()
         if not got or not got[0]:
             return
-        conn.execute(q.sweep_consumers, {"grace": consumer_grace(s.sweep_interval)})
-        conn.execute(q.sweep_queues)
+        grace = consumer_grace(s.sweep_interval)
+        conn.execute(q.sweep_consumers, {"grace": grace})
+        conn.execute(q.sweep_queues, {"grace": grace})
         for query in (q.sweep_expired_messages, q.sweep_orphan_messages):
             while True:
                 row = conn.execute(query, {"batch": SWEEP_BATCH}).fetchone()

@@ -283,6 +283,7 @@ ON CONFLICT (name) DO UPDATE SET
     auto_delete = excluded.auto_delete, last_used = now(), deleted_at = NULL,
     had_consumer = q.had_consumer AND q.deleted_at IS NULL
 WHERE q.deleted_at IS NOT NULL OR q.expires IS NOT NULL OR excluded.expires IS NOT NULL
+   OR q.auto_delete
    OR (q.message_ttl, q.auto_delete) IS DISTINCT FROM (excluded.message_ttl, excluded.auto_delete);
 
 -- name: consumer_start
@@ -336,12 +337,14 @@ DELETE FROM {schema}.consumers WHERE seen_at < now() - make_interval(secs => %(g
 
 -- name: sweep_queues
 -- Delete queues unused for longer than their x-expires, and auto_delete queues whose consumers
--- are all gone: their bindings go now, their declaration stays as a tombstone.
+-- are all gone (and that nobody declared within the grace period: a process that declared it
+-- is about to consume it): their bindings go now, their declaration stays as a tombstone.
 WITH doomed AS (
     UPDATE {schema}.queues q SET deleted_at = now()
     WHERE q.deleted_at IS NULL
       AND ((q.expires IS NOT NULL AND q.last_used < now() - q.expires)
-           OR (q.auto_delete AND q.had_consumer))
+           OR (q.auto_delete AND q.had_consumer
+               AND q.last_used < now() - make_interval(secs => %(grace)s)))
       AND NOT EXISTS (SELECT 1 FROM {schema}.consumers c WHERE c.queue = q.name)
     RETURNING q.name
 )
