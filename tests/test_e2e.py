@@ -157,6 +157,7 @@ def test_events_revoke_and_shutdown_reach_the_workers(app, workers, db_url):
     w1 = workers(name="ev1", extra_args=["-E"])
     w2 = workers(name="ev2", extra_args=["-E"])
     wait_ready(app, w1)
+    wait_ready(app, w2)
     seen: list[str] = []
 
     def listen():
@@ -164,7 +165,8 @@ def test_events_revoke_and_shutdown_reach_the_workers(app, workers, db_url):
             recv = app.events.Receiver(conn, handlers={
                 "task-succeeded": lambda e: seen.append(e["uuid"])})
             try:
-                recv.capture(limit=None, timeout=5, wakeup=False)
+                # stops after this long without an event (workers run without heartbeats)
+                recv.capture(limit=None, timeout=20, wakeup=False)
             except TimeoutError:
                 pass
 
@@ -183,7 +185,7 @@ def test_events_revoke_and_shutdown_reach_the_workers(app, workers, db_url):
     while done.id not in seen and time.monotonic() < deadline:
         time.sleep(0.1)
     assert done.id in seen
-    listener.join(30)
+    listener.join(60)
     with psycopg.connect(db_url) as conn:  # events are consumed with no_ack: none linger
         left = conn.execute("SELECT count(*) FROM kojin.messages "
                             "WHERE queue LIKE 'celeryev.%%' AND leased_by IS NOT NULL"
