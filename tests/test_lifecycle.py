@@ -17,7 +17,8 @@ import uuid
 
 import psycopg
 import pytest
-from kombu import Connection, Consumer, Exchange, Producer, Queue
+from kombu import Connection, Exchange, Producer, Queue
+from test_transport import consume
 
 import kojin_pg  # noqa: F401  (registers the kojin+ URL scheme)
 
@@ -47,32 +48,6 @@ def publish(conn: Connection, q: Queue, bodies, **kw) -> None:
     for body in bodies:
         producer.publish(body, **kw)
 
-
-def consume(conn: Connection, q: Queue, n: int, *, ack: bool = True, timeout: float = 10,
-            prefetch: int = 100, errors: list | None = None) -> list:
-    """Up to ``n`` (body, message) pairs within ``timeout``. With ``errors``, exceptions raised
-    by drain_events are collected there and draining goes on, instead of raising."""
-    got = []
-
-    def on_message(body, message):
-        got.append((body, message))
-        if ack:
-            message.ack()
-
-    channel = conn.channel()
-    channel.basic_qos(0, prefetch, False)
-    deadline = time.monotonic() + timeout
-    with Consumer(channel, [q], callbacks=[on_message], accept=["json"]):
-        while len(got) < n and (left := deadline - time.monotonic()) > 0:
-            try:
-                conn.drain_events(timeout=min(0.5, left))
-            except TimeoutError:
-                pass
-            except Exception as exc:
-                if errors is None:
-                    raise
-                errors.append(exc)
-    return got
 
 
 def rows(db_url: str, query: str, params=()) -> list[tuple]:

@@ -30,23 +30,30 @@ def publish(conn, q, bodies, **kw):
         prod.publish(b, **kw)
 
 
-def consume(conn, q, n, ack=True, timeout=10, prefetch=100):
+def consume(conn: Connection, q: Queue, n: int, *, ack: bool = True, timeout: float = 10,
+            prefetch: int = 100, errors: list | None = None) -> list:
+    """Up to ``n`` (body, message) pairs within ``timeout``. With ``errors``, exceptions raised
+    by drain_events are collected there and draining goes on, instead of raising."""
     got = []
 
-    def on(body, message):
+    def on_message(body, message):
         got.append((body, message))
         if ack:
             message.ack()
 
-    ch = conn.channel()
-    ch.basic_qos(0, prefetch, False)
+    channel = conn.channel()
+    channel.basic_qos(0, prefetch, False)
     deadline = time.monotonic() + timeout
-    with Consumer(ch, [q], callbacks=[on], accept=["json"]):
-        while len(got) < n and time.monotonic() < deadline:
+    with Consumer(channel, [q], callbacks=[on_message], accept=["json"]):
+        while len(got) < n and (left := deadline - time.monotonic()) > 0:
             try:
-                conn.drain_events(timeout=0.5)
+                conn.drain_events(timeout=min(0.5, left))
             except TimeoutError:
                 pass
+            except Exception as exc:
+                if errors is None:
+                    raise
+                errors.append(exc)
     return got
 
 
