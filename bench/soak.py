@@ -13,8 +13,9 @@ chords of 20 back to back and waiting for each, with ``result_expires`` 20 s and
   holding its LISTEN connection;
 - every two minutes the worker is stopped with SIGTERM (warm shutdown) and started again under a
   new node name; the restart counts once the new node answers a ping;
-- every three minutes (first at 30 s) a chord of three parts of 30 s each, longer than
-  ``result_expires``, whose body appends its tag to a file: each must fire exactly once.
+- every three minutes (first at 100 s) a chord of three parts of 30 s each, longer than
+  ``result_expires``, whose body appends its tag to a file: each must fire exactly once. Every
+  other one is running when the worker gets SIGTERM, so the warm shutdown waits for its parts.
 
 Every 30 s it samples row counts and total size of messages, results, groups, chords,
 chord_parts, bindings, queues, consumers and dead_letters, the number of distinct queues in
@@ -282,7 +283,7 @@ class Soak:
         t0 = time.monotonic()
         end = t0 + 60 * self.minutes
         due = {"sample": t0, "monitor": t0 + MONITOR_EVERY, "ping": t0 + PING_EVERY + 30,
-               "restart": t0 + RESTART_EVERY, "chord": t0 + 30}
+               "restart": t0 + RESTART_EVERY, "chord": t0 + 100}
         every = {"sample": SAMPLE_EVERY, "monitor": MONITOR_EVERY, "ping": PING_EVERY,
                  "restart": RESTART_EVERY, "chord": CHORD_EVERY}
         while True:
