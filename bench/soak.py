@@ -13,7 +13,7 @@ chords of 20 back to back and waiting for each, with ``result_expires`` 20 s and
   holding its LISTEN connection;
 - every two minutes the worker is stopped with SIGTERM (warm shutdown) and started again under a
   new node name; the restart counts once the new node answers a ping;
-- every three minutes (first at 100 s) a chord of three parts of 30 s each, longer than
+- every three minutes (first at 110 s) a chord of three parts of 30 s each, longer than
   ``result_expires``, whose body appends its tag to a file: each must fire exactly once. Every
   other one is running when the worker gets SIGTERM, so the warm shutdown waits for its parts.
 
@@ -130,13 +130,13 @@ def verdicts(samples: list[dict[str, float]]) -> dict[str, dict]:
         xs = [s[key] for s in samples]
         first, q3, q4 = xs[:n // 2], xs[n // 2:(3 * n) // 4], xs[(3 * n) // 4:]
         m3, m4 = sum(q3) / max(len(q3), 1), sum(q4) / len(q4)
-        factor = m4 / m3 if m3 else (1.0 if m4 == 0 else float("inf"))
+        factor = m4 / m3 if m3 else (1.0 if m4 == 0 else None)  # None: from nothing
         slack = 1 << 20 if key.endswith(".bytes") else 10  # noise, not growth
-        bounded = factor <= 1.25 or max(q4) <= max(first) + slack
+        bounded = (factor is not None and factor <= 1.25) or max(q4) <= max(first) + slack
         if key == "notify_usage":
             bounded = max(xs) == 0
         out[key] = {"first_half_max": max(first), "second_half_max": max(xs[n // 2:]),
-                    "last": xs[-1], "growth": round(factor, 2), "bounded": bounded}
+                    "last": xs[-1], "growth": factor and round(factor, 2), "bounded": bounded}
     return out
 
 
@@ -283,7 +283,7 @@ class Soak:
         t0 = time.monotonic()
         end = t0 + 60 * self.minutes
         due = {"sample": t0, "monitor": t0 + MONITOR_EVERY, "ping": t0 + PING_EVERY + 30,
-               "restart": t0 + RESTART_EVERY, "chord": t0 + 100}
+               "restart": t0 + RESTART_EVERY, "chord": t0 + 110}
         every = {"sample": SAMPLE_EVERY, "monitor": MONITOR_EVERY, "ping": PING_EVERY,
                  "restart": RESTART_EVERY, "chord": CHORD_EVERY}
         while True:
@@ -382,8 +382,9 @@ def report(summary: dict) -> None:
     print(f"{'quantity':<22}{'1st half max':>14}{'2nd half max':>14}{'last':>12}"
           f"{'growth':>8}  verdict")
     for key, q in summary["quantities"].items():
+        growth = "-" if q["growth"] is None else q["growth"]
         print(f"{key:<22}{q['first_half_max']:>14g}{q['second_half_max']:>14g}{q['last']:>12g}"
-              f"{q['growth']:>8}  {'bounded' if q['bounded'] else 'NOT BOUNDED'}")
+              f"{growth:>8}  {'bounded' if q['bounded'] else 'NOT BOUNDED'}")
     c = summary["long_chords"]
     print(f"long chords: {c['sent']} sent, {c['fired_once']} fired exactly once, "
           f"never: {c['never']}, more than once: {c['more_than_once']}")
