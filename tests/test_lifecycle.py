@@ -472,3 +472,20 @@ def test_stale_command_leased_by_a_dead_worker_is_not_redelivered(db_url):
             time.sleep(0.2)
     assert replayed == [], "a command past its TTL was delivered again"
     assert left == 0, "the expired command is still stored"
+
+
+def test_close_hands_back_leases_a_claim_never_delivered(db_url):
+    """A claim interrupted between its commit and its reply (the soak saw Ctrl-C do it to
+    `celery events`) leaves leases no channel knows; closing must hand them back, not leave
+    them to the visibility timeout (30 minutes)."""
+    q = make_queue("interrupted")
+    with Connection(kurl(db_url)) as conn:
+        q(conn.channel()).declare()
+        publish(conn, q, [{"i": 1}, {"i": 2}])
+        (_, held), = consume(conn, q, 1, ack=False, prefetch=1)
+        with psycopg.connect(db_url, autocommit=True) as pg:  # what the lost reply leased
+            pg.execute("UPDATE kojin.messages SET leased_by = %s, visible_at = now() + "
+                       "interval '1 hour' WHERE id <> %s",
+                       (conn.transport.consumer_id, held.delivery_tag))
+    leftover = rows(db_url, "SELECT leased_by IS NULL, visible_at <= now() FROM kojin.messages")
+    assert leftover == [(True, True), (True, True)], leftover

@@ -201,6 +201,7 @@ class Channel(virtual.Channel):
             return conn.execute(t.queries.claim, params).fetchall()
 
         t.ensure_ready()
+        t.claimed = True
         try:
             rows = t.consumer_db.run(claim, "claim")
         except BaseException:

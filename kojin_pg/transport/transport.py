@@ -61,6 +61,8 @@ class Transport(virtual.Transport):
         self.closing = False
         #: Whether a channel of this transport ever consumed (then closing deregisters it).
         self.consumed = False
+        #: Whether it ever claimed (then closing hands back leases no channel knew about).
+        self.claimed = False
         self._hub: Any = None
         self._listen_fd: int | None = None
         #: The event loop's timer for the earliest scheduled message: (due, timer entry).
@@ -152,11 +154,24 @@ class Transport(virtual.Transport):
             try:
                 upkeep_for(self).detach(self)
                 self.acks.close()
+                if self.claimed:
+                    self._release_unknown_leases()
             finally:
                 self.leases.stop()
                 self.wakeups.close()
                 self.db.close()
                 self.consumer_db.close()
+
+    def _release_unknown_leases(self) -> None:
+        """Closing: hand back whatever this consumer still leases. The channels have handed back
+        what they held and the acks are applied, so this is only what a claim committed but never
+        delivered (interrupted between its commit and its reply, e.g. by Ctrl-C)."""
+        try:
+            self.consumer_db.run(lambda conn: self.release_orphans(conn, keep=[]),
+                                 "release leases", retry=False)
+        except Exception as exc:  # they come back when their leases run out
+            log.warning("kojin_pg: could not hand back leases of %s on close: %r",
+                        self.consumer_id, exc)
 
     def consumer_stopped(self, queues: list[str] | None) -> None:
         """This transport consumes ``queues`` (None: any queue) no more; an auto_delete queue
