@@ -297,8 +297,8 @@ ON CONFLICT (queue, consumer) DO UPDATE SET seen_at = now();
 
 -- name: consumer_stop
 -- This consumer stopped consuming the given queues (NULL: all of them). An auto_delete queue
--- that nobody else consumes is deleted now, as on RabbitMQ: bindings and unleased messages go,
--- its declaration stays as a tombstone.
+-- that nobody else consumes is deleted now, as on RabbitMQ: bindings and messages go (unacked
+-- ones too), its declaration stays as a tombstone.
 WITH gone AS (
     DELETE FROM {schema}.consumers
     WHERE consumer = %(consumer)s AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s))
@@ -313,8 +313,7 @@ WITH gone AS (
 ), unbound AS (
     DELETE FROM {schema}.bindings b USING doomed WHERE b.queue = doomed.name
 )
-DELETE FROM {schema}.messages m USING doomed
-WHERE m.queue = doomed.name AND (m.leased_by IS NULL OR m.visible_at <= now());
+DELETE FROM {schema}.messages m USING doomed WHERE m.queue = doomed.name;
 
 -- name: consumers_alive
 -- Live consumers say so (every sweep_interval): (queue, consumer) pairs, and the expiring
@@ -363,12 +362,12 @@ WITH doomed AS (
 SELECT count(*) FROM doomed;
 
 -- name: sweep_orphan_messages
--- Delete one bounded batch of the messages of deleted queues (leased ones are left to their
--- consumer).
+-- Delete one bounded batch of the messages of deleted queues, leased ones too (as RabbitMQ
+-- drops a deleted queue's unacked messages: a late ack or hand-back then finds nothing).
 WITH doomed AS (
     DELETE FROM {schema}.messages WHERE ctid = ANY(ARRAY(
         SELECT m.ctid FROM {schema}.queues q JOIN {schema}.messages m ON m.queue = q.name
-        WHERE q.deleted_at IS NOT NULL AND (m.leased_by IS NULL OR m.visible_at <= now())
+        WHERE q.deleted_at IS NOT NULL
         LIMIT %(batch)s FOR UPDATE OF m SKIP LOCKED))
     RETURNING 1
 )
