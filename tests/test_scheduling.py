@@ -111,3 +111,13 @@ def test_unique_key_publishes_once_while_queued_and_again_once_taken(db_url):
         publish(conn, q, [{"i": 3}], kojin_unique_key=big_key)  # the first was taken
         again = consume(conn, q, 1, timeout=5)
     assert body == {"i": 0} and [b for b, _ in again] == [{"i": 3}]
+
+
+def test_purge_takes_scheduled_messages_too(db_url):
+    q = make_queue()
+    with Connection(kurl(db_url)) as conn:
+        q(conn.channel()).declare()
+        publish(conn, q, [{"now": 1}])
+        publish(conn, q, [{"later": 1}], headers=task_headers(eta_in(600)))
+        assert q(conn.channel()).purge() == 2
+    assert stored(db_url, q.name) == []

@@ -180,9 +180,12 @@ RETURNING id;
 SELECT count(*) FROM {schema}.messages WHERE queue = %(queue)s AND visible_at <= now();
 
 -- name: purge
--- Delete the ready (not leased, not delayed) messages of a queue.
+-- Delete the messages of a queue that no consumer holds: ready ones and scheduled ones (as
+-- `celery purge` on a broker that keeps ETA tasks: nothing of the queue is left to run).
 WITH gone AS (
-    DELETE FROM {schema}.messages WHERE queue = %(queue)s AND visible_at <= now() RETURNING 1
+    DELETE FROM {schema}.messages
+    WHERE queue = %(queue)s AND (visible_at <= now() OR due_at IS NOT NULL)
+    RETURNING 1
 )
 SELECT count(*) FROM gone;
 
