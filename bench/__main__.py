@@ -1,6 +1,7 @@
 """Run every workload against every system in one run and print ratios to kojin_pg.
 
 usage: python -m bench [all|backend|transport|e2e|scale] [--repeat N] [--quick]
+       python -m bench scheduling [--quick]   (bench/scheduling.py; not part of ``all``)
 
 Servers: PostgreSQL from KOJIN_PG_URL, else a temporary embedded PostgreSQL 18; Redis from
 ``redis-server`` on PATH (installed with apt-get when missing and running as root), with AOF
@@ -199,10 +200,14 @@ def table(title: str, rows: dict[str, dict], metrics: list[tuple[str, bool]]) ->
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("what", nargs="?", default="all",
-                        choices=["all", "backend", "transport", "e2e", "scale"])
+                        choices=["all", "backend", "transport", "e2e", "scale", "scheduling"])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="smaller N, one repeat")
     args = parser.parse_args()
+    if args.what == "scheduling":  # its own servers, table and JSON (scheduling.json)
+        from bench.scheduling import main as scheduling_main
+
+        return scheduling_main(["--quick"] if args.quick else [])
     repeat = 1 if args.quick else args.repeat
     server = None
     admin = os.environ.get("KOJIN_PG_URL")
