@@ -24,6 +24,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -35,6 +36,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_servers() -> tuple[str, Any, str | None, subprocess.Popen | None]:
+    """PostgreSQL (KOJIN_PG_URL, else a temporary embedded server, returned to destroy) and
+    Redis: (admin URL, embedded server or None, Redis URL or None, Redis process or None)."""
+    server = None
+    admin = os.environ.get("KOJIN_PG_URL")
+    if not admin:
+        from kojin_pg.dev.embedded import temporary_server
+
+        server = temporary_server()
+        admin = server.url
+    redis_url, redis_proc = start_redis()
+    return admin, server, redis_url, redis_proc
 
 
 def start_redis() -> tuple[str | None, subprocess.Popen | None]:
@@ -209,14 +224,7 @@ def main() -> int:
 
         return scheduling_main(["--quick"] if args.quick else [])
     repeat = 1 if args.quick else args.repeat
-    server = None
-    admin = os.environ.get("KOJIN_PG_URL")
-    if not admin:
-        from kojin_pg.dev.embedded import temporary_server
-
-        server = temporary_server()
-        admin = server.url
-    redis_url, redis_proc = start_redis()
+    admin, server, redis_url, redis_proc = start_servers()
     results: dict[str, dict] = {"date": time.strftime("%Y-%m-%d %H:%M"),
                                 "machine": f"{os.cpu_count()} cores, {sys.platform}"}
     kojin_env = {"BENCH_IMPORT": "import kojin_pg"}

@@ -40,7 +40,7 @@ from pathlib import Path
 import psutil
 import psycopg
 
-from bench.__main__ import make_db, start_redis
+from bench.__main__ import make_db, start_servers
 
 HERE = Path(__file__).resolve().parent
 
@@ -376,14 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     n = args.tasks or (10_000 if args.quick else 100_000)
     rows = 100_000 if args.quick else 1_000_000
-    server = None
-    admin = os.environ.get("KOJIN_PG_URL")
-    if not admin:
-        from kojin_pg.dev.embedded import temporary_server
-
-        server = temporary_server()
-        admin = server.url
-    redis_url, redis_proc = start_redis()
+    admin, server, redis_url, redis_proc = start_servers()
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                      "machine": f"{os.cpu_count()} cores, {sys.platform}",
                      "load_avg_at_start": os.getloadavg(), "tasks": n}
