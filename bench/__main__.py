@@ -52,6 +52,15 @@ def start_servers() -> tuple[str, Any, str | None, subprocess.Popen | None]:
     return admin, server, redis_url, redis_proc
 
 
+def stop_servers(server: Any, redis_proc: subprocess.Popen | None) -> None:
+    """Stop what :func:`start_servers` started."""
+    if redis_proc is not None:
+        redis_proc.terminate()
+        redis_proc.wait(10)
+    if server is not None:
+        server.destroy()
+
+
 def start_redis() -> tuple[str | None, subprocess.Popen | None]:
     exe = shutil.which("redis-server")
     if exe is None and os.geteuid() == 0 and shutil.which("apt-get"):
@@ -346,11 +355,7 @@ def main() -> int:
             print("pgbench single-row INSERT commits/s by clients:",
                   results["pgbench_insert_tps"])
     finally:
-        if redis_proc is not None:
-            redis_proc.terminate()
-            redis_proc.wait(10)
-        if server is not None:
-            server.destroy()
+        stop_servers(server, redis_proc)
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=2, default=str))

@@ -40,7 +40,7 @@ from pathlib import Path
 import psutil
 import psycopg
 
-from bench.__main__ import make_db, start_servers
+from bench.__main__ import make_db, start_servers, stop_servers
 
 HERE = Path(__file__).resolve().parent
 
@@ -394,11 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             results["claim"] = claim_latency(db, rows)
     finally:
         results["load_avg_at_end"] = os.getloadavg()
-        if redis_proc is not None:
-            redis_proc.terminate()
-            redis_proc.wait(10)
-        if server is not None:
-            server.destroy()
+        stop_servers(server, redis_proc)
         out = HERE / "results"
         out.mkdir(exist_ok=True)
         (out / "scheduling.json").write_text(json.dumps(results, indent=2, default=str))
