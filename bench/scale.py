@@ -21,6 +21,17 @@ from kombu import Connection, Exchange, Queue
 import kojin_pg  # noqa: F401
 
 
+def claim_ack_latencies(conn: Connection, channel, queue: str, n: int = 300) -> list[float]:
+    """Seconds of each of ``n`` claim+ack round trips (basic_get, ack, the ack applied now)."""
+    lat = []
+    for _ in range(n):
+        t = time.perf_counter()
+        channel.basic_get(queue).ack()
+        conn.transport.acks.flush()
+        lat.append(time.perf_counter() - t)
+    return lat
+
+
 def backlog(url: str, max_backlog: int) -> dict:
     """Median latency of a one-message claim+ack with 0 ... max_backlog messages queued."""
     qname = "backlog_" + uuid.uuid4().hex[:6]
@@ -41,15 +52,8 @@ def backlog(url: str, max_backlog: int) -> dict:
                            "SELECT %s, %s::jsonb FROM generate_series(1, %s)",
                            (qname, payload, target + 300 - filled))
                 pg.execute("VACUUM ANALYZE kojin.messages")
-            filled = target + 300
-            lat = []
-            for _ in range(300):
-                t = time.perf_counter()
-                m = ch.basic_get(qname)
-                m.ack()
-                conn.transport.acks.flush()
-                lat.append(time.perf_counter() - t)
-                filled -= 1
+            lat = claim_ack_latencies(conn, ch, qname)
+            filled = target
             out[str(target)] = round(1000 * statistics.median(lat), 3)
         q(ch).purge()
     return {"workload": "claim+ack latency ms by backlog", **out}

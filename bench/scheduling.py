@@ -41,6 +41,7 @@ import psutil
 import psycopg
 
 from bench.__main__ import make_db, start_servers, stop_servers
+from bench.scale import claim_ack_latencies
 
 HERE = Path(__file__).resolve().parent
 
@@ -312,13 +313,7 @@ def claim_latency(db: str, scheduled: int) -> dict:
                 n_sched = pg.execute("SELECT count(*) FROM kojin.messages "
                                      "WHERE queue = %s AND due_at IS NOT NULL",
                                      (qname,)).fetchone()[0]
-            lat = []
-            for _ in range(300):
-                t = time.perf_counter()
-                m = ch.basic_get(qname)
-                m.ack()
-                conn.transport.acks.flush()
-                lat.append(time.perf_counter() - t)
+            lat = claim_ack_latencies(conn, ch, qname)
             out[label] = {"scheduled_rows": n_sched,
                           "p50_ms": round(1000 * statistics.median(lat), 3),
                           "p99_ms": round(1000 * pct(lat, 0.99), 3),
