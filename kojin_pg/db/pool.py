@@ -86,15 +86,20 @@ class Database:
     The pool is created on first use, not in the constructor, and a forked child gets a pool of
     its own (see :mod:`kojin_pg.db.forksafe`). ``synchronous_commit`` (default: the
     ``synchronous_commit`` option, else the server's) applies to every session of the pool, or
-    behind a transaction pooler to every transaction of :meth:`run`.
+    behind a transaction pooler to every transaction of :meth:`run`. ``generic_plans`` makes
+    the sessions plan each prepared statement once (not behind a pooler: nothing is prepared
+    there).
     """
 
     def __init__(self, settings: Settings, *, role: str = "kojin_pg",
                  synchronous_commit: str | None = None,
+                 generic_plans: bool = False,
                  connect_timeout: float | None = None) -> None:
         self.settings = settings
         self.role = role
         self.synchronous_commit = synchronous_commit or settings.synchronous_commit
+        #: Plan prepared statements once per session (``plan_cache_mode``), see _configure.
+        self.generic_plans = generic_plans
         #: Seconds a connection attempt may take (a ``connect_timeout`` in the URL wins).
         self.connect_timeout = connect_timeout or DEFAULT_CONNECT_TIMEOUT
         self._pool: ProcessLocal[ConnectionPool] = ProcessLocal(self._open_pool)
@@ -133,9 +138,16 @@ class Database:
         configure_connection(conn)
         self._learn(conn)
         conn.prepare_threshold = None if self._pooled else self.settings.prepare_after
-        if self.synchronous_commit and not self._pooled:
+        if self._pooled:
+            return
+        if self.synchronous_commit:
             conn.execute("SELECT set_config('synchronous_commit', %s, false)",
                          (self.synchronous_commit,), prepare=False)
+        if self.generic_plans:
+            # The claim's many CTEs take three times longer to plan than to run, and the
+            # server never switches its prepared statement to a generic plan by itself
+            # (the array and LIMIT parameters keep each custom plan looking cheaper).
+            conn.execute("SET plan_cache_mode = force_generic_plan", prepare=False)
 
     def connect(self, **overrides: Any) -> psycopg.Connection[Any]:
         """A new dedicated connection (for LISTEN or a long-lived consumer), not pooled."""

@@ -262,11 +262,26 @@ class Channel(virtual.Channel):
             raise Empty()
         return claimed[0][0]
 
+    def claim_size(self) -> int:
+        """How many messages to claim for this channel now: its free prefetch slots."""
+        return self.qos.can_consume_max_estimate() or DEFAULT_BATCH
+
     def deliver_ready(self, queues: list[str]) -> tuple[int, bool]:
         """Claim what fits the free prefetch slots from ``queues`` and hand it to the consumers;
         return how many were delivered and whether the batch was full (more may be ready)."""
-        n = self.qos.can_consume_max_estimate() or DEFAULT_BATCH
+        n = self.claim_size()
         claimed = self._claim(queues, n)
+        self.deliver(claimed)
+        return len(claimed), len(claimed) >= n
+
+    def deliver(self, claimed: list[tuple[dict[str, Any], str]]) -> None:
+        """Hand claimed messages to their consumers; those of a queue no longer consumed here
+        (cancelled while the claim ran on the claim thread) go back to their queue."""
+        gone = [p["properties"]["delivery_tag"] for p, queue in claimed
+                if queue not in self._active_queues]
+        if gone:
+            claimed = [(p, q) for p, q in claimed if q in self._active_queues]
+            self.hand_back(gone)
         deliver = self.connection._deliver
         for i, (payload, queue) in enumerate(claimed):
             try:
@@ -280,7 +295,6 @@ class Channel(virtual.Channel):
                 if rest:
                     self.hand_back(rest)
                 raise
-        return len(claimed), len(claimed) >= n
 
     def _get_many(self, queues: list[str], timeout: float | None = None) -> None:
         delivered, _ = self.deliver_ready(list(queues))

@@ -22,6 +22,7 @@ from ..db.schema import ensure_schema
 from ..errors import DatabaseUnavailable
 from .acks import AckBuffer
 from .channel import Channel
+from .claimer import Ask, Claimer
 from .leases import LeaseKeeper
 from .options import broker_settings
 from .upkeep import upkeep_for
@@ -49,9 +50,6 @@ class Transport(virtual.Transport):
         asynchronous=True, exchange_type=frozenset(["direct", "topic", "fanout"]),
         heartbeats=False)
 
-    #: Batches claimed per event-loop callback before yielding to the loop.
-    DRAIN_BATCHES_PER_TICK = 4
-
     def __init__(self, client: Any, **kwargs: Any) -> None:
         super().__init__(client, **kwargs)
         self._consumer_id: ProcessLocal[str] = ProcessLocal(
@@ -65,6 +63,7 @@ class Transport(virtual.Transport):
         self.claimed = False
         self._hub: Any = None
         self._listen_fd: int | None = None
+        self._claims_fd: int | None = None
         #: The event loop's timer for the earliest scheduled message: (due, timer entry).
         self._due_timer: tuple[float, Any] | None = None
 
@@ -99,9 +98,11 @@ class Transport(virtual.Transport):
 
         These commit with ``synchronous_commit = off``: a PostgreSQL crash can lose the last
         fraction of a second of them, and then a message is delivered once more, which
-        at-least-once delivery allows. Publishes never go through here.
+        at-least-once delivery allows. Publishes never go through here. Its statements are
+        planned once per session (the claim would otherwise be planned on every call).
         """
         return Database(self.settings, role="kojin_pg.consumer", synchronous_commit="off",
+                        generic_plans=True,
                         connect_timeout=self.client.connect_timeout)
 
     @cached_property
@@ -130,6 +131,11 @@ class Transport(virtual.Transport):
         """NOTIFY announcements and local nudges (see :mod:`.wakeups`)."""
         return Wakeups(self.db, self.channel_name, enabled=self.settings.use_notify)
 
+    @cached_property
+    def claimer(self) -> Claimer:
+        """Runs the event loop's claims on a thread (see :mod:`.claimer`)."""
+        return Claimer(self._claim_plan, lambda channel, queues, n: channel._claim(queues, n))
+
     def ensure_ready(self, *, retry: bool = True) -> None:
         """Check (and with auto_migrate apply) the schema once per transport, and join this
         process's queue upkeep."""
@@ -152,6 +158,7 @@ class Transport(virtual.Transport):
                 self.consumer_stopped(None)
         finally:
             try:
+                self._stop_claims()
                 upkeep_for(self).detach(self)
                 self.acks.close()
                 if self.claimed:
@@ -161,6 +168,18 @@ class Transport(virtual.Transport):
                 self.wakeups.close()
                 self.db.close()
                 self.consumer_db.close()
+
+    def _stop_claims(self) -> None:
+        """Stop the claim thread before the leases are handed back, so no claim commits after
+        that; what it claimed and nobody delivered is handed back with them."""
+        if self._hub is not None and self._claims_fd is not None:
+            try:
+                self._hub.remove_reader(self._claims_fd)
+            except Exception:  # the loop may be gone already
+                pass
+            self._claims_fd = None
+        if self.claimer.stop():
+            self.claimed = True
 
     def _release_unknown_leases(self) -> None:
         """Closing: hand back whatever this consumer still leases. The channels have handed back
@@ -212,9 +231,12 @@ class Transport(virtual.Transport):
     # -- Celery's event loop (kombu hub): used by the worker for every pool ------------------
 
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
-        """Wake on NOTIFY and on acks through the loop's poller, instead of blocking."""
+        """Wake on NOTIFY and on acks through the loop's poller, and claim on the claim thread
+        (see :mod:`.claimer`), so the loop never blocks on the database."""
         self._hub = loop
         loop.add_reader(self.wakeups.nudge_fd(), self._on_nudge)
+        self._claims_fd = self.claimer.ready_fd()
+        loop.add_reader(self._claims_fd, self._on_claimed)
         self._arm_listen()
         loop.call_repeatedly(self.settings.polling_interval, self._drain_nowait)
         loop.call_soon(self._drain_nowait)
@@ -248,24 +270,43 @@ class Transport(virtual.Transport):
         self._drain_nowait()
 
     def _drain_nowait(self, announced: set[str] | None = None) -> None:
-        """Deliver what is ready now (on the ``announced`` queues only, if given), a few full
-        batches at a time, then apply the acks no claim took along."""
-        for _ in range(self.DRAIN_BATCHES_PER_TICK):
-            more = False
-            for channel in list(self.channels):
-                if not (channel._consumers and channel.qos.can_consume()):
-                    continue
-                queues = channel._active_queues
-                if announced is not None:
-                    queues = [q for q in queues if q in announced]
-                if queues:
-                    _, full = channel.deliver_ready(queues)
-                    more = more or full
-            if not more:
-                break  # the queues are drained: no need to ask again
-        else:
-            self._hub.call_soon(self._drain_nowait, announced)  # more ready: let the loop run
-        self.acks.flush()
+        """Ask the claim thread for what is ready now (on the ``announced`` queues only, if
+        given); acks no claim takes are applied by the ack buffer's flusher."""
+        if not self.closing:
+            self.claimer.request(announced)
+
+    def _claim_plan(self, announced: set[str] | None) -> list[Ask]:
+        """The claims to make now: each consuming channel with free prefetch slots, for its
+        queues (only the ``announced`` ones, if given)."""
+        asks: list[Ask] = []
+        for channel in list(self.channels):
+            if not (channel._consumers and channel.qos.can_consume()):
+                continue
+            queues = list(channel._active_queues)
+            if announced is not None:
+                queues = [q for q in queues if q in announced]
+            if queues:
+                asks.append((channel, queues, channel.claim_size()))
+        return asks
+
+    def _on_claimed(self) -> None:
+        """Deliver what the claim thread leased; claim again at once if a batch came back full
+        (more may be ready) or wake-ups came meanwhile."""
+        results, error, announced, again = self.claimer.take()
+        full = False
+        for channel, claimed, n in results:
+            if self.closing or channel.closed or not channel._consumers:
+                if claimed:  # stopped consuming meanwhile: back to the queue
+                    channel.hand_back([p["properties"]["delivery_tag"] for p, _ in claimed])
+                continue
+            channel.deliver(claimed)
+            full = full or len(claimed) >= n
+        if error is not None:
+            raise error
+        if full:
+            self._drain_nowait()
+        elif again:
+            self._drain_nowait(announced)
         self._arm_due_timer()
 
     def next_due(self) -> float | None:
