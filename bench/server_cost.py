@@ -41,6 +41,7 @@ upkeep) are spread over the N tasks: a larger N gives the steadier per-task figu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -135,7 +136,8 @@ def postmaster_pid(conn: psycopg.Connection) -> int | None:
 
 def client(url: str, n: int) -> None:
     """Child side: start the worker, warm up, then on ``go`` run N tasks, on ``stop`` stop.
-    Talks to the parent in JSON lines on stdout; reads commands from stdin."""
+    Talks to the parent in JSON lines on stdout; reads commands from stdin (closed: stop)."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # still stop the worker (finally)
     d = tempfile.mkdtemp(prefix="bench_cost_")
     Path(d, "costapp.py").write_text(APP.format(url=url))
     sys.path.insert(0, d)
@@ -254,7 +256,7 @@ class _Client:
         self.proc = subprocess.Popen([sys.executable, "-m", "bench.server_cost", "client", url,
                                       str(n)], cwd=str(HERE.parent), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
-        self.watchdog = threading.Timer(timeout, self.proc.kill)
+        self.watchdog = threading.Timer(timeout, self.proc.terminate)
         self.watchdog.start()
 
     def wait_for(self, key: str) -> dict[str, Any]:
@@ -272,7 +274,11 @@ class _Client:
         self.proc.stdin.flush()
 
     def close(self) -> None:
+        """Wait for the client to stop its worker and exit (closing its stdin tells it to)."""
         try:
+            if self.proc.stdin is not None and not self.proc.stdin.closed:
+                with contextlib.suppress(OSError):
+                    self.proc.stdin.close()
             self.proc.wait(120)
         finally:
             self.watchdog.cancel()
@@ -373,7 +379,7 @@ def run(stock: bool = False, quick: bool = False, n: int | None = None) -> dict[
 def print_table(result: dict[str, Any]) -> None:
     """The per-task figures of both runs side by side, and the top statements by calls."""
     print(f"\n== server cost per end-to-end task (prefork c=4, {result['tasks']} noop tasks;"
-          f" {result['server']['kind']}: {result['server']['version'][:40]})")
+          f" {result['server']['kind']}: {result['server']['version'].split(' on ')[0]})")
     runs = [result[k] for k in ("sync_on", "sync_off") if k in result]
     print(f"{'per task':<24}" + "".join(f"{'sync_commit=' + r['synchronous_commit']:>20}"
                                         for r in runs))
