@@ -394,9 +394,8 @@ def print_table(result: dict[str, Any]) -> None:
         for s in top["by_calls"]:
             print(f"  {s['calls'] / result['tasks']:>6.2f} {s['total_ms']:>8.1f} ms"
                   f"  {s['query'][:90]}")
-    for r in runs:
-        for note in r["notes"]:
-            print(f"  note: {note}")
+    for note in dict.fromkeys(note for r in runs for note in r["notes"]):
+        print(f"  note: {note}")
 
 
 def main(argv: list[str] | None = None) -> int:
