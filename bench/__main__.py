@@ -1,9 +1,11 @@
 """Run every workload against every system in one run and print ratios to kojin_pg.
 
-usage: python -m bench [all|backend|transport|e2e|scale] [--repeat N] [--quick]
+usage: python -m bench [all|backend|transport|e2e|scale|cost] [--repeat N] [--quick] [--stock]
        python -m bench scheduling [--quick]   (bench/scheduling.py; not part of ``all``)
 
-Servers: PostgreSQL from KOJIN_PG_URL, else a temporary embedded PostgreSQL 18; Redis from
+Servers: PostgreSQL from KOJIN_PG_URL, else a temporary embedded PostgreSQL 18, or with
+``--stock`` a temporary cluster of the Debian apt PostgreSQL at its default settings
+(bench/servers.py); ``cost`` (bench/server_cost.py) starts its own of the same kind; Redis from
 ``redis-server`` on PATH (installed with apt-get when missing and running as root), with AOF
 ``everysec`` (durability comparable to synchronous_commit=off). The workload scripts are the
 shared reference ones (backend.py, transport.py, e2e.py), run as subprocesses with each URL.
@@ -38,16 +40,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_servers() -> tuple[str, Any, str | None, subprocess.Popen | None]:
-    """PostgreSQL (KOJIN_PG_URL, else a temporary embedded server, returned to destroy) and
-    Redis: (admin URL, embedded server or None, Redis URL or None, Redis process or None)."""
-    server = None
-    admin = os.environ.get("KOJIN_PG_URL")
-    if not admin:
-        from kojin_pg.dev.embedded import temporary_server
+def start_servers(stock: bool = False) -> tuple[str, Any, str | None, subprocess.Popen | None]:
+    """PostgreSQL (KOJIN_PG_URL, else a temporary embedded server, or with ``stock`` a
+    temporary apt one, returned to destroy) and Redis: (admin URL, temporary server or None,
+    Redis URL or None, Redis process or None)."""
+    from bench.servers import start_postgres
 
-        server = temporary_server()
-        admin = server.url
+    admin, server = start_postgres(stock=stock)
     redis_url, redis_proc = start_redis()
     return admin, server, redis_url, redis_proc
 
@@ -57,8 +56,9 @@ def stop_servers(server: Any, redis_proc: subprocess.Popen | None) -> None:
     if redis_proc is not None:
         redis_proc.terminate()
         redis_proc.wait(10)
-    if server is not None:
-        server.destroy()
+    from bench.servers import destroy
+
+    destroy(server)
 
 
 def start_redis() -> tuple[str | None, subprocess.Popen | None]:
@@ -224,18 +224,24 @@ def table(title: str, rows: dict[str, dict], metrics: list[tuple[str, bool]]) ->
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("what", nargs="?", default="all",
-                        choices=["all", "backend", "transport", "e2e", "scale", "scheduling"])
+                        choices=["all", "backend", "transport", "e2e", "scale", "cost",
+                                 "scheduling"])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="smaller N, one repeat")
+    parser.add_argument("--stock", action="store_true",
+                        help="the Debian apt PostgreSQL at default settings (bench/servers.py)")
     args = parser.parse_args()
     if args.what == "scheduling":  # its own servers, table and JSON (scheduling.json)
         from bench.scheduling import main as scheduling_main
 
         return scheduling_main(["--quick"] if args.quick else [])
     repeat = 1 if args.quick else args.repeat
-    admin, server, redis_url, redis_proc = start_servers()
+    admin, server, redis_url, redis_proc = start_servers(args.stock)
+    from bench.servers import describe
+
     results: dict[str, dict] = {"date": time.strftime("%Y-%m-%d %H:%M"),
-                                "machine": f"{os.cpu_count()} cores, {sys.platform}"}
+                                "machine": f"{os.cpu_count()} cores, {sys.platform}",
+                                "postgres": describe(admin, server)}
     kojin_env = {"BENCH_IMPORT": "import kojin_pg"}
     try:
         if args.what in ("all", "backend"):
@@ -354,6 +360,10 @@ def main() -> int:
             print("cleanup:", {k: v for k, v in results["cleanup"].items() if k != "workload"})
             print("pgbench single-row INSERT commits/s by clients:",
                   results["pgbench_insert_tps"])
+        if args.what in ("all", "cost"):
+            from bench.server_cost import run as server_cost
+
+            results["server_cost"] = server_cost(stock=args.stock, quick=args.quick)
     finally:
         stop_servers(server, redis_proc)
     out = HERE / "results"
