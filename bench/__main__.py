@@ -155,6 +155,9 @@ def draw_chart(results: dict, path: Path) -> None:
                 if k and v:
                     bars.append((f"{section} {metric.replace('_per_s', '/s')}\nvs {system}",
                                  k / v if higher else v / k))
+    from bench.report_writers import chart_bars
+
+    bars += chart_bars(results)  # concurrency sections: producers, writers, processes, get
     if not bars:
         return
     fig, ax = plt.subplots(figsize=(10, 0.35 * len(bars) + 1.5))

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bench import report_writers
+
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 
 SECTIONS = [
@@ -69,12 +71,8 @@ def main() -> None:
                     cells.append(f"{fmt(v)} ({(k / v if higher else v / k):.2f})")
             rows.append(cells)
         print(table(rows) + "\n")
-    scale = data.get("worker_processes") or {}
-    if scale:
-        print(table([["prefork worker processes", "kojin_pg tasks/s", "Redis tasks/s"]] + [
-            [n, fmt(scale.get(f"kojin x{n}", {}).get("throughput", 0)),
-             fmt(scale.get(f"redis x{n}", {}).get("throughput", 0))] for n in ("1", "2", "4")])
-            + "\n")
+    for block in report_writers.render(data, table):  # concurrency sections
+        print(block + "\n")
     backlog = data.get("backlog") or {}
     if backlog:
         levels = [k for k in backlog if k != "workload"]
