@@ -2,7 +2,7 @@
 
 Issue 12's target: kojin_pg >= Redis at each count. Each count runs ``e2e.py`` with
 ``BENCH_POOL=prefork`` and ``BENCH_CONC=<count>`` ``--repeat`` times per system, the two
-systems one after the other, and reports the median with its spread and the ratio.
+systems in turns (:mod:`bench.interleave`), and reports the median with its spread and the ratio.
 
 Rows keep the keys the README's report reads: ``"kojin x<count>"`` and ``"redis x<count>"``.
 Called from ``bench/__main__.py``, which passes its ``run_script`` and ``median_runs``.
@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from bench.interleave import interleaved_runs
 from bench.spread import fmt_spread, ratio, value, verdict
 
 RunScript = Callable[..., dict]
@@ -27,12 +28,13 @@ def worker_processes(db: str, redis_url: str | None, repeat: int, n_tasks: str,
     rows: dict[str, Any] = {}
     for count in COUNTS:
         env = {"BENCH_POOL": "prefork", "BENCH_CONC": str(count)}
-        rows[f"kojin x{count}"] = median_runs(repeat, lambda env=env: run_script(
+        runs = {f"kojin x{count}": lambda env=env: run_script(
             "e2e.py", ["kojin+" + db, "kojin+" + db, n_tasks, "20"],
-            env={"BENCH_IMPORT": "import kojin_pg", **env}))
+            env={"BENCH_IMPORT": "import kojin_pg", **env})}
         if redis_url:
-            rows[f"redis x{count}"] = median_runs(repeat, lambda env=env: run_script(
-                "e2e.py", [redis_url, redis_url, n_tasks, "20"], env=env))
+            runs[f"redis x{count}"] = lambda env=env: run_script(
+                "e2e.py", [redis_url, redis_url, n_tasks, "20"], env=env)
+        rows.update(interleaved_runs(repeat, runs, median_runs))
     print_table(rows, repeat)
     return rows
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from bench.interleave import interleaved_runs
 from bench.spread import print_ratio_table
 
 RunScript = Callable[..., dict]
@@ -51,11 +52,10 @@ def publish_producers(db: str, redis_url: str | None, repeat: int, quick: bool,
             name: (url, KOJIN_ENV) for name, url in kojin_variants(db).items()}
         if redis_url:
             urls["redis"] = (redis_url, None)
-        rows: dict[str, Any] = {}
-        for name, (url, env) in urls.items():
-            args = [url, per, str(count)]
-            rows[name] = median_runs(repeat, lambda args=args, env=env: run_script(
+        rows = interleaved_runs(repeat, {
+            name: (lambda args=[url, per, str(count)], env=env: run_script(
                 "concurrent_publish.py", args, env=env, timeout=1800))
+            for name, (url, env) in urls.items()}, median_runs)
         out[str(count)] = rows
         print_ratio_table(f"publish from {count} producer process{'es' if count > 1 else ''}"
                           f" ({per} messages each; msgs/s, median of {repeat})",
@@ -68,13 +68,14 @@ def store_writers(db: str, redis_url: str | None, repeat: int, quick: bool,
                   writers: int = STORE_WRITERS) -> dict[str, Any]:
     """Result stores from ``writers`` processes: ``{system: row}``, printed."""
     per = str(max(1, total_messages(quick) // writers))
-    rows: dict[str, Any] = {}
-    for name, url in kojin_variants(db).items():
-        rows[name] = median_runs(repeat, lambda url=url: run_script(
-            "concurrent_store.py", [url, per, str(writers)], env=KOJIN_ENV, timeout=1800))
+    urls: dict[str, tuple[str, dict[str, str] | None]] = {
+        name: (url, KOJIN_ENV) for name, url in kojin_variants(db).items()}
     if redis_url:
-        rows["redis aof"] = median_runs(repeat, lambda: run_script(
-            "concurrent_store.py", [redis_url, per, str(writers)], timeout=1800))
+        urls["redis aof"] = (redis_url, None)
+    rows = interleaved_runs(repeat, {
+        name: (lambda args=[url, per, str(writers)], env=env: run_script(
+            "concurrent_store.py", args, env=env, timeout=1800))
+        for name, (url, env) in urls.items()}, median_runs)
     print_ratio_table(f"result stores from {writers} writer processes ({per} each; stores/s,"
                       f" median of {repeat})", rows, "store_per_s", "stores/s", TARGETS)
     return rows
