@@ -18,7 +18,6 @@ SECTIONS = [
                                                ("get_many_per_s", "get_many/s", True)]),
     ("transport", "kombu transport, 1 process", [("publish_per_s", "publish/s", True),
                                                   ("consume_ack_per_s", "consume+ack/s", True)]),
-    ("publish_4_producers", "publish, 4 producers", [("publish_per_s", "publish/s", True)]),
     ("e2e", "Celery e2e, threads c=4", [("throughput", "tasks/s", True),
                                         ("p50_ms", "p50 ms", False), ("p99_ms", "p99 ms", False),
                                         ("chord100_s", "chord-100 s", False),
