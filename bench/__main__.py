@@ -155,6 +155,9 @@ def draw_chart(results: dict, path: Path) -> None:
                 if k and v:
                     bars.append((f"{section} {metric.replace('_per_s', '/s')}\nvs {system}",
                                  k / v if higher else v / k))
+    from bench.report_writers import chart_bars
+
+    bars += chart_bars(results)  # concurrency sections: producers, writers, processes, get
     if not bars:
         return
     fig, ax = plt.subplots(figsize=(10, 0.35 * len(bars) + 1.5))
@@ -262,6 +265,13 @@ def main() -> int:
             results["backend"] = rows
             table("result backend, no worker (ops/s)", rows,
                   [("store_per_s", True), ("get_per_s", True), ("get_many_per_s", True)])
+            from bench.get_limit import get_limit
+            from bench.writers import store_writers
+
+            results["get_limit"] = get_limit(make_db(admin, "bench_pgb_" + uuid.uuid4().hex[:6]),
+                                             rows, repeat, args.quick, median_runs)
+            results["store_writers"] = store_writers(db, redis_url, repeat, args.quick,
+                                                     run_script, median_runs)
         if args.what in ("all", "transport"):
             n = "1000" if args.quick else "5000"
             rows = {}
@@ -284,18 +294,10 @@ def main() -> int:
             results["transport"] = rows
             table("kombu transport, one process (msgs/s)", rows,
                   [("publish_per_s", True), ("consume_ack_per_s", True)])
-            per = "500" if args.quick else "2000"
-            rows = {"kojin": median_runs(repeat, lambda: run_script(
-                "concurrent_publish.py", ["kojin+" + db, per, "4"], env=kojin_env))}
-            rows["kojin no notify"] = median_runs(repeat, lambda: run_script(
-                "concurrent_publish.py", ["kojin+" + db + "?use_notify=false", per, "4"],
-                env=kojin_env))
-            if redis_url:
-                rows["redis"] = median_runs(repeat, lambda: run_script(
-                    "concurrent_publish.py", [redis_url, per, "4"]))
-            results["publish_4_producers"] = rows
-            table("publish with 4 concurrent producers (msgs/s)", rows,
-                  [("publish_per_s", True)])
+            from bench.writers import publish_producers
+
+            results["publish_producers"] = publish_producers(db, redis_url, repeat, args.quick,
+                                                             run_script, median_runs)
         if args.what in ("all", "e2e"):
             rows = {}
             db = make_db(admin, "bench_" + uuid.uuid4().hex[:6])
@@ -333,19 +335,10 @@ def main() -> int:
             table("Celery end to end, prefork pool c=4", rows,
                   [("throughput", True), ("p50_ms", False), ("p95_ms", False),
                    ("p99_ms", False), ("chord100_s", False)])
-            scaling: dict[str, dict] = {}
-            for procs in ("1", "2", "4"):
-                env = {"BENCH_POOL": "prefork", "BENCH_CONC": procs}
-                scaling[f"kojin x{procs}"] = median_runs(1, lambda env=env: run_script(
-                    "e2e.py", ["kojin+" + db, "kojin+" + db, n_tp, "20"],
-                    env={**kojin_env, **env}))
-                if redis_url:
-                    scaling[f"redis x{procs}"] = median_runs(1, lambda env=env: run_script(
-                        "e2e.py", [redis_url, redis_url, n_tp, "20"], env=env))
-            results["worker_processes"] = scaling
-            print("\n== throughput (tasks/s) by prefork worker processes")
-            for name, r in scaling.items():
-                print(f"{name:<12} {r['throughput']:>10.1f}")
+            from bench.worker_processes import worker_processes
+
+            results["worker_processes"] = worker_processes(db, redis_url, repeat, n_tp,
+                                                           run_script, median_runs)
         if args.what in ("all", "scale"):
             size = "100000" if args.quick else "1000000"
             db = make_db(admin, "bench_" + uuid.uuid4().hex[:6])

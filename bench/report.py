@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bench import report_writers
+
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 
 SECTIONS = [
@@ -16,7 +18,6 @@ SECTIONS = [
                                                ("get_many_per_s", "get_many/s", True)]),
     ("transport", "kombu transport, 1 process", [("publish_per_s", "publish/s", True),
                                                   ("consume_ack_per_s", "consume+ack/s", True)]),
-    ("publish_4_producers", "publish, 4 producers", [("publish_per_s", "publish/s", True)]),
     ("e2e", "Celery e2e, threads c=4", [("throughput", "tasks/s", True),
                                         ("p50_ms", "p50 ms", False), ("p99_ms", "p99 ms", False),
                                         ("chord100_s", "chord-100 s", False),
@@ -69,12 +70,8 @@ def main() -> None:
                     cells.append(f"{fmt(v)} ({(k / v if higher else v / k):.2f})")
             rows.append(cells)
         print(table(rows) + "\n")
-    scale = data.get("worker_processes") or {}
-    if scale:
-        print(table([["prefork worker processes", "kojin_pg tasks/s", "Redis tasks/s"]] + [
-            [n, fmt(scale.get(f"kojin x{n}", {}).get("throughput", 0)),
-             fmt(scale.get(f"redis x{n}", {}).get("throughput", 0))] for n in ("1", "2", "4")])
-            + "\n")
+    for block in report_writers.render(data, table):  # concurrency sections
+        print(block + "\n")
     backlog = data.get("backlog") or {}
     if backlog:
         levels = [k for k in backlog if k != "workload"]
