@@ -29,6 +29,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from bench import rivals
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -237,6 +239,7 @@ def main() -> int:
     results: dict[str, dict] = {"date": time.strftime("%Y-%m-%d %H:%M"),
                                 "machine": f"{os.cpu_count()} cores, {sys.platform}"}
     kojin_env = {"BENCH_IMPORT": "import kojin_pg"}
+    rival = rivals.Harness(admin, run_script, median_runs, make_db, make_pgmq_db)
     try:
         if args.what in ("all", "backend"):
             n = "500" if args.quick else "2000"
@@ -275,6 +278,7 @@ def main() -> int:
             if pgmq_url:
                 rows["kombu pgmq"] = median_runs(repeat, lambda: run_script(
                     "transport.py", [pgmq_url, n, '{"init_extension": false}']))
+            rows.update(rivals.transport_rows(rival, n, repeat))
             results["transport"] = rows
             table("kombu transport, one process (msgs/s)", rows,
                   [("publish_per_s", True), ("consume_ack_per_s", True)])
@@ -311,6 +315,7 @@ def main() -> int:
                                "db+" + db.replace("postgresql://", "postgresql+psycopg://"),
                                "200", "20"],
                     env={"BENCH_BROKER_OPTIONS": '{"init_extension": false}'}))
+            rows.update(rivals.e2e_rows(rival, db, "threads", n_tp, n_lat, repeat))
             rows = {("kojin" if k == "kojin/kojin" else k): v for k, v in rows.items()}
             results["e2e"] = rows
             table("Celery end to end, threads pool c=4", rows,
@@ -323,6 +328,7 @@ def main() -> int:
             if redis_url:
                 rows["redis/redis"] = median_runs(repeat, lambda: run_script(
                     "e2e.py", [redis_url, redis_url, n_tp, n_lat], env=prefork))
+            rows.update(rivals.e2e_rows(rival, db, "prefork", n_tp, n_lat, repeat))
             results["e2e_prefork"] = rows
             table("Celery end to end, prefork pool c=4", rows,
                   [("throughput", True), ("p50_ms", False), ("p95_ms", False),
