@@ -1,6 +1,7 @@
 """End-to-end benchmark of potatoq on its native PostgreSQL broker, through its own worker.
 
-usage: [BENCH_POOL=threads|prefork] [BENCH_CONC=4] python potatoq_e2e.py BROKER_URL [N_THROUGHPUT] [N_LATENCY]
+usage: [BENCH_POOL=threads|prefork] [BENCH_CONC=4] [BENCH_BROKER_OPTIONS=JSON]
+       python potatoq_e2e.py BROKER_URL [N_THROUGHPUT] [N_LATENCY]
 
 The same workload as e2e.py (warm-up, N_LATENCY sequential ``delay().get()`` round trips for
 p50/p95/p99, N_THROUGHPUT tasks published then all results awaited, a chord of 100, and with
@@ -30,7 +31,7 @@ from potatoq import Potatoq
 
 app = Potatoq("benchapp", broker={broker!r})
 app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
-                result_expires=3600)
+                result_expires=3600, broker_transport_options={options!r})
 
 
 @app.task
@@ -44,11 +45,12 @@ def tsum(xs):
 """
 
 
-def write_app(broker: str) -> str:
-    """A temporary directory holding ``benchapp.py`` (the two tasks of e2e.py) for ``broker``."""
+def write_app(broker: str, options: dict[str, Any]) -> str:
+    """A temporary directory holding ``benchapp.py`` (the two tasks of e2e.py) for ``broker``
+    with broker ``options`` (potatoq's ``broker_transport_options``)."""
     d = tempfile.mkdtemp(prefix="bench_potatoq_")
     with open(os.path.join(d, "benchapp.py"), "w") as f:
-        f.write(textwrap.dedent(APP.format(broker=broker)))
+        f.write(textwrap.dedent(APP.format(broker=broker, options=options)))
     return d
 
 
@@ -102,7 +104,7 @@ def main(argv: list[str]) -> int:
     n_lat = int(argv[3]) if len(argv) > 3 else 200
     pool = os.environ.get("BENCH_POOL", "threads")
     conc = os.environ.get("BENCH_CONC", "4")
-    d = write_app(broker)
+    d = write_app(broker, json.loads(os.environ.get("BENCH_BROKER_OPTIONS") or "{}"))
     sys.path.insert(0, d)
     import benchapp  # noqa: PLC0415 (written just above)
 
