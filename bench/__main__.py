@@ -31,6 +31,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from bench import rivals
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -246,6 +248,7 @@ def main() -> int:
                                 "machine": f"{os.cpu_count()} cores, {sys.platform}",
                                 "postgres": describe(admin, server)}
     kojin_env = {"BENCH_IMPORT": "import kojin_pg"}
+    rival = rivals.Harness(admin, run_script, median_runs, make_db, make_pgmq_db)
     try:
         if args.what in ("all", "backend"):
             n = "500" if args.quick else "2000"
@@ -291,6 +294,7 @@ def main() -> int:
             if pgmq_url:
                 rows["kombu pgmq"] = median_runs(repeat, lambda: run_script(
                     "transport.py", [pgmq_url, n, '{"init_extension": false}']))
+            rows.update(rivals.transport_rows(rival, n, repeat))
             results["transport"] = rows
             table("kombu transport, one process (msgs/s)", rows,
                   [("publish_per_s", True), ("consume_ack_per_s", True)])
@@ -319,6 +323,7 @@ def main() -> int:
                                "db+" + db.replace("postgresql://", "postgresql+psycopg://"),
                                "200", "20"],
                     env={"BENCH_BROKER_OPTIONS": '{"init_extension": false}'}))
+            rows.update(rivals.e2e_rows(rival, db, "threads", n_tp, n_lat, repeat))
             rows = {("kojin" if k == "kojin/kojin" else k): v for k, v in rows.items()}
             results["e2e"] = rows
             table("Celery end to end, threads pool c=4", rows,
@@ -331,6 +336,7 @@ def main() -> int:
             if redis_url:
                 rows["redis/redis"] = median_runs(repeat, lambda: run_script(
                     "e2e.py", [redis_url, redis_url, n_tp, n_lat], env=prefork))
+            rows.update(rivals.e2e_rows(rival, db, "prefork", n_tp, n_lat, repeat))
             results["e2e_prefork"] = rows
             table("Celery end to end, prefork pool c=4", rows,
                   [("throughput", True), ("p50_ms", False), ("p95_ms", False),
