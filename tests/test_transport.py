@@ -469,3 +469,19 @@ def test_no_ack_consumers_remove_what_they_receive(db_url):
             time.sleep(0.01)
     assert got == [0, 1, 2, 3, 4]
     assert count(db_url) == 0
+
+
+def test_a_process_that_only_publishes_opens_no_consumer_pool(db_url):
+    """Publishing and the queue upkeep go through the publishing pool: a web process that only
+    sends tasks must not hold consumer connections too (64 producers held 256 connections)."""
+    q = make_queue()
+    with Connection(kurl(db_url) + "?sweep_interval=0.2") as conn:
+        q(conn.channel()).declare()
+        publish(conn, q, [{"i": i} for i in range(3)])
+        time.sleep(1.0)  # several upkeep rounds
+        with psycopg.connect(db_url, autocommit=True) as admin:
+            roles = [r[0] for r in admin.execute(
+                "SELECT application_name FROM pg_stat_activity WHERE datname = current_database()"
+                " AND pid <> pg_backend_pid()").fetchall()]
+    assert "kojin_pg.consumer" not in roles, f"a publishing process opened consumer sessions: {roles}"
+    assert "kojin_pg.broker" in roles

@@ -93,15 +93,17 @@ class Upkeep:
             for queue in t.consumed_queues():
                 queues.append(queue)
                 consumers.append(t.consumer_id)
-        t = transports[0]
+        # a consumer's pool if there is one: a process that only publishes opens no second pool
+        t = next((t for t in transports if t.consumed), transports[0])
+        db = t.consumer_db if t.consumed else t.db
         q = t.queries
         # No retries here: the next round does the same work anyway. closing is checked before
         # each use, so a round never reopens the pool of a transport being closed.
         if queues and not t.closing:
-            t.consumer_db.run(lambda conn: conn.execute(q.consumers_alive, {
+            db.run(lambda conn: conn.execute(q.consumers_alive, {
                 "queues": queues, "consumers": consumers}), "consumers alive", retry=False)
         if not t.closing:
-            t.consumer_db.run(lambda conn: sweep(conn, t), "sweep", retry=False)
+            db.run(lambda conn: sweep(conn, t), "sweep", retry=False)
 
 
 def sweep(conn: psycopg.Connection[Any], transport: Transport) -> None:
