@@ -378,3 +378,27 @@ def test_missing_database_fails_at_once_with_the_cause(pg_server):
     app = Celery("x", backend="kojin+" + url, broker="memory://", set_as_current=False)
     with pytest.raises(ConfigurationError, match="no_such_database_here.*does not exist"):
         app.backend.get_task_meta("t")
+
+
+def test_a_waiter_takes_an_announced_result_without_reading_it(app, backend, make_app):
+    """A small result travels in its NOTIFY: the waiter needs no read. Proof: the writer stores
+    it already expired, so a read would find nothing, and the wait still returns the value."""
+    writer = make_app(result_expires=0.000001).backend
+    t, failed = tid(), tid()
+    threading.Timer(0.2, writer.mark_as_done, (t, {"n": [1, 2]})).start()
+    assert AsyncResult(t, app=app).get(timeout=5) == {"n": [1, 2]}
+    assert backend.get_task_meta(t, cache=False)["status"] == states.PENDING  # a read: expired
+    threading.Timer(0.2, writer.mark_as_failure, (failed, ValueError("bad"))).start()
+    with pytest.raises(ValueError, match="bad"):
+        AsyncResult(failed, app=app).get(timeout=5)
+
+
+def test_large_and_extended_results_are_announced_by_id_and_read(make_app):
+    app = make_app()  # the tests' apps have result_extended on
+    t, big = tid(), tid()
+    threading.Timer(0.2, app.backend.store_result, (t, 5, states.SUCCESS),
+                    {"request": request(task="tasks.add", args=[2, 3])}).start()
+    assert AsyncResult(t, app=app).get(timeout=10) == 5
+    assert app.backend.get_task_meta(t, cache=False)["name"] == "tasks.add"
+    threading.Timer(0.2, app.backend.mark_as_done, (big, "x" * 10_000)).start()
+    assert AsyncResult(big, app=app).get(timeout=10) == "x" * 10_000

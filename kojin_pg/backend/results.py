@@ -23,6 +23,7 @@ from ..db import Database, Queries, is_transient
 from ..db.channels import results_channel
 from ..db.schema import ensure_schema
 from ..errors import PayloadError
+from .announce import announced_meta, announcement
 from .chords import Chords
 from .expiry import delete_expired
 from .values import ValueCodec
@@ -119,6 +120,7 @@ class PostgresBackend(AsyncBackendMixin, BaseBackend):
                 params[key] = self.values.jsonb(blob[key])
         else:
             params["result_bytes"] = raw
+        params["announce"] = announcement(task_id, meta) if encoded is not None else None
         self._fetchall(self.queries.store_result, params, "store_result")
         return result
 
@@ -148,6 +150,11 @@ class PostgresBackend(AsyncBackendMixin, BaseBackend):
             meta.update(name=name, args=args, kwargs=kwargs, worker=worker,
                         retries=retries, queue=queue)
         return self.meta_from_decoded(meta)
+
+    def announced_meta(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """The meta a waiter gets from a result announced with its value (see
+        :func:`~kojin_pg.backend.announce.announcement`), as a read would give it."""
+        return self.meta_from_decoded(announced_meta(payload))
 
     def fetch_metas(self, task_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
         """The stored, unexpired metas of ``task_ids`` (one query), by task id."""

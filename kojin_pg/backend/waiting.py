@@ -1,8 +1,9 @@
 """Waiting for results without polling: LISTEN on one channel per schema.
 
-Every stored result is announced with ``pg_notify(channel, task_id)`` in the same statement as
-the write. Each process listens on one connection (:class:`~kojin_pg.db.Listener`), and a
-wake-up reads the announced results that someone here waits for, in one query. As a safety net
+Every stored result is announced with ``pg_notify`` in the same statement as the write: a small
+one with its value (see :mod:`.announce`), which a waiter here takes as it is, others by task
+id. Each process listens on one connection (:class:`~kojin_pg.db.Listener`), and a wake-up
+reads the announced-by-id results that someone here waits for, in one query. As a safety net
 (a dropped listening connection, a result written by something that does not notify), a wait
 that hears nothing reads the awaited results once before waiting again. With ``use_notify``
 off, or while the listening connection is down, it polls every ``polling_interval`` instead.
@@ -20,6 +21,7 @@ from celery import states
 from celery.backends.asynchronous import BaseResultConsumer
 
 from ..db import Listener, ProcessLocal
+from .announce import split_heard
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,7 @@ class ResultConsumer(BaseResultConsumer):
             if heard is None:
                 self._poll(wait)  # not listening: read what we wait for, then nap
             elif heard:
-                self._deliver(heard & self._awaited())
+                self._deliver_heard(heard, self._awaited())
             else:
                 self._deliver(self._awaited())  # heard nothing: the safety-net read
         finally:
@@ -101,6 +103,14 @@ class ResultConsumer(BaseResultConsumer):
         for mapping in self._pending_results:
             ids.update(mapping.keys())
         return ids
+
+    def _deliver_heard(self, heard: set[str], awaited: set[str]) -> None:
+        """Hand announced results to their waiters here: those announced with their value
+        as they are, the others after one read."""
+        ids, results = split_heard(heard)
+        for task_id in results.keys() & awaited:
+            self.on_state_change(self.backend.announced_meta(results[task_id]), True)
+        self._deliver(ids & awaited)
 
     def _deliver(self, task_ids: Iterable[str]) -> int:
         metas = self.backend.fetch_metas(task_ids)
@@ -126,8 +136,9 @@ class ResultConsumer(BaseResultConsumer):
                     if heard is None:
                         break  # not listening: nap below, then the caller reads
                     # announcements for other waiters of this process reach them too
-                    self._deliver((heard - task_ids) & self._awaited())
-                    if heard & task_ids:
+                    ids, results = split_heard(heard)
+                    self._deliver_heard(heard, self._awaited() - task_ids)
+                    if (ids | results.keys()) & task_ids:
                         return
                 else:
                     return

@@ -3,7 +3,8 @@
 -- always bound parameters.
 
 -- name: store_result
--- Insert or update one result and wake its waiters in the same statement (and transaction).
+-- Insert or update one result and wake its waiters in the same statement (and transaction),
+-- announcing the result itself when the caller passes it (announce), else the task id.
 -- A stored SUCCESS is never overwritten: a late duplicate run of a task must not replace it.
 WITH stored AS (
     INSERT INTO {schema}.results AS r
@@ -31,7 +32,7 @@ WITH stored AS (
     WHERE r.status <> 'SUCCESS'
     RETURNING r.task_id
 )
-SELECT pg_notify(%(channel)s, task_id) FROM stored WHERE %(notify)s;
+SELECT pg_notify(%(channel)s, coalesce(%(announce)s::text, task_id)) FROM stored WHERE %(notify)s;
 
 -- name: get_results
 -- The unexpired results of the given task ids (one round trip for one id or thousands).
