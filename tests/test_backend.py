@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import pickle
 import threading
+import time
 import uuid
 
 import psycopg
@@ -13,6 +14,7 @@ from celery import states
 from celery.app.task import Context
 from celery.result import AsyncResult, GroupResult
 
+from kojin_pg.backend.waiters import wait_slot
 from kojin_pg.errors import ConfigurationError, PayloadError
 
 
@@ -402,3 +404,54 @@ def test_large_and_extended_results_are_announced_by_id_and_read(make_app):
     assert app.backend.get_task_meta(t, cache=False)["name"] == "tasks.add"
     threading.Timer(0.2, app.backend.mark_as_done, (big, "x" * 10_000)).start()
     assert AsyncResult(big, app=app).get(timeout=10) == "x" * 10_000
+
+
+def _announcements(db_url: str, channel: str, work) -> list[str]:
+    """The payloads announced on ``channel`` while ``work()`` runs."""
+    with psycopg.connect(db_url, autocommit=True) as listen:
+        listen.execute(f'LISTEN "{channel}"')
+        work()
+        return [n.payload for n in listen.notifies(timeout=0.5)]
+
+
+def test_results_nobody_waits_for_are_not_announced(app, backend, db_url):
+    """Each NOTIFY serializes notifying commits database-wide: a result is announced only
+    if someone may wait for it (issue 12)."""
+    unwaited = [tid() for _ in range(20)]
+    heard = _announcements(db_url, backend.channel,
+                           lambda: [backend.mark_as_done(t, 1) for t in unwaited])
+    assert heard == [], f"{len(heard)} results nobody waited for were announced"
+    waited = tid()
+    threading.Timer(0.3, backend.mark_as_done, (waited, 2)).start()
+    heard = _announcements(db_url, backend.channel,
+                           lambda: AsyncResult(waited, app=app).get(timeout=10))
+    assert any(waited in p for p in heard), "a result someone waited for was not announced"
+
+
+def test_a_waiter_arriving_during_the_writers_commit_reads_the_result(app, backend, db_url):
+    """The writer found nobody waiting and does not announce; a waiter that starts meanwhile
+    must not miss the result: its wait slot waits for the writer's commit, then it reads."""
+    t = tid()
+    params = {"task_id": t, "status": "SUCCESS", "result": psycopg.types.json.Jsonb(7),
+              "result_bytes": None, "traceback": None, "children": None, "group_id": None,
+              "parent_id": None, "name": None, "args": None, "kwargs": None, "worker": None,
+              "retries": None, "queue": None, "date_done": None, "expires": 3600,
+              "channel": backend.channel, "notify": True, "announce": None,
+              "wait_space": backend.wait_space, "wait_slot": wait_slot(t)}
+    consumer = backend.result_consumer
+    safety_reads = []
+    real_deliver = consumer._deliver
+    consumer._deliver = lambda ids: safety_reads.append(set(ids)) or real_deliver(ids)
+    got: list = []
+    with psycopg.connect(db_url) as writer:  # a transaction: stored, not yet committed
+        writer.execute(backend.queries.store_result, params)
+        waiter = threading.Thread(target=lambda: got.append(
+            AsyncResult(t, app=app).get(timeout=20)))
+        waiter.start()
+        time.sleep(0.3)  # the waiter is blocked on its wait slot now
+        assert not got
+        writer.commit()
+    waiter.join(20)
+    consumer._deliver = real_deliver
+    assert got == [7]
+    assert not safety_reads, "the waiter needed the safety-net read: a wake-up was lost"

@@ -27,6 +27,7 @@ from .announce import announced_meta, announcement
 from .chords import Chords
 from .expiry import delete_expired
 from .values import ValueCodec
+from .waiters import wait_slot, wait_space
 from .waiting import ResultConsumer
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class PostgresBackend(AsyncBackendMixin, BaseBackend):
         self.db = Database(self.settings, role="kojin_pg.backend")
         self.queries = Queries("backend", self.settings.schema)
         self.channel = results_channel(self.settings.schema)
+        #: The advisory-lock namespace of this schema's wait slots (see :mod:`.waiters`).
+        self.wait_space = wait_space(self.settings.schema)
         self.values = ValueCodec(self.content_type, self.encode, self.decode)
         self.chords = Chords(self, self.db, self.queries, self.values)
         self._schema_ready = False
@@ -121,6 +124,7 @@ class PostgresBackend(AsyncBackendMixin, BaseBackend):
         else:
             params["result_bytes"] = raw
         params["announce"] = announcement(task_id, meta) if encoded is not None else None
+        params["wait_space"], params["wait_slot"] = self.wait_space, wait_slot(task_id)
         self._fetchall(self.queries.store_result, params, "store_result")
         return result
 
@@ -198,6 +202,17 @@ class PostgresBackend(AsyncBackendMixin, BaseBackend):
             if cached is not None and cached["status"] in READY_STATES:
                 ids.discard(task_id)
                 yield task_id, cached
+        held = self.result_consumer.hold(ids) if ids else []
+        try:
+            yield from self._get_many_rounds(ids, timeout, interval, on_message, on_interval,
+                                             max_iterations, READY_STATES)
+        finally:
+            self.result_consumer.let_go(held)
+
+    def _get_many_rounds(self, ids: set[str], timeout: float | None, interval: float,
+                         on_message: Any, on_interval: Any, max_iterations: int | None,
+                         READY_STATES: frozenset[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+        cache = self._cache
         iterations = 0
         started = time.monotonic()
         while ids:

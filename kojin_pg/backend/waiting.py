@@ -22,6 +22,7 @@ from celery.backends.asynchronous import BaseResultConsumer
 
 from ..db import Listener, ProcessLocal
 from .announce import split_heard
+from .waiters import WaitSlots
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,10 @@ class ResultConsumer(BaseResultConsumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         settings = self.backend.settings
+        #: The wait slots of the tasks waited for here (see :mod:`.waiters`).
+        self.slots = WaitSlots(self.backend.queries, settings.schema)
         self.listener = Listener(self.backend.db, self.backend.channel, role="results",
-                                 enabled=settings.use_notify)
+                                 enabled=settings.use_notify, on_connect=self.slots.retake)
         self._readers: ProcessLocal[_Readers] = ProcessLocal(_Readers)
 
     # -- BaseResultConsumer ------------------------------------------------------------------
@@ -54,17 +57,35 @@ class ResultConsumer(BaseResultConsumer):
         """Make sure results announced from now on reach this process."""
         self.backend.ensure_ready()
         self.listener.ensure()
+        self.slots.add((task_id,))
 
     def cancel_for(self, task_id: str) -> None:
-        """Nothing to undo: one channel serves every task."""
+        """Waiting for ``task_id`` is over: its writer need not announce it any more."""
+        self.slots.discard((task_id,))
+
+    def hold(self, task_ids: Iterable[str]) -> list[str]:
+        """Wait for ``task_ids`` (before reading them); returns those to :meth:`let_go` after."""
+        added = self.slots.add(task_ids)
+        self.sync_slots()
+        return added
+
+    def let_go(self, task_ids: Iterable[str]) -> None:
+        """Stop waiting for ``task_ids`` (from :meth:`hold`)."""
+        self.slots.discard(task_ids)
+
+    def sync_slots(self) -> None:
+        """Tell the writers what this process waits for now: before any read of it."""
+        if self.listener.enabled and self.slots.pending():
+            self.listener.run(self.slots.apply)
 
     def stop(self) -> None:
         """Close the listening connection."""
         self.listener.close()
 
     def on_wait_for_pending(self, result: Any, **kwargs: Any) -> None:
-        # Listening is on already (consume_from ran): whatever was stored before is read here,
-        # whatever is stored later will be announced.
+        # Listening is on already (consume_from ran) and the wait slots are taken: whatever
+        # was stored before is read here, whatever is stored later will be announced.
+        self.sync_slots()
         for meta in result._iter_meta(**kwargs):
             if meta is not None:
                 self.on_state_change(meta, None)
@@ -84,6 +105,7 @@ class ResultConsumer(BaseResultConsumer):
                 readers.done.wait(wait)
             return
         try:
+            self.sync_slots()
             heard = self.listener.wait(wait)
             if heard is None:
                 self._poll(wait)  # not listening: read what we wait for, then nap
@@ -130,6 +152,7 @@ class ResultConsumer(BaseResultConsumer):
         if readers.lock.acquire(blocking=False):
             try:
                 self.listener.ensure()
+                self.sync_slots()
                 deadline = time.monotonic() + timeout
                 while (left := deadline - time.monotonic()) > 0:
                     heard = self.listener.wait(left)

@@ -28,6 +28,7 @@ import select
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -73,11 +74,14 @@ class _Session:
 class Listener:
     """Notifications of one channel for this process (safe to share between threads)."""
 
-    def __init__(self, db: Database, channel: str, *, role: str, enabled: bool = True) -> None:
+    def __init__(self, db: Database, channel: str, *, role: str, enabled: bool = True,
+                 on_connect: Callable[[psycopg.Connection[Any]], None] | None = None) -> None:
         self.db = db
         self.channel = channel
         self.role = role
         self.enabled = enabled
+        #: Run on each new listening session, after LISTEN (to set up session state again).
+        self.on_connect = on_connect
         self._session: ProcessLocal[_Session] = ProcessLocal(_Session)
 
     # -- connection ------------------------------------------------------------------------
@@ -97,7 +101,8 @@ class Listener:
             if time.monotonic() < s.retry_at:
                 return None
             try:
-                if s.conn is None or s.conn.closed:
+                new = s.conn is None or s.conn.closed
+                if new:
                     conn = self.db.connect_listener()
                     if conn is None:
                         self._no_session()
@@ -105,6 +110,8 @@ class Listener:
                     s.conn = conn
                     s.conn.add_notify_handler(lambda n: s.backlog.add(n.payload))
                 s.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+                if new and self.on_connect is not None:
+                    self.on_connect(s.conn)
             except (psycopg.Error, OSError, DatabaseUnavailable) as exc:
                 self._lost(s, exc)
                 return None
@@ -126,6 +133,22 @@ class Listener:
         s.missed = True
         s.retry_at = time.monotonic() + s.backoff
         s.backoff = min(s.backoff * 2, BACKOFF_MAX)
+
+    def run(self, work: Callable[[psycopg.Connection[Any]], None]) -> bool:
+        """Run ``work`` on the listening session (listening first); False if not listening
+        now or the session was lost meanwhile (then a miss is reported to the next wait)."""
+        if self._listening() is None:
+            return False
+        s = self._session.get()
+        with s.lock:
+            if s.conn is None or s.conn.closed:
+                return False
+            try:
+                work(s.conn)
+            except (psycopg.Error, OSError) as exc:
+                self._lost(s, exc)
+                return False
+        return True
 
     @property
     def connected(self) -> bool:

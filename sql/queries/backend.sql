@@ -5,6 +5,9 @@
 -- name: store_result
 -- Insert or update one result and wake its waiters in the same statement (and transaction),
 -- announcing the result itself when the caller passes it (announce), else the task id.
+-- Only if a waiter can exist: waiters hold a shared lock on their task's wait slot (see
+-- kojin_pg/backend/waiters.py); when the exclusive try succeeds nobody waits, and the lock is
+-- held until this commit, so a waiter arriving meanwhile reads the result after it.
 -- A stored SUCCESS is never overwritten: a late duplicate run of a task must not replace it.
 WITH stored AS (
     INSERT INTO {schema}.results AS r
@@ -32,7 +35,16 @@ WITH stored AS (
     WHERE r.status <> 'SUCCESS'
     RETURNING r.task_id
 )
-SELECT pg_notify(%(channel)s, coalesce(%(announce)s::text, task_id)) FROM stored WHERE %(notify)s;
+SELECT pg_notify(%(channel)s, coalesce(%(announce)s::text, task_id)) FROM stored
+WHERE %(notify)s AND NOT pg_try_advisory_xact_lock(%(wait_space)s, %(wait_slot)s);
+
+-- name: wait_slots
+-- A waiting process takes (shared, for its session) the wait slots of the tasks it starts
+-- waiting for and gives back those of the tasks it no longer waits for.
+SELECT (SELECT count(pg_advisory_unlock_shared(%(wait_space)s, slot))
+        FROM unnest(%(release)s::int[]) AS slot),
+       (SELECT count(pg_advisory_lock_shared(%(wait_space)s, slot))
+        FROM unnest(%(take)s::int[]) AS slot);
 
 -- name: get_results
 -- The unexpired results of the given task ids (one round trip for one id or thousands).

@@ -1,0 +1,114 @@
+"""Who waits for which results, told to the writers so that they NOTIFY only when someone may.
+
+A NOTIFY takes a lock at commit that serializes every notifying commit in the database (held
+across the commit's WAL flush), so announcing results nobody waits for costs every writer.
+Waiting processes therefore say what they wait for with advisory locks: each task id maps to
+one of :data:`SLOTS` wait slots, and a process holds a *shared* session lock on the slot of each
+task it waits for, on its LISTEN session. A writer tries an *exclusive* transaction lock on the
+task's slot in the statement that stores the result: if the try fails someone may wait, and it
+announces; if it succeeds nobody waits, and it holds the lock until its commit.
+
+Why no wake-up is lost: a waiter takes its slot before it first reads the result. If it took
+the slot before the writer's try, the writer announces. If after, its lock waited for the
+writer's commit, so its read sees the result. A slot shared by other tasks only makes a writer
+announce more often than needed. The locks go with the session: after a reconnect they are taken
+again (:meth:`WaitSlots.retake`) before the waiter reads what it may have missed.
+
+Per process: a count of waited-for tasks per slot; slots are taken and given back in one
+statement, sent before the next read or wait (:meth:`WaitSlots.apply`).
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+import psycopg
+
+from ..db import ProcessLocal, Queries
+
+#: Wait slots per schema: a waiter holds at most this many locks.
+SLOTS = 256
+
+
+def wait_space(schema: str) -> int:
+    """The advisory-lock namespace (first key) of a schema's wait slots."""
+    return zlib.crc32(f"kojin_pg.waits:{schema}".encode()) - 2**31
+
+
+def wait_slot(task_id: str) -> int:
+    """The wait slot (second key) of a task."""
+    return zlib.crc32(task_id.encode()) % SLOTS
+
+
+class _Held:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.tasks: set[str] = set()
+        self.per_slot: Counter[int] = Counter()
+        #: slots whose lock is held on the session now
+        self.locked: set[int] = set()
+
+
+class WaitSlots:
+    """The wait slots this process holds, for one schema."""
+
+    def __init__(self, queries: Queries, schema: str) -> None:
+        self.queries = queries
+        self.space = wait_space(schema)
+        self._held: ProcessLocal[_Held] = ProcessLocal(_Held)
+
+    def add(self, task_ids: Iterable[str]) -> list[str]:
+        """Waiting for ``task_ids`` from now on (taken on the session by the next apply);
+        returns those not waited for before."""
+        h = self._held.get()
+        added = []
+        with h.lock:
+            for task_id in task_ids:
+                if task_id not in h.tasks:
+                    h.tasks.add(task_id)
+                    h.per_slot[wait_slot(task_id)] += 1
+                    added.append(task_id)
+        return added
+
+    def discard(self, task_ids: Iterable[str]) -> None:
+        """No longer waiting for ``task_ids`` (given back by the next apply)."""
+        h = self._held.get()
+        with h.lock:
+            for task_id in task_ids:
+                if task_id in h.tasks:
+                    h.tasks.discard(task_id)
+                    slot = wait_slot(task_id)
+                    h.per_slot[slot] -= 1
+                    if h.per_slot[slot] <= 0:
+                        del h.per_slot[slot]
+
+    def pending(self) -> bool:
+        """Whether the session's locks differ from what this process waits for."""
+        h = self._held.get()
+        with h.lock:
+            return h.locked != set(h.per_slot)
+
+    def apply(self, conn: psycopg.Connection[Any]) -> None:
+        """Bring the session's locks in line with what this process waits for (one statement;
+        ``conn`` is the LISTEN session, used under its lock)."""
+        h = self._held.get()
+        with h.lock:
+            wanted = set(h.per_slot)
+            take, release = sorted(wanted - h.locked), sorted(h.locked - wanted)
+        if not take and not release:
+            return
+        conn.execute(self.queries.wait_slots, {"wait_space": self.space, "take": take,
+                                               "release": release}, prepare=False)
+        with h.lock:
+            h.locked = (h.locked - set(release)) | set(take)
+
+    def retake(self, conn: psycopg.Connection[Any]) -> None:
+        """A new session holds nothing: take every slot again."""
+        h = self._held.get()
+        with h.lock:
+            h.locked = set()
+        self.apply(conn)
