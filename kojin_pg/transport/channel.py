@@ -51,6 +51,9 @@ class Channel(virtual.Channel):
         #: time.monotonic() when the earliest scheduled message of the queues of the last claim
         #: is due (None: nothing scheduled); the transport sets its timer by it.
         self.next_due: float | None = None
+        #: Messages may be waiting that no announcement will tell of (the last claim came back
+        #: full, or a wake-up found no free prefetch slot): a freed slot claims at once.
+        self.more_ready = True
 
     def _fetch(self, query: Any, params: dict[str, Any], what: str) -> list[tuple[Any, ...]]:
         """Run one publishing-side statement on the durable pool."""

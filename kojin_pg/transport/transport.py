@@ -266,8 +266,12 @@ class Transport(virtual.Transport):
             self._drain_nowait(announced)
 
     def _on_nudge(self) -> None:
+        """A prefetch slot was freed (an ack): claim into it only if messages may be waiting
+        unannounced; otherwise the next announcement claims, and the ack buffer's flusher
+        applies the ack (a claim per ack costs the loop and the server for nothing)."""
         self.wakeups.clear_nudges()
-        self._drain_nowait()
+        if any(channel.more_ready for channel in list(self.channels)):
+            self._drain_nowait()
 
     def _drain_nowait(self, announced: set[str] | None = None) -> None:
         """Ask the claim thread for what is ready now (on the ``announced`` queues only, if
@@ -280,10 +284,13 @@ class Transport(virtual.Transport):
         queues (only the ``announced`` ones, if given)."""
         asks: list[Ask] = []
         for channel in list(self.channels):
-            if not (channel._consumers and channel.qos.can_consume()):
+            if not channel._consumers:
+                continue
+            if not channel.qos.can_consume():
+                channel.more_ready = True  # this wake-up is lost on it: claim when a slot frees
                 continue
             queues = list(channel._active_queues)
-            if announced is not None:
+            if announced is not None and not channel.more_ready:
                 queues = [q for q in queues if q in announced]
             if queues:
                 asks.append((channel, queues, channel.claim_size()))
@@ -300,7 +307,9 @@ class Transport(virtual.Transport):
                     channel.hand_back([p["properties"]["delivery_tag"] for p, _ in claimed])
                 continue
             channel.deliver(claimed)
-            full = full or len(claimed) >= n
+            # a short claim of all its queues: whatever comes next will be announced
+            channel.more_ready = len(claimed) >= n
+            full = full or channel.more_ready
         if error is not None:
             raise error
         if full:
