@@ -83,10 +83,20 @@ class ResultConsumer(BaseResultConsumer):
         self.listener.close()
 
     def on_wait_for_pending(self, result: Any, **kwargs: Any) -> None:
-        # Listening is on already (consume_from ran) and the wait slots are taken: whatever
-        # was stored before is read here, whatever is stored later will be announced.
+        # Listening is on already (consume_from ran): whatever was stored before is read here.
+        # A result not ready yet needs its wait slot taken (so that its writer announces it),
+        # and then one more read for what was stored before the slot was taken.
+        if self._read(result, **kwargs) or not (self.listener.enabled and self.slots.pending()):
+            return
         self.sync_slots()
+        self._read(result, **kwargs)
+
+    def _read(self, result: Any, **kwargs: Any) -> bool:
+        """Read the results ``result`` waits for; whether all of them are ready."""
+        ready = True
         for meta in result._iter_meta(**kwargs):
+            if meta is None or meta["status"] not in states.READY_STATES:
+                ready = False
             if meta is not None:
                 self.on_state_change(meta, None)
                 if meta["status"] in states.READY_STATES:
@@ -94,6 +104,7 @@ class ResultConsumer(BaseResultConsumer):
                     buffered = self._pending_messages.pop(meta["task_id"], None)
                     if buffered is not None:
                         self._pending_messages.total -= len(buffered)
+        return ready
 
     def drain_events(self, timeout: float | None = None) -> None:
         """Wait up to ``timeout`` seconds for announced results and hand them to their waiters."""
