@@ -34,6 +34,7 @@ from . import codec, config
 from .db import Queries
 from .db.channels import messages_channel
 from .errors import ConfigurationError
+from .transport.idle import publish_params
 from .transport.messages import publish_fields
 from .transport.options import broker_settings
 
@@ -85,6 +86,8 @@ def send_task(conn: psycopg.Connection[Any], app: Any, name: str, args: Any = ()
     conn.execute(Queries("broker", schema).publish, {
         "queue": queue, "priority": priority, "payload": codec.jsonb(codec.dumps(payload)),
         "publish_id": uuid.uuid4(), **publish_fields(payload),
+        # always announced: a gated publish would hold a lock for the caller's transaction
+        **publish_params(0, 0, None, gated=False),
         "channel": messages_channel(schema), "notify": notify,
     })
     signals.after_task_publish.send(sender=name, body=payload["body"], exchange="",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import threading
 import time
 import uuid
 
@@ -485,3 +486,81 @@ def test_a_process_that_only_publishes_opens_no_consumer_pool(db_url):
                 " AND pid <> pg_backend_pid()").fetchall()]
     assert "kojin_pg.consumer" not in roles, f"a publishing process opened consumer sessions: {roles}"
     assert "kojin_pg.broker" in roles
+
+
+def _heard(db_url: str, channel: str, work) -> list[str]:
+    """Payloads announced on ``channel`` while ``work()`` runs."""
+    with psycopg.connect(db_url, autocommit=True) as listen:
+        listen.execute(f'LISTEN "{channel}"')
+        work()
+        return [n.payload for n in listen.notifies(timeout=0.5)]
+
+
+def test_publishes_nobody_waits_for_are_not_announced(db_url):
+    """A NOTIFY serializes every notifying commit across its flush: a publish announces its
+    message only when a consumer of the queue may be waiting (issue 12)."""
+    q = make_queue()
+    with Connection(kurl(db_url)) as conn:
+        q(conn.channel()).declare()
+        heard = _heard(db_url, conn.transport.channel_name,
+                       lambda: publish(conn, q, [{"i": i} for i in range(20)]))
+        assert heard == [], f"{len(heard)} publishes with no consumer waiting were announced"
+        assert len(consume(conn, q, 20)) == 20  # consumes, drains the queue, then waits
+        got = []
+        with Connection(kurl(db_url) + "?polling_interval=30") as waiter:
+            th = threading.Thread(target=lambda: got.extend(consume(waiter, q, 1, timeout=20)))
+            th.start()
+            time.sleep(1.0)  # the waiter is idle on LISTEN now
+            heard = _heard(db_url, conn.transport.channel_name,
+                           lambda: publish(conn, q, [{"late": 1}]))
+            th.join(25)
+    assert q.name in heard, "a publish with a consumer waiting was not announced"
+    assert [b for b, _ in got] == [{"late": 1}]
+
+
+def test_a_consumer_going_idle_during_a_publish_gets_its_message(db_url):
+    """The publish's probe ran before the consumer said it waits, so it will not announce; the
+    consumer's barrier must wait for that publish's commit and its next claim see the message,
+    with no polling to rescue it (the consumer waits up to 600 s; a lost wake-up shows as no
+    delivery within the 10 s the test gives)."""
+    from kojin_pg.db import Queries
+    from kojin_pg.transport.idle import idle_space, publish_params, publishing_space
+
+    q = make_queue()
+    with Connection(kurl(db_url) + "?polling_interval=600") as conn:
+        q(conn.channel()).declare()
+        schema = conn.transport.settings.schema
+        with psycopg.connect(db_url) as publisher:  # a transaction, committed later
+            publisher.execute(Queries("broker", schema).publish, {
+                "queue": q.name, "priority": 0,
+                "payload": psycopg.types.json.Jsonb({"body": '{"x": 1}', "headers": {},
+                                                     "content-type": "application/json",
+                                                     "content-encoding": "utf-8",
+                                                     "properties": {"body_encoding": "utf-8"}}),
+                "publish_id": uuid.uuid4(), "due_at": None, "expiration": None,
+                "task_id": None, "unique_key": None,
+                **publish_params(idle_space(schema), publishing_space(schema), q.name),
+                "channel": conn.transport.channel_name, "notify": True})
+            got: list = []
+
+            def wait_once() -> None:  # one long wait: no periodic look can rescue it
+                channel = conn.channel()
+                with Consumer(channel, [q], callbacks=[lambda b, m: (got.append(b), m.ack())],
+                              accept=["json"]):
+                    try:
+                        conn.drain_events(timeout=600)
+                    except TimeoutError:
+                        pass
+            th = threading.Thread(target=wait_once)
+            th.start()
+            time.sleep(1.0)  # the consumer found nothing and is going idle: blocked on us
+            assert not got
+            publisher.commit()
+            th.join(10)
+            delivered = list(got)
+            if th.is_alive():  # lost: wake it so the test can end
+                publisher.execute("SELECT pg_notify(%s, %s)", (conn.transport.channel_name,
+                                                                q.name))
+                publisher.commit()
+                th.join(10)
+    assert delivered == [{"x": 1}], "the wake-up was lost"

@@ -82,7 +82,7 @@ class Channel(virtual.Channel):
         self._fetch(t.queries.publish, {
             "queue": check_queue_name(queue), "priority": self._get_message_priority(message),
             "payload": self._encode(message), "publish_id": uuid.uuid4(),
-            **publish_fields(message),
+            **publish_fields(message), **t.idle.publish_params(queue),
             "channel": t.channel_name, "notify": t.settings.use_notify,
         }, "publish")
 
@@ -274,6 +274,8 @@ class Channel(virtual.Channel):
         return how many were delivered and whether the batch was full (more may be ready)."""
         n = self.claim_size()
         claimed = self._claim(queues, n)
+        if len(claimed) >= n:
+            self.connection.idle.leave(queues)  # a backlog: publishes need not announce
         self.deliver(claimed)
         return len(claimed), len(claimed) >= n
 

@@ -23,6 +23,7 @@ from ..errors import DatabaseUnavailable
 from .acks import AckBuffer
 from .channel import Channel
 from .claimer import Ask, Claimer
+from .idle import IdleQueues
 from .leases import LeaseKeeper
 from .options import broker_settings
 from .upkeep import upkeep_for
@@ -129,12 +130,18 @@ class Transport(virtual.Transport):
     @cached_property
     def wakeups(self) -> Wakeups:
         """NOTIFY announcements and local nudges (see :mod:`.wakeups`)."""
-        return Wakeups(self.db, self.channel_name, enabled=self.settings.use_notify)
+        return Wakeups(self.db, self.channel_name, enabled=self.settings.use_notify,
+                       on_connect=lambda conn: self.idle.forget())
+
+    @cached_property
+    def idle(self) -> IdleQueues:
+        """The queues this process's consumers wait on, for the publishers (see :mod:`.idle`)."""
+        return IdleQueues(self.wakeups.listener, self.queries, self.settings.schema)
 
     @cached_property
     def claimer(self) -> Claimer:
         """Runs the event loop's claims on a thread (see :mod:`.claimer`)."""
-        return Claimer(self._claim_plan, lambda channel, queues, n: channel._claim(queues, n))
+        return Claimer(self._claim_plan, self._claim_settling)
 
     def ensure_ready(self, *, retry: bool = True) -> None:
         """Check (and with auto_migrate apply) the schema once per transport, and join this
@@ -195,6 +202,8 @@ class Transport(virtual.Transport):
     def consumer_stopped(self, queues: list[str] | None) -> None:
         """This transport consumes ``queues`` (None: any queue) no more; an auto_delete queue
         nobody else consumes is deleted now."""
+        if queues is not None and self.settings.use_notify:
+            self.idle.leave(queues)
         try:
             self.consumer_db.execute(self.queries.consumer_stop, {
                 "queues": queues, "consumer": self.consumer_id}, "consumer_stop")
@@ -296,6 +305,23 @@ class Transport(virtual.Transport):
                 asks.append((channel, queues, channel.claim_size()))
         return asks
 
+    def _claim_settling(self, channel: Channel, queues: list[str],
+                        n: int) -> list[tuple[dict[str, Any], str]]:
+        """One claim of the claim thread. Short, with room left: the consumer is about to wait
+        on ``queues``, so it says so (see :mod:`.idle`) and claims what was published before;
+        full: it has a backlog and says that instead."""
+        claimed = channel._claim(queues, n)
+        if len(claimed) >= n:
+            self.idle.leave(queues)
+            return claimed
+        due = channel.next_due
+        entered = self.idle.enter(queues) if self.settings.use_notify else []
+        if entered:
+            claimed += channel._claim(entered, n - len(claimed))
+            if due is not None and (channel.next_due is None or due < channel.next_due):
+                channel.next_due = due
+        return claimed
+
     def _on_claimed(self) -> None:
         """Deliver what the claim thread leased; claim again at once if a batch came back full
         (more may be ready) or wake-ups came meanwhile."""
@@ -351,6 +377,8 @@ class Transport(virtual.Transport):
                 return
             except Empty:
                 pass
+            if self.settings.use_notify and self.idle.enter(self.consumed_queues()):
+                continue  # waiting from now on: look once more for what came before
             wait = safety
             due = self.next_due()
             if due is not None:  # wake for the earliest scheduled message, not after it

@@ -11,6 +11,10 @@ from __future__ import annotations
 import os
 import select
 import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
 
 from ..db import Database, Listener, ProcessLocal
 
@@ -29,8 +33,10 @@ class _Pipe:
 class Wakeups:
     """The announcements and nudges of one transport, per process."""
 
-    def __init__(self, db: Database, channel: str, *, enabled: bool) -> None:
-        self.listener = Listener(db, channel, role="broker", enabled=enabled)
+    def __init__(self, db: Database, channel: str, *, enabled: bool,
+                 on_connect: Callable[[psycopg.Connection[Any]], None] | None = None) -> None:
+        self.listener = Listener(db, channel, role="broker", enabled=enabled,
+                                 on_connect=on_connect)
         self._pipe: ProcessLocal[_Pipe] = ProcessLocal(_Pipe)
 
     def nudge(self) -> None:

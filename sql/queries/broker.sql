@@ -1,7 +1,9 @@
 -- Queries of the broker transport. Queue and exchange names are always bound parameters.
 
 -- name: publish
--- Enqueue one message and wake consumers of its queue at commit. publish_id (made by the
+-- Enqueue one message and wake consumers of its queue at commit, if one may be idle (see
+-- kojin_pg/transport/idle.py: a shared lock on the queue's publishing key is held to the commit,
+-- then the idle key is probed; a failed probe means a consumer waits). publish_id (made by the
 -- client) makes the same publish retried after a lost commit reply insert nothing, and so does
 -- a unique_key already queued or scheduled in the queue. A queue deleted for being unused (a
 -- tombstone in queues) takes nothing, as on RabbitMQ; the queue's message TTL and the message's
@@ -20,10 +22,33 @@ WITH q AS (
     RETURNING queue, due_at
 )
 SELECT pg_notify(%(channel)s, queue) FROM sent
-WHERE %(notify)s
-  AND (due_at IS NULL OR NOT EXISTS (
-        SELECT 1 FROM {schema}.messages m
-        WHERE m.queue = sent.queue AND m.due_at IS NOT NULL AND m.due_at <= sent.due_at));
+WHERE CASE WHEN NOT %(notify)s THEN false
+           WHEN due_at IS NOT NULL AND EXISTS (
+               SELECT 1 FROM {schema}.messages m
+               WHERE m.queue = sent.queue AND m.due_at IS NOT NULL AND m.due_at <= sent.due_at)
+           THEN false
+           -- not gated (the outbox: its lock would last the caller's whole transaction)
+           WHEN NOT %(gated)s THEN true
+           -- CASE keeps this order: the publishing lock first, then the idle probe
+           WHEN pg_advisory_xact_lock_shared(%(publishing_space)s, %(queue_key)s) IS NULL
+           THEN false
+           WHEN pg_try_advisory_lock(%(idle_space)s, %(queue_key)s)
+           THEN NOT pg_advisory_unlock(%(idle_space)s, %(queue_key)s)
+           ELSE true END;
+
+-- name: go_idle
+-- On a consumer's LISTEN session: say that it waits on these queues (shared idle locks, held
+-- until leave_idle or the session ends), then wait for the publishes in flight to commit (the
+-- exclusive publishing lock, taken and given back at once). A claim after this sees every
+-- message whose publish did not see the consumer idle.
+SELECT count(pg_advisory_lock_shared(%(idle_space)s, k)),
+       count(pg_advisory_lock(%(publishing_space)s, k)),
+       count(pg_advisory_unlock(%(publishing_space)s, k))
+FROM unnest(%(keys)s::int[]) AS k;
+
+-- name: leave_idle
+-- On a consumer's LISTEN session: it no longer waits on these queues (it has a backlog).
+SELECT count(pg_advisory_unlock_shared(%(idle_space)s, k)) FROM unnest(%(keys)s::int[]) AS k;
 
 -- name: publish_fanout
 -- Enqueue a copy of the message for every queue bound to a fanout exchange; one NOTIFY each.
