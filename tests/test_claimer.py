@@ -201,15 +201,18 @@ class LoopConsumer:
     def transport(self) -> Transport:
         return self.conn.transport
 
-    def consume(self, q: Queue, *, ack: bool = True) -> Consumer:
+    def consume(self, q: Queue, *, ack: bool = True, channel: Any = None) -> Consumer:
+        """Consume ``q`` on this connection's channel (or on ``channel``)."""
+        channel = channel or self.channel
+
         def on_message(body: Any, message: Any) -> None:
             self.got.append((q.name, body))
             self.events.add("message", (q.name, body))
             if ack:
                 message.ack()
 
-        q(self.channel).declare()
-        consumer = Consumer(self.channel, [q], callbacks=[on_message], accept=["json"])
+        q(channel).declare()
+        consumer = Consumer(channel, [q], callbacks=[on_message], accept=["json"])
         consumer.consume()
         self.consumers[q.name] = consumer
         return consumer
@@ -316,17 +319,18 @@ def test_wakeups_during_a_claim_cause_one_follow_up_claim(db_url, events, stall)
             assert wait_until(stall.claims_waiting), "no claim ever waited for the lock"
             events.add("claim waits")
             transport = consumer.transport
+
+            def taken_by_the_loop(wake_up: Callable[[], None], what: str) -> None:
+                wakes = events.count("wake")
+                wake_up()
+                assert wait_until(lambda: events.count("wake") > wakes), \
+                    f"the loop did not take the {what} while the claim waited"
+
             for i in range(3):
                 # a publish (its NOTIFY reaches the loop), then a nudge (as an ack on a
                 # pool thread does); each waits for the loop to take it before the next
-                wakes = events.count("wake")
-                publish(db_url, q, [{"i": i}])
-                assert wait_until(lambda: events.count("wake") > wakes), \
-                    "the loop did not take the NOTIFY while the claim waited"
-                wakes = events.count("wake")
-                transport.wakeups.nudge()
-                assert wait_until(lambda: events.count("wake") > wakes), \
-                    "the loop did not take the nudge while the claim waited"
+                taken_by_the_loop(lambda i=i: publish(db_url, q, [{"i": i}]), "NOTIFY")
+                taken_by_the_loop(transport.wakeups.nudge, "nudge")
             assert stall.claims_waiting() == 1, "the claim stopped waiting before the release"
             events.add("release")
 
@@ -450,3 +454,53 @@ def test_close_during_a_claim_joins_the_thread_and_leaves_nothing_leased(db_url,
     assert rows(db_url, q) == [(True, True, 0)] * 3
     got = take_at_once(db_url, q, 3)
     assert sorted((body["i"], count) for body, count in got) == [(0, 1), (1, 1), (2, 1)]
+
+
+# -- 5. a channel closed during its claim (the connection goes on) --------------------------------
+
+def test_channel_closed_during_a_claim_hands_the_messages_back(db_url, events, stall):
+    """Celery closes a channel and keeps the connection, e.g. when it resets its remote
+    control (pidbox) consumer: what that channel's claim leased goes back, and the loop goes on
+    delivering to the connection's other channels."""
+    closed_q, kept_q = make_queue(), make_queue()
+    publish(db_url, closed_q, [{"i": i} for i in range(3)])
+    publish(db_url, kept_q, [{"k": i} for i in range(2)])
+    consumer = LoopConsumer(db_url, events)
+    try:
+        consumer.consume(closed_q)
+        other_channel = consumer.conn.channel()  # a second channel on the same connection
+        other_channel.basic_qos(0, 100, False)
+        close_now = threading.Event()
+
+        def close_on_the_loop() -> None:  # a timer callback: runs on the loop
+            if close_now.is_set() and "channel closed" not in events.names():
+                consumer.channel.close()
+                events.add("channel closed")
+
+        def control() -> None:
+            assert wait_until(stall.claims_waiting), "no claim ever waited for the lock"
+            events.add("claim waits")
+            close_now.set()
+            assert wait_until(lambda: "channel closed" in events.names()), \
+                "the loop did not close the channel while the claim waited"
+            assert stall.claims_waiting() == 1, "the claim stopped waiting before the release"
+            events.add("release")
+
+        with in_background(control, stall):
+            consumer.hub.call_repeatedly(0.01, close_on_the_loop)
+            consumer.start()
+            assert run_loop_until(consumer.hub, lambda: events.count(
+                "claimed delivered", after="release") >= 1, bound=BOUND * 3)
+        names = events.names()
+        assert names.index("channel closed") < names.index("release") < names.index("claim end")
+        assert rows(db_url, closed_q) == [(True, True, 0)] * 3
+        assert dead_letters(db_url) == 0
+        # the connection goes on: a consumer on another channel gets its messages
+        consumer.consume(kept_q, channel=other_channel)
+        consumer.transport.wakeups.nudge()
+        assert run_loop_until(consumer.hub, lambda: len(consumer.got) == 2)
+        assert sorted(b["k"] for _, b in consumer.got) == [0, 1]
+        got = take_at_once(db_url, closed_q, 3)
+        assert sorted((body["i"], count) for body, count in got) == [(0, 1), (1, 1), (2, 1)]
+    finally:
+        consumer.close()

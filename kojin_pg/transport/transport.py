@@ -297,7 +297,7 @@ class Transport(virtual.Transport):
         for channel, claimed, n in results:
             if self.closing or channel.closed or not channel._consumers:
                 if claimed:  # stopped consuming meanwhile: back to the queue
-                    channel.hand_back([p["properties"]["delivery_tag"] for p, _ in claimed])
+                    self._hand_back([p["properties"]["delivery_tag"] for p, _ in claimed])
                 continue
             channel.deliver(claimed)
             full = full or len(claimed) >= n
@@ -308,6 +308,13 @@ class Transport(virtual.Transport):
         elif again:
             self._drain_nowait(announced)
         self._arm_due_timer()
+
+    def _hand_back(self, ids: list[int]) -> None:
+        """Give back claimed messages nobody received (the delivery does not count). Not through
+        their channel: one closed meanwhile has forgotten its connection."""
+        self.consumer_db.execute(self.queries.hand_back, {
+            "ids": ids, "consumer": self.consumer_id, "channel": self.channel_name,
+            "notify": self.settings.use_notify}, "hand_back")
 
     def next_due(self) -> float | None:
         """time.monotonic() when the earliest scheduled message of the consumed queues is due."""
