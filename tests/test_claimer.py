@@ -458,23 +458,31 @@ def test_close_during_a_claim_joins_the_thread_and_leaves_nothing_leased(db_url,
 
 # -- 5. a channel closed during its claim (the connection goes on) --------------------------------
 
-def test_channel_closed_during_a_claim_hands_the_messages_back(db_url, events, stall):
+@pytest.mark.parametrize("closed", ["claiming", "next-in-line"])
+def test_channel_closed_during_a_claim_hands_the_messages_back(db_url, events, stall, closed):
     """Celery closes a channel and keeps the connection, e.g. when it resets its remote
-    control (pidbox) consumer: what that channel's claim leased goes back, and the loop goes on
-    delivering to the connection's other channels."""
-    closed_q, kept_q = make_queue(), make_queue()
-    publish(db_url, closed_q, [{"i": i} for i in range(3)])
-    publish(db_url, kept_q, [{"k": i} for i in range(2)])
+    control (pidbox) consumer. Two channels consume, so one claim round has two claims, run
+    one after the other; the first waits in the database while the loop closes either the
+    channel of that claim or the channel whose claim is next in line. What the closed
+    channel's claim leased goes back, and the loop goes on delivering to the other channel."""
+    first_q, second_q = make_queue(), make_queue()
+    publish(db_url, first_q, [{"i": i} for i in range(3)])
+    publish(db_url, second_q, [{"i": i} for i in range(3)])
     consumer = LoopConsumer(db_url, events)
     try:
-        consumer.consume(closed_q)
-        other_channel = consumer.conn.channel()  # a second channel on the same connection
-        other_channel.basic_qos(0, 100, False)
+        second_channel = consumer.conn.channel()
+        second_channel.basic_qos(0, 100, False)
+        consumer.consume(first_q)  # the first channel: its claim is the first of each round
+        consumer.consume(second_q, channel=second_channel)
+        if closed == "claiming":
+            to_close, closed_q, kept_q = consumer.channel, first_q, second_q
+        else:
+            to_close, closed_q, kept_q = second_channel, second_q, first_q
         close_now = threading.Event()
 
         def close_on_the_loop() -> None:  # a timer callback: runs on the loop
             if close_now.is_set() and "channel closed" not in events.names():
-                consumer.channel.close()
+                to_close.close()
                 events.add("channel closed")
 
         def control() -> None:
@@ -489,17 +497,18 @@ def test_channel_closed_during_a_claim_hands_the_messages_back(db_url, events, s
         with in_background(control, stall):
             consumer.hub.call_repeatedly(0.01, close_on_the_loop)
             consumer.start()
-            assert run_loop_until(consumer.hub, lambda: events.count(
-                "claimed delivered", after="release") >= 1, bound=BOUND * 3)
+            assert run_loop_until(consumer.hub, lambda: len(consumer.got) == 3,
+                                  bound=BOUND * 3), f"delivered {consumer.got}"
         names = events.names()
         assert names.index("channel closed") < names.index("release") < names.index("claim end")
+        assert {queue for queue, _ in consumer.got} == {kept_q.name}
+        # the closed channel's messages: back in the queue at once, this delivery not counted
         assert rows(db_url, closed_q) == [(True, True, 0)] * 3
         assert dead_letters(db_url) == 0
-        # the connection goes on: a consumer on another channel gets its messages
-        consumer.consume(kept_q, channel=other_channel)
-        consumer.transport.wakeups.nudge()
-        assert run_loop_until(consumer.hub, lambda: len(consumer.got) == 2)
-        assert sorted(b["k"] for _, b in consumer.got) == [0, 1]
+        # the loop and the connection go on
+        publish(db_url, kept_q, [{"i": 3}])
+        assert run_loop_until(consumer.hub, lambda: len(consumer.got) == 4)
+        assert sorted(b["i"] for _, b in consumer.got) == [0, 1, 2, 3]
         got = take_at_once(db_url, closed_q, 3)
         assert sorted((body["i"], count) for body, count in got) == [(0, 1), (1, 1), (2, 1)]
     finally:

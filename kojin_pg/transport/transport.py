@@ -134,7 +134,7 @@ class Transport(virtual.Transport):
     @cached_property
     def claimer(self) -> Claimer:
         """Runs the event loop's claims on a thread (see :mod:`.claimer`)."""
-        return Claimer(self._claim_plan, lambda channel, queues, n: channel._claim(queues, n))
+        return Claimer(self._claim_plan, self._claim_on_thread)
 
     def ensure_ready(self, *, retry: bool = True) -> None:
         """Check (and with auto_migrate apply) the schema once per transport, and join this
@@ -288,6 +288,15 @@ class Transport(virtual.Transport):
             if queues:
                 asks.append((channel, queues, channel.claim_size()))
         return asks
+
+    @staticmethod
+    def _claim_on_thread(channel: Channel, queues: list[str],
+                         n: int) -> list[tuple[dict[str, Any], str]]:
+        """One claim of a round, on the claim thread; none for a channel that the loop closed
+        since the round was planned (a closed channel has no connection to claim with)."""
+        if channel.closed:
+            return []
+        return channel._claim(queues, n)
 
     def _on_claimed(self) -> None:
         """Deliver what the claim thread leased; claim again at once if a batch came back full
