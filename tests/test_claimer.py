@@ -513,3 +513,45 @@ def test_channel_closed_during_a_claim_hands_the_messages_back(db_url, events, s
         assert sorted((body["i"], count) for body, count in got) == [(0, 1), (1, 1), (2, 1)]
     finally:
         consumer.close()
+
+
+# -- 6. a claim whose connection is lost while it waits ------------------------------------------
+
+def test_claim_retried_on_the_thread_after_its_connection_is_lost(db_url, events, stall):
+    """The claim's server session dies while the claim waits: the claim thread retries it on a
+    new connection (handing back what the lost attempt may have leased), and the loop never
+    sees the loss."""
+    q = make_queue()
+    publish(db_url, q, [{"i": i} for i in range(3)])
+    consumer = LoopConsumer(db_url, events)
+
+    def waiting_claims() -> list[int]:
+        return [pid for (pid,) in stall.watcher.execute(
+            "SELECT pid FROM pg_stat_activity "
+            "WHERE %s = ANY(pg_blocking_pids(pid)) AND query LIKE %s",
+            (stall.holder.info.backend_pid, "%WITH acked AS (%")).fetchall()]
+
+    try:
+        consumer.consume(q)
+
+        def control() -> None:
+            assert wait_until(waiting_claims), "no claim ever waited for the lock"
+            (first,) = waiting_claims()
+            stall.watcher.execute("SELECT pg_terminate_backend(%s)", (first,))
+            events.add("claim session killed")
+            assert wait_until(lambda: waiting_claims() not in ([], [first])), \
+                "the claim was not retried on a new session"
+            events.add("release")
+
+        with in_background(control, stall):
+            consumer.start()
+            assert run_loop_until(consumer.hub, lambda: len(consumer.got) == 3,
+                                  bound=BOUND * 3), f"delivered {consumer.got}"
+    finally:
+        consumer.close()
+    names = events.names()
+    assert names.index("claim session killed") < names.index("release") \
+        < names.index("claim end") < names.index("message")
+    assert names.count("claim start") == 1  # retried inside the one claim, on its thread
+    assert sorted(b["i"] for _, b in consumer.got) == [0, 1, 2]
+    assert rows(db_url, q) == []  # all acked, nothing left leased
