@@ -338,8 +338,11 @@ def test_wakeups_during_a_claim_cause_one_follow_up_claim(db_url, events, stall)
             consumer.start()
             assert run_loop_until(consumer.hub, lambda: len(consumer.got) == 3,
                                   bound=BOUND * 3), f"delivered {consumer.got}"
-        # the loop goes on for a while: a claim still owed to one of the wake-ups would start
-        # here (each claim is asked for on the loop, at once, when the one before delivers)
+        # the follow-up claim ends (the first may have brought every message) ...
+        run_loop_until(consumer.hub, lambda: events.count("claim end") >= 2)
+        # ... and the loop goes on for a while: a claim still owed to one of the wake-ups
+        # would start here (each is asked for on the loop, at once, when the one before
+        # delivers)
         last = len(events.names())
         assert run_loop_until(consumer.hub,
                               lambda: events.names()[last:].count("tick") >= 20)
