@@ -13,6 +13,7 @@ Every wait is bounded; the assertions compare the order of events, never duratio
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -63,8 +64,10 @@ class Events:
         return names.count(what)
 
 
-def recording_transport(events: Events) -> type[Transport]:
-    """The real transport, recording its claims, wake-ups and deliveries into ``events``."""
+def recording_transport(events: Events,
+                        claims_stop_timeout: float | None = None) -> type[Transport]:
+    """The real transport, recording its claims, wake-ups and deliveries into ``events``
+    (and waiting ``claims_stop_timeout`` seconds on close for a claim under way, if given)."""
 
     class RecordingChannel(Channel):
         def _claim(self, queues: list[str], n: int) -> list[tuple[dict[str, Any], str]]:
@@ -76,6 +79,8 @@ def recording_transport(events: Events) -> type[Transport]:
 
     class RecordingTransport(Transport):
         Channel = RecordingChannel
+        if claims_stop_timeout is not None:
+            CLAIMS_STOP_TIMEOUT = claims_stop_timeout
 
         def _drain_nowait(self, announced: set[str] | None = None) -> None:
             events.add("wake", announced)
@@ -185,9 +190,11 @@ def publish(db_url: str, q: Queue, bodies: list[Any]) -> None:
 class LoopConsumer:
     """A kombu connection consuming through kombu's Hub, as Celery's worker does."""
 
-    def __init__(self, db_url: str, events: Events, *, prefetch: int = 100) -> None:
+    def __init__(self, db_url: str, events: Events, *, prefetch: int = 100,
+                 claims_stop_timeout: float | None = None) -> None:
         # no polling safety net during the test: every claim comes from a wake-up we caused
-        self.conn = Connection(db_url, transport=recording_transport(events),
+        self.conn = Connection(db_url,
+                               transport=recording_transport(events, claims_stop_timeout),
                                transport_options={"polling_interval": 3600})
         self.conn.connect()
         self.channel = self.conn.channel()
@@ -558,3 +565,62 @@ def test_claim_retried_on_the_thread_after_its_connection_is_lost(db_url, events
     assert names.count("claim start") == 1  # retried inside the one claim, on its thread
     assert sorted(b["i"] for _, b in consumer.got) == [0, 1, 2]
     assert rows(db_url, q) == []  # all acked, nothing left leased
+
+
+# -- 7. closing gives up waiting for a claim that takes too long --------------------------------
+
+def _fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_close_that_gives_up_on_a_claim_leaves_nothing_leased(db_url, events, stall):
+    """A claim outlasts the close's wait for it (a database that hangs, or one being retried
+    through an outage while Celery reconnects): when that claim ends at last, what it leased
+    goes back at once, and it writes nothing into a descriptor that the process reused."""
+    q = make_queue()
+    publish(db_url, q, [{"i": i} for i in range(3)])
+    # the close waits a moment only, not the default seconds: the claim outlasts it
+    consumer = LoopConsumer(db_url, events, claims_stop_timeout=0.1)
+    stray_r = stray_w = -1
+    try:
+        consumer.consume(q)
+        consumer.start()
+        assert run_loop_until(consumer.hub, stall.claims_waiting)
+        write_fd = consumer.transport.claimer._state.peek().write_fd
+        consumer.close()
+        events.add("closed")
+        assert stall.claims_waiting() == 1  # the close did not wait for it to end
+        claim_thread = next(t for what, t in events.items() if what == "claim start")
+        if not _fd_open(write_fd):
+            # the close closed the claim thread's pipe: a file the process opens now may get
+            # its number (here: a pipe of the test's own), and the claim would write into it
+            stray_r, stray_w = os.pipe()
+            os.dup2(stray_w, write_fd)
+            os.set_blocking(stray_r, False)
+        events.add("release")
+        stall.release()
+        claim_thread.join(BOUND)
+        assert not claim_thread.is_alive(), "the claim thread never ended"
+        # nothing the late claim started again is left running: lease renewal, consumer pool
+        left = [t.name for t in threading.enumerate()
+                if t.name == "kojin_pg-leases" or t.name.startswith("kojin_pg.consumer")]
+        assert left == []
+    finally:
+        stall.release()
+    names = events.names()
+    assert names.index("closed") < names.index("release") < names.index("claim end")
+    if stray_r != -1:
+        try:
+            stray = os.read(stray_r, 100)
+        except BlockingIOError:
+            stray = b""
+        finally:
+            for fd in (stray_r, stray_w, write_fd):
+                os.close(fd)
+        assert stray == b"", "the claim thread wrote into a descriptor it no longer owned"
+    # what the late claim leased is back in the queue at once, not counted
+    assert rows(db_url, q) == [(True, True, 0)] * 3

@@ -50,6 +50,9 @@ class Transport(virtual.Transport):
         asynchronous=True, exchange_type=frozenset(["direct", "topic", "fanout"]),
         heartbeats=False)
 
+    #: Seconds the close waits for a claim under way on the claim thread to end.
+    CLAIMS_STOP_TIMEOUT = 10.0
+
     def __init__(self, client: Any, **kwargs: Any) -> None:
         super().__init__(client, **kwargs)
         self._consumer_id: ProcessLocal[str] = ProcessLocal(
@@ -134,7 +137,8 @@ class Transport(virtual.Transport):
     @cached_property
     def claimer(self) -> Claimer:
         """Runs the event loop's claims on a thread (see :mod:`.claimer`)."""
-        return Claimer(self._claim_plan, self._claim_on_thread)
+        return Claimer(self._claim_plan, self._claim_on_thread,
+                       abandoned=self._after_abandoned_claim)
 
     def ensure_ready(self, *, retry: bool = True) -> None:
         """Check (and with auto_migrate apply) the schema once per transport, and join this
@@ -178,8 +182,18 @@ class Transport(virtual.Transport):
             except Exception:  # the loop may be gone already
                 pass
             self._claims_fd = None
-        if self.claimer.stop():
+        if self.claimer.stop(self.CLAIMS_STOP_TIMEOUT):
             self.claimed = True
+
+    def _after_abandoned_claim(self) -> None:
+        """On the claim thread, when a claim that the close stopped waiting for has ended:
+        hand back what it leased, and close what it started again after the close (the lease
+        renewal, a consumer pool opened by a retry)."""
+        try:
+            self._release_unknown_leases()
+        finally:
+            self.leases.stop()
+            self.consumer_db.close()
 
     def _release_unknown_leases(self) -> None:
         """Closing: hand back whatever this consumer still leases. The channels have handed back
