@@ -12,8 +12,11 @@ each.
 Lifecycle: the thread starts on the first request and is stopped and joined by
 :meth:`Claimer.stop` when the transport closes, before it hands back leases: a claim committed
 but not delivered by then is still leased by this consumer, and the transport's close hands it
-back (see ``Transport._release_unknown_leases``). A forked child starts with no thread and a
-pipe of its own.
+back (see ``Transport._release_unknown_leases``). A claim that outlasts the close's wait (a
+database that hangs, or a claim retried through an outage while Celery reconnects) is
+abandoned: when it ends, the thread closes its own pipe (the process may have reused the
+numbers of a pipe closed earlier) and calls ``abandoned`` to hand back what it leased. A forked
+child starts with no thread and a pipe of its own.
 """
 
 from __future__ import annotations
@@ -49,6 +52,10 @@ class _State:
     results: list[Got] = field(default_factory=list)
     error: BaseException | None = None
     stopping: bool = False
+    #: stop() gave up waiting for the thread: the pipe is the thread's to close.
+    abandoned: bool = False
+    #: The thread has ended (set by the thread itself, under the lock).
+    finished: bool = False
     thread: threading.Thread | None = None
     read_fd: int = -1
     write_fd: int = -1
@@ -71,13 +78,16 @@ class Claimer:
     """Runs the event loop's claims on a thread and hands their messages back to the loop."""
 
     def __init__(self, plan: Callable[[set[str] | None], list[Ask]],
-                 claim: Callable[[Any, list[str], int], list[tuple[dict[str, Any], str]]]
-                 ) -> None:
+                 claim: Callable[[Any, list[str], int], list[tuple[dict[str, Any], str]]],
+                 abandoned: Callable[[], None] | None = None) -> None:
         #: What to claim now (on the loop thread): the channels with free prefetch slots and
         #: their queues (only the ``announced`` ones, if given).
         self._plan = plan
         #: Run one claim (on the claim thread).
         self._claim = claim
+        #: Called on the claim thread when a claim that :meth:`stop` gave up waiting for has
+        #: ended: nobody receives what it leased.
+        self._abandoned = abandoned
         self._state: ProcessLocal[_State] = ProcessLocal(_State)
 
     def ready_fd(self) -> int:
@@ -132,6 +142,21 @@ class Claimer:
         return results, error, announced, again
 
     def _run(self, s: _State) -> None:
+        try:
+            self._serve(s)
+        finally:
+            with s.lock:
+                s.finished = True
+                abandoned = s.abandoned
+            if abandoned:
+                s.close_pipe()
+                if self._abandoned is not None:
+                    try:
+                        self._abandoned()
+                    except Exception as exc:
+                        log.warning("kojin_pg: after an abandoned claim: %r", exc)
+
+    def _serve(self, s: _State) -> None:
         while True:
             with s.lock:
                 while s.asks is None and not s.stopping:
@@ -152,6 +177,8 @@ class Claimer:
                 s.results.extend(results)
                 s.error = error
                 s.busy = False
+                if s.abandoned:
+                    return  # nobody watches the pipe
             try:
                 os.write(s.write_fd, b"!")
             except OSError:
@@ -159,7 +186,8 @@ class Claimer:
 
     def stop(self, timeout: float = 10.0) -> list[Got]:
         """Stop the thread after its claim under way (joining it); return what it claimed and
-        nobody delivered, for the caller to hand back."""
+        nobody delivered, for the caller to hand back. After ``timeout`` seconds the claim is
+        abandoned (see the module's docstring)."""
         s = self._state.pop()
         if s is None:
             return []
@@ -169,7 +197,13 @@ class Claimer:
             thread = s.thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
-            if thread.is_alive():
-                log.warning("kojin_pg: the claim thread did not stop within %gs", timeout)
-        s.close_pipe()
-        return s.results
+        with s.lock:
+            results, s.results = s.results, []
+            if thread is not None and not s.finished:
+                s.abandoned = True
+        if s.abandoned:
+            log.warning("kojin_pg: the claim thread did not stop within %gs; what its claim "
+                        "leases goes back when the claim ends", timeout)
+        else:
+            s.close_pipe()
+        return results

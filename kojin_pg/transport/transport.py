@@ -51,6 +51,9 @@ class Transport(virtual.Transport):
         asynchronous=True, exchange_type=frozenset(["direct", "topic", "fanout"]),
         heartbeats=False)
 
+    #: Seconds the close waits for a claim under way on the claim thread to end.
+    CLAIMS_STOP_TIMEOUT = 10.0
+
     def __init__(self, client: Any, **kwargs: Any) -> None:
         super().__init__(client, **kwargs)
         self._consumer_id: ProcessLocal[str] = ProcessLocal(
@@ -141,7 +144,8 @@ class Transport(virtual.Transport):
     @cached_property
     def claimer(self) -> Claimer:
         """Runs the event loop's claims on a thread (see :mod:`.claimer`)."""
-        return Claimer(self._claim_plan, self._claim_settling)
+        return Claimer(self._claim_plan, self._claim_on_thread,
+                       abandoned=self._after_abandoned_claim)
 
     def ensure_ready(self, *, retry: bool = True) -> None:
         """Check (and with auto_migrate apply) the schema once per transport, and join this
@@ -185,8 +189,18 @@ class Transport(virtual.Transport):
             except Exception:  # the loop may be gone already
                 pass
             self._claims_fd = None
-        if self.claimer.stop():
+        if self.claimer.stop(self.CLAIMS_STOP_TIMEOUT):
             self.claimed = True
+
+    def _after_abandoned_claim(self) -> None:
+        """On the claim thread, when a claim that the close stopped waiting for has ended:
+        hand back what it leased, and close what it started again after the close (the lease
+        renewal, a consumer pool opened by a retry)."""
+        try:
+            self._release_unknown_leases()
+        finally:
+            self.leases.stop()
+            self.consumer_db.close()
 
     def _release_unknown_leases(self) -> None:
         """Closing: hand back whatever this consumer still leases. The channels have handed back
@@ -305,18 +319,23 @@ class Transport(virtual.Transport):
                 asks.append((channel, queues, channel.claim_size()))
         return asks
 
-    def _claim_settling(self, channel: Channel, queues: list[str],
-                        n: int) -> list[tuple[dict[str, Any], str]]:
-        """One claim of the claim thread. Short, with room left: the consumer is about to wait
-        on ``queues``, so it says so (see :mod:`.idle`) and claims what was published before;
-        full: it has a backlog and says that instead."""
+    def _claim_on_thread(self, channel: Channel, queues: list[str],
+                         n: int) -> list[tuple[dict[str, Any], str]]:
+        """One claim of a round, on the claim thread (none for a channel that the loop closed
+        since the round was planned: a closed channel has no connection to claim with).
+
+        Short, with room left: the consumer is about to wait on ``queues``, so it says so (see
+        :mod:`.idle`) and claims what was published before; full: it has a backlog and says
+        that instead."""
+        if channel.closed:
+            return []
         claimed = channel._claim(queues, n)
         if len(claimed) >= n:
             self.idle.leave(queues)
             return claimed
         due = channel.next_due
         entered = self.idle.enter(queues) if self.settings.use_notify else []
-        if entered:
+        if entered and not channel.closed:
             claimed += channel._claim(entered, n - len(claimed))
             if due is not None and (channel.next_due is None or due < channel.next_due):
                 channel.next_due = due
@@ -330,7 +349,7 @@ class Transport(virtual.Transport):
         for channel, claimed, n in results:
             if self.closing or channel.closed or not channel._consumers:
                 if claimed:  # stopped consuming meanwhile: back to the queue
-                    channel.hand_back([p["properties"]["delivery_tag"] for p, _ in claimed])
+                    self._hand_back([p["properties"]["delivery_tag"] for p, _ in claimed])
                 continue
             channel.deliver(claimed)
             # a short claim of all its queues: whatever comes next will be announced
@@ -343,6 +362,13 @@ class Transport(virtual.Transport):
         elif again:
             self._drain_nowait(announced)
         self._arm_due_timer()
+
+    def _hand_back(self, ids: list[int]) -> None:
+        """Give back claimed messages nobody received (the delivery does not count). Not through
+        their channel: one closed meanwhile has forgotten its connection."""
+        self.consumer_db.execute(self.queries.hand_back, {
+            "ids": ids, "consumer": self.consumer_id, "channel": self.channel_name,
+            "notify": self.settings.use_notify}, "hand_back")
 
     def next_due(self) -> float | None:
         """time.monotonic() when the earliest scheduled message of the consumed queues is due."""
