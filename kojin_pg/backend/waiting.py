@@ -74,8 +74,11 @@ class ResultConsumer(BaseResultConsumer):
         self.slots.discard(task_ids)
 
     def sync_slots(self) -> None:
-        """Tell the writers what this process waits for now: before any read of it."""
-        if self.listener.enabled and self.slots.pending():
+        """Tell the writers what this process waits for now: before any read of it. Always
+        under the session's lock, even when nothing seems pending: another thread's apply may
+        be in flight, and until it ends its slots are not what :meth:`WaitSlots.pending` says
+        (one it gives back still looks held)."""
+        if self.listener.enabled:
             self.listener.run(self.slots.apply)
 
     def stop(self) -> None:
@@ -85,8 +88,9 @@ class ResultConsumer(BaseResultConsumer):
     def on_wait_for_pending(self, result: Any, **kwargs: Any) -> None:
         # Listening is on already (consume_from ran): whatever was stored before is read here.
         # A result not ready yet needs its wait slot taken (so that its writer announces it),
-        # and then one more read for what was stored before the slot was taken.
-        if self._read(result, **kwargs) or not (self.listener.enabled and self.slots.pending()):
+        # and then one more read for what was stored before the slot was taken: always, even
+        # if the slot is held by now, for another thread may have taken it after our read.
+        if self._read(result, **kwargs) or not self.listener.enabled:
             return
         self.sync_slots()
         self._read(result, **kwargs)
