@@ -11,6 +11,7 @@ test then wakes the stuck waiter itself (a raw ``pg_notify``) so that it can end
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import random
 import threading
@@ -445,6 +446,7 @@ class LoopConsumer:
         self.conn = Connection(kurl(db_url))
         self.hub = Hub()
         self.got: list[Any] = []
+        self.held: list[Any] = []  # messages whose body says "hold": acked by release()
         channel = self.conn.channel()
         channel.basic_qos(0, 2, False)
         for q in queues:
@@ -459,7 +461,15 @@ class LoopConsumer:
 
     def _on_message(self, body: Any, message: Any) -> None:
         self.got.append(body)
-        message.ack()
+        if isinstance(body, dict) and "hold" in body:
+            self.held.append(message)
+        else:
+            message.ack()
+
+    def release(self) -> None:
+        """Ack the held messages (on the loop), freeing their prefetch slots."""
+        held, self.held = self.held, []
+        self.hub.call_soon(lambda: [m.ack() for m in held])
 
     def listener_pid(self) -> int | None:
         s = self.conn.transport.wakeups.listener._session.peek()
@@ -477,6 +487,22 @@ class LoopConsumer:
             self.hub.close()
 
 
+def raw_publish(conn: psycopg.Connection, transport: Any, qname: str, body: Any) -> None:
+    """The transport's own publish statement, gated, in ``conn``'s transaction (uncommitted)."""
+    from kojin_pg.db import Queries
+    from kojin_pg.transport.idle import publish_params, publishing_space
+
+    schema = transport.settings.schema
+    conn.execute(Queries("broker", schema).publish, {
+        "queue": qname, "priority": 0,
+        "payload": psycopg.types.json.Jsonb({
+            "body": json.dumps(body), "headers": {}, "content-type": "application/json",
+            "content-encoding": "utf-8", "properties": {"body_encoding": "utf-8"}}),
+        "publish_id": uuid.uuid4(), "due_at": None, "expiration": None, "task_id": None,
+        "unique_key": None, **publish_params(idle_space(schema), publishing_space(schema), qname),
+        "channel": transport.channel_name, "notify": True})
+
+
 def publish_to(db_url: str, q: Queue, body: Any) -> None:
     with Connection(kurl(db_url)) as conn:
         Producer(conn.channel(), exchange=q.exchange, routing_key=q.routing_key,
@@ -488,13 +514,13 @@ def publish_to(db_url: str, q: Queue, body: Any) -> None:
                    "listener's socket then stays quiet, and the announced queue not re-claimed "
                    "after go_idle waits for the next poll")
 def test_an_announcement_arriving_during_go_idle_wakes_the_event_loop(db_url):
-    """One channel on q1 and q2, both idle. q1 gets a full batch (its consumer leaves idle for
-    it) and, when it is drained, goes idle for q1 again; its barrier waits for a publish to q1
-    in flight. Meanwhile a publish to q2 sees q2 idle and announces. The announcement reaches
-    the LISTEN session while go_idle runs there: q2's message must still be delivered."""
-    from kojin_pg.db import Queries
-    from kojin_pg.transport.idle import publish_params, publishing_space
-
+    """One channel on q1 and q2, both idle. q1 gets a full batch (the consumer leaves idle for
+    q1) and, when the batch is acked, the consumer goes idle for q1 again; its barrier waits
+    for a publish to q1 in flight (unannounced: q1 was not idle). Meanwhile a publish to q2
+    sees q2 idle and announces. The announcement reaches the LISTEN session while go_idle runs
+    there (PostgreSQL sends it before that statement's ReadyForQuery, so psycopg reads it into
+    the listener's backlog and the socket the loop watches stays quiet); the claim after the
+    barrier is for q1 only. q2's message must still be delivered."""
     q1, q2 = make_queue(), make_queue()
     c = LoopConsumer(db_url, [q1, q2])
     t = c.conn.transport
@@ -504,22 +530,17 @@ def test_an_announcement_arriving_during_go_idle_wakes_the_event_loop(db_url):
         assert wait_until(lambda: all(c.listener_pid() in advisory_holders(db_url, space,
                                                                           queue_key(q.name))
                                       for q in (q1, q2)))
-        with psycopg.connect(db_url) as publisher:  # a publish to q1 in flight
-            publisher.execute(Queries("broker", schema).publish, {
-                "queue": q1.name, "priority": 0,
-                "payload": psycopg.types.json.Jsonb({
-                    "body": '{"in flight": 1}', "headers": {},
-                    "content-type": "application/json", "content-encoding": "utf-8",
-                    "properties": {"body_encoding": "utf-8"}}),
-                "publish_id": uuid.uuid4(), "due_at": None, "expiration": None,
-                "task_id": None, "unique_key": None,
-                **publish_params(space, publishing_space(schema), q1.name),
-                "channel": t.channel_name, "notify": True})
-            for i in range(2):  # a full batch for q1: the consumer leaves idle for q1 ...
-                publish_to(db_url, q1, {"q1": i})
-            pid = c.listener_pid()
+        with psycopg.connect(db_url) as batch:  # a full batch for q1, in one commit: the
+            for i in range(2):  # consumer leaves idle for q1 and holds both (prefetch 2)
+                raw_publish(batch, t, q1.name, {"hold": i})
+        pid = c.listener_pid()
+        assert wait_until(lambda: len(c.held) == 2
+                          and pid not in advisory_holders(db_url, space, queue_key(q1.name)))
+        with psycopg.connect(db_url) as publisher:  # a publish to q1 in flight: not announced
+            raw_publish(publisher, t, q1.name, {"in flight": 1})
+            c.release()  # room again: a claim comes back short, the consumer goes idle for q1
 
-            def barrier_blocked() -> bool:  # ... and goes idle for q1 again: at the barrier
+            def barrier_blocked() -> bool:  # ... and waits at the barrier for the publish
                 with psycopg.connect(db_url) as probe:
                     return bool(probe.execute("SELECT 1 FROM pg_locks WHERE pid = %s AND NOT "
                                               "granted", (pid,)).fetchall())
