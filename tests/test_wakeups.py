@@ -224,7 +224,7 @@ def no_safety_net(consumer) -> None:
     consumer.drain_events = lambda timeout=None: real(timeout=600)
 
 
-def _writer(db_url: str, task_ids: list[str], seed: int, replies: Any) -> None:
+def _writer(db_url: str, task_ids: list[str], seed: int, replies: Any, go: Any) -> None:
     """A writer process: store the results of ``task_ids`` at random moments."""
     from celery import Celery
 
@@ -234,8 +234,9 @@ def _writer(db_url: str, task_ids: list[str], seed: int, replies: Any) -> None:
     backend = app.backend
     backend.ensure_ready()
     replies.put("ready")
+    go.wait(60)
     for t in task_ids:
-        time.sleep(rnd.choice([0.0, 0.0, 0.002, 0.01, 0.05, 0.15]))
+        time.sleep(rnd.choice([0.0, 0.0, 0.001, 0.003, 0.01, 0.03, 0.1]))
         backend.mark_as_done(t, {"t": t}, request=None)
         replies.put((t, time.time()))
     replies.put("done")
@@ -251,15 +252,17 @@ def test_waiters_get_results_stored_at_random_moments(make_app, db_url):
     for a in apps:
         a.backend.ensure_ready()
         no_safety_net(a.backend.result_consumer)
-    threads_per_app, per_thread, writers = 4, 12, 2
-    ids = [[str(uuid.uuid4()) for _ in range(per_thread)]
-           for _ in range(threads_per_app * len(apps))]
-    all_ids = [t for chunk in ids for t in chunk]
-    random.Random(5).shuffle(all_ids)
+    threads_per_app, per_thread, writers = 4, 25, 2
+    n_threads = threads_per_app * len(apps)
+    all_ids = [str(uuid.uuid4()) for _ in range(per_thread * n_threads)]
+    # waiters go through the ids in about the order the writers store them, so that many gets
+    # start just before, during or just after their result's store
+    ids = [all_ids[i::n_threads] for i in range(n_threads)]
     ctx = multiprocessing.get_context("spawn")
-    replies = ctx.Queue()
-    procs = [ctx.Process(target=_writer, args=(db_url, all_ids[i::writers], i, replies),
+    replies, go = ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_writer, args=(db_url, all_ids[i::writers], i, replies, go),
                          daemon=True) for i in range(writers)]
+    started: dict[str, float] = {}
     returned: dict[str, float] = {}
     errors: list[BaseException] = []
 
@@ -270,41 +273,49 @@ def test_waiters_get_results_stored_at_random_moments(make_app, db_url):
     def waiter(a, chunk: list[str]) -> None:
         try:
             for t in chunk:
+                started[t] = time.time()
                 value = AsyncResult(t, app=a.app, backend=a).get(timeout=900)
                 assert value == {"t": t}
                 returned[t] = time.time()
         except BaseException as exc:
             errors.append(exc)
 
-    for p in procs:
-        p.start()
-    for _ in procs:
-        assert replies.get(timeout=60) == "ready"
     stored: dict[str, float] = {}
     threads = [threading.Thread(target=waiter, args=(backends[i % len(apps)], chunk),
                                 daemon=True)
                for i, chunk in enumerate(ids)]
-    for th in threads:
-        th.start()
-    done = 0
-    while done < writers:
-        r = replies.get(timeout=60)
-        if r == "done":
-            done += 1
-        else:
-            stored[r[0]] = r[1]
     rescued: list[str] = []
-    if not wait_until(lambda: len(returned) == len(all_ids), BOUND + 5):
-        rescued = [t for t in all_ids if t not in returned]
-        for t in rescued:  # wake the stuck waiters so that the test can end
-            raw_notify(db_url, apps[0].backend.channel, t)
-    for th in threads:
-        th.join(30)
-    for p in procs:
-        p.join(20)
+    try:
+        for p in procs:
+            p.start()
+        for _ in procs:
+            assert replies.get(timeout=60) == "ready"
+        for th in threads:
+            th.start()
+        go.set()
+        done = 0
+        while done < writers:
+            r = replies.get(timeout=60)
+            if r == "done":
+                done += 1
+            else:
+                stored[r[0]] = r[1]
+        if not wait_until(lambda: len(returned) == len(all_ids), BOUND + 5):
+            rescued = [t for t in all_ids if t not in returned]
+            for t in rescued:  # wake the stuck waiters so that the test can end
+                raw_notify(db_url, apps[0].backend.channel, t)
+        for th in threads:
+            th.join(30)
+    finally:
+        for p in procs:
+            p.join(20)
+            if p.is_alive():
+                p.kill()
     assert not errors, errors
     assert not rescued, f"{len(rescued)} gets lost their wake-up: {rescued[:5]}"
-    late = {t: returned[t] - stored[t] for t in all_ids if returned[t] - stored[t] > BOUND}
+    waited = {t: returned[t] - max(stored[t], started[t]) for t in all_ids}
+    assert sum(1 for t in all_ids if stored[t] > started[t]) >= 10, "too few gets waited"
+    late = {t: w for t, w in waited.items() if w > BOUND}
     assert not late, late
 
 
