@@ -445,8 +445,8 @@ def test_a_waiter_arriving_during_the_writers_commit_reads_the_result(app, backe
     got: list = []
     with psycopg.connect(db_url) as writer:  # a transaction: stored, not yet committed
         writer.execute(backend.queries.store_result, params)
-        waiter = threading.Thread(target=lambda: got.append(
-            AsyncResult(t, app=app).get(timeout=20)))
+        waiter = threading.Thread(target=lambda: got.append(  # app.backend is per thread:
+            AsyncResult(t, app=app, backend=backend).get(timeout=20)))  # the one watched here
         waiter.start()
         time.sleep(0.3)  # the waiter is blocked on its wait slot now
         assert not got
