@@ -560,6 +560,9 @@ def test_an_announcement_arriving_during_go_idle_wakes_the_event_loop(db_url):
             assert wait_until(barrier_blocked), "the consumer did not go idle for q1 again"
             publish_to(db_url, q2, {"q2": 1})  # q2 is idle: announced
             time.sleep(0.5)
+            busy = threading.Event()  # the loop is busy (running callbacks, as Celery's does)
+            c.hub.call_soon(lambda: (busy.set(), time.sleep(1.0)))  # when go_idle ends
+            assert busy.wait(5)
             publisher.commit()
         arrived = wait_until(lambda: {"q2": 1} in c.got)
         if not arrived:
