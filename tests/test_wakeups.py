@@ -123,8 +123,9 @@ class IdleConsumer:
                      routing_key=self.stop_queue.routing_key,
                      serializer="json").publish({"stop": True})
         self.thread.join(BOUND)
-        if self.thread.is_alive():
+        if self.thread.is_alive():  # not woken: by an announcement, or a local nudge
             raw_notify(self.db_url, self.conn.transport.channel_name, self.stop_queue.name)
+            self.conn.transport.wakeups.nudge()
             self.thread.join(20)
         self.conn.release()
         assert not self.errors, self.errors
