@@ -121,6 +121,13 @@ class WaitSlots:
             h.locked = (h.locked - set(release)) | set(take)
         return rows
 
+    def released(self) -> None:
+        """The session gave back every lock (paused for idling): the next wait takes again
+        the slots of whatever this process still waits for."""
+        h = self._held.get()
+        with h.lock:
+            h.locked = set()
+
     def retake(self, conn: psycopg.Connection[Any]) -> None:
         """A new session holds nothing: take every slot again."""
         h = self._held.get()

@@ -45,7 +45,8 @@ class ResultConsumer(BaseResultConsumer):
         #: The wait slots of the tasks waited for here (see :mod:`.waiters`).
         self.slots = WaitSlots(self.backend.queries, settings.schema)
         self.listener = Listener(self.backend.db, self.backend.channel, role="results",
-                                 enabled=settings.use_notify, on_connect=self.slots.retake)
+                                 enabled=settings.use_notify, on_connect=self.slots.retake,
+                                 on_pause=self.slots.released)
         self._readers: ProcessLocal[_Readers] = ProcessLocal(_Readers)
 
     # -- BaseResultConsumer ------------------------------------------------------------------

@@ -134,7 +134,8 @@ class Transport(virtual.Transport):
     def wakeups(self) -> Wakeups:
         """NOTIFY announcements and local nudges (see :mod:`.wakeups`)."""
         return Wakeups(self.db, self.channel_name, enabled=self.settings.use_notify,
-                       on_connect=lambda conn: self.idle.forget())
+                       on_connect=lambda conn: self.idle.forget(),
+                       on_pause=self.idle.forget)
 
     @cached_property
     def idle(self) -> IdleQueues:

@@ -34,9 +34,10 @@ class Wakeups:
     """The announcements and nudges of one transport, per process."""
 
     def __init__(self, db: Database, channel: str, *, enabled: bool,
-                 on_connect: Callable[[psycopg.Connection[Any]], None] | None = None) -> None:
+                 on_connect: Callable[[psycopg.Connection[Any]], None] | None = None,
+                 on_pause: Callable[[], None] | None = None) -> None:
         self.listener = Listener(db, channel, role="broker", enabled=enabled,
-                                 on_connect=on_connect)
+                                 on_connect=on_connect, on_pause=on_pause)
         self._pipe: ProcessLocal[_Pipe] = ProcessLocal(_Pipe)
 
     def nudge(self) -> None:
