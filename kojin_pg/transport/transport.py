@@ -135,7 +135,7 @@ class Transport(virtual.Transport):
         """NOTIFY announcements and local nudges (see :mod:`.wakeups`)."""
         return Wakeups(self.db, self.channel_name, enabled=self.settings.use_notify,
                        on_connect=lambda conn: self.idle.forget(),
-                       on_pause=self.idle.forget)
+                       on_pause=lambda: self.idle.forget())
 
     @cached_property
     def idle(self) -> IdleQueues:
