@@ -12,6 +12,7 @@ import psycopg
 import pytest
 from celery import states
 from celery.app.task import Context
+from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult, GroupResult
 
 from kojin_pg.backend.waiters import wait_slot
@@ -455,3 +456,27 @@ def test_a_waiter_arriving_during_the_writers_commit_reads_the_result(app, backe
     consumer._deliver = real_deliver
     assert got == [7]
     assert not safety_reads, "the waiter needed the safety-net read: a wake-up was lost"
+
+
+def test_an_idle_waiter_gives_its_wait_slots_back(app, backend, db_url, monkeypatch):
+    """A get() that timed out leaves its task waited for; once the process idles, its LISTEN
+    session is paused and gives its wait slots back, so no writer announces for it for months."""
+    from kojin_pg.db import listener
+
+    monkeypatch.setattr(listener, "IDLE_SECONDS", 0.5)
+    with pytest.raises(CeleryTimeoutError):
+        AsyncResult(tid(), app=app).get(timeout=0.3)  # never stored: still waited for
+
+    def slot_locks() -> int:
+        with psycopg.connect(db_url) as conn:
+            return conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                                "AND objsubid = 2 AND classid = %s::bigint::oid",
+                                (backend.wait_space & 0xFFFFFFFF,)).fetchone()[0]
+    assert slot_locks() == 1
+    deadline = time.monotonic() + 10
+    while slot_locks() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert slot_locks() == 0, "an idle process still holds its wait slots"
+    t = tid()  # waiting again takes the slot again, and the wake-up works
+    threading.Timer(0.3, backend.mark_as_done, (t, 3)).start()
+    assert AsyncResult(t, app=app).get(timeout=10) == 3

@@ -20,7 +20,6 @@ import uuid
 from typing import Any
 
 import psycopg
-import pytest
 from celery.result import AsyncResult
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
@@ -330,9 +329,6 @@ def _terminate(db_url: str, pid: int) -> None:
         assert conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
 
 
-@pytest.mark.xfail(strict=True, reason="review B3: after its LISTEN session is lost, a blocking "
-                   "consumer (Wakeups.wait) finds the reconnect backed off and sleeps the whole "
-                   "polling_interval without listening")
 def test_an_idle_consumer_whose_listen_session_is_killed_is_woken_afterwards(db_url):
     q = make_queue()
     c = IdleConsumer(db_url, [q]).start()
@@ -409,47 +405,6 @@ def store_params(backend, t: str, value: Any) -> dict[str, Any]:
             "wait_space": backend.wait_space, "wait_slot": wait_slot(t)}
 
 
-def test_a_waiter_whose_slot_another_thread_took_reads_once_more(app, backend, db_url):
-    """Review R1. A waiter's first read finds nothing; the writer, which found the slot free
-    (nobody had taken it yet) and so does not announce, commits; then another thread of the
-    process (its drain_events, or another get) takes the process's pending slots, this
-    waiter's too. The waiter must still read once more: its slot was taken after its read."""
-    t = str(uuid.uuid4())
-    consumer = backend.result_consumer
-    backend.ensure_ready()
-    no_safety_net(consumer)
-    real_read = consumer._read
-    first: list[bool] = []
-    with psycopg.connect(db_url) as writer:
-        writer.execute(backend.queries.store_result, store_params(backend, t, 7))
-
-        def read(result, **kwargs):
-            ready = real_read(result, **kwargs)
-            if not first:
-                first.append(ready)
-                writer.commit()  # stored after the first read, unannounced
-                other = threading.Thread(target=consumer.sync_slots)
-                other.start()  # another thread syncs the slots, this waiter's included
-                other.join(10)
-            return ready
-
-        consumer._read = read
-        got: list = []
-        waiter = threading.Thread(target=lambda: got.append(  # this backend, not the thread's
-            AsyncResult(t, app=app, backend=backend).get(timeout=900)), daemon=True)
-        waiter.start()
-        waiter.join(BOUND)
-        lost = waiter.is_alive()
-        if lost:
-            raw_notify(db_url, backend.channel, t)
-            waiter.join(20)
-    consumer._read = real_read
-    assert first == [False]
-    assert not lost, "the waiter skipped its second read and waits for an announcement " \
-                     "that will not come"
-    assert got == [7]
-
-
 class LoopConsumer:
     """A kombu connection consuming ``queues`` through kombu's event loop (as Celery's worker
     does: claims on the claim thread, NOTIFY read by the loop), prefetch 2, acking at once."""
@@ -523,10 +478,6 @@ def publish_to(db_url: str, q: Queue, body: Any) -> None:
                  serializer="json").publish(body)
 
 
-@pytest.mark.xfail(strict=True, reason="review B2: a go_idle on the LISTEN session reads the "
-                   "announcements sent meanwhile into the listener's backlog; a watched "
-                   "listener's socket then stays quiet, and the announced queue not re-claimed "
-                   "after go_idle waits for the next poll")
 def test_an_announcement_arriving_during_go_idle_wakes_the_event_loop(db_url):
     """One channel on q1 and q2, both idle. q1 gets a full batch (the consumer leaves idle for
     q1) and, when the batch is acked, the consumer goes idle for q1 again; its barrier waits
@@ -575,10 +526,6 @@ def test_an_announcement_arriving_during_go_idle_wakes_the_event_loop(db_url):
     assert arrived, "the announcement of q2 was read by go_idle and lost"
 
 
-@pytest.mark.xfail(strict=True, reason="review B4: after the event loop's LISTEN session is "
-                   "lost, the claim that follows finds the queues still marked idle (forget() "
-                   "runs only on the reconnect, later), so nobody takes the idle locks on the "
-                   "new session and publishes are not announced until the next poll")
 def test_an_event_loop_consumer_whose_listen_session_is_killed_is_woken_afterwards(db_url):
     q = make_queue()
     c = LoopConsumer(db_url, [q])

@@ -106,6 +106,28 @@ class WaitSlots:
         with h.lock:
             h.locked = (h.locked - set(release)) | set(take)
 
+    def apply_and_read(self, conn: psycopg.Connection[Any],
+                       task_id: str) -> list[tuple[Any, ...]]:
+        """:meth:`apply`, then read the result of ``task_id`` after the slots are taken, in
+        one statement (the ``get_result`` columns; no row: not stored, or expired)."""
+        h = self._held.get()
+        with h.lock:
+            wanted = set(h.per_slot)
+            take, release = sorted(wanted - h.locked), sorted(h.locked - wanted)
+        rows = conn.execute(self.queries.wait_and_read, {
+            "wait_space": self.space, "take": take, "release": release, "task_id": task_id,
+        }).fetchall()
+        with h.lock:
+            h.locked = (h.locked - set(release)) | set(take)
+        return rows
+
+    def released(self) -> None:
+        """The session gave back every lock (paused for idling): the next wait takes again
+        the slots of whatever this process still waits for."""
+        h = self._held.get()
+        with h.lock:
+            h.locked = set()
+
     def retake(self, conn: psycopg.Connection[Any]) -> None:
         """A new session holds nothing: take every slot again."""
         h = self._held.get()

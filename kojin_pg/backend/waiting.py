@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+import psycopg
 from celery import states
 from celery.backends.asynchronous import BaseResultConsumer
 
@@ -44,7 +45,8 @@ class ResultConsumer(BaseResultConsumer):
         #: The wait slots of the tasks waited for here (see :mod:`.waiters`).
         self.slots = WaitSlots(self.backend.queries, settings.schema)
         self.listener = Listener(self.backend.db, self.backend.channel, role="results",
-                                 enabled=settings.use_notify, on_connect=self.slots.retake)
+                                 enabled=settings.use_notify, on_connect=self.slots.retake,
+                                 on_pause=self.slots.released)
         self._readers: ProcessLocal[_Readers] = ProcessLocal(_Readers)
 
     # -- BaseResultConsumer ------------------------------------------------------------------
@@ -86,14 +88,36 @@ class ResultConsumer(BaseResultConsumer):
         self.listener.close()
 
     def on_wait_for_pending(self, result: Any, **kwargs: Any) -> None:
-        # Listening is on already (consume_from ran): whatever was stored before is read here.
-        # A result not ready yet needs its wait slot taken (so that its writer announces it),
-        # and then one more read for what was stored before the slot was taken: always, even
-        # if the slot is held by now, for another thread may have taken it after our read.
+        # Listening is on already (consume_from ran). Whatever was stored before is read here;
+        # whatever is stored later is announced, once the wait slot is taken (see .waiters).
+        # For one task, the slot and the read go in one statement on the LISTEN session,
+        # always (under the session's lock: another thread's slot change may be in flight).
+        if self.listener.enabled and not hasattr(result, "results"):
+            rows: list[tuple[Any, ...]] = []
+
+            def take_and_read(conn: psycopg.Connection[Any]) -> None:
+                rows.extend(self.slots.apply_and_read(conn, result.id))
+
+            if self.listener.run(take_and_read):
+                if rows:
+                    self._handle(self.backend._row_to_meta(rows[0]))
+                return
+        # Several tasks (a ResultSet), or the session down: read, and if not all are ready,
+        # take the slots and read once more (even if they are held by now: another thread
+        # may have taken them after our read).
         if self._read(result, **kwargs) or not self.listener.enabled:
             return
         self.sync_slots()
         self._read(result, **kwargs)
+
+    def _handle(self, meta: dict[str, Any]) -> None:
+        """Hand a meta read directly to its waiters."""
+        self.on_state_change(meta, None)
+        if meta["status"] in states.READY_STATES:
+            # read directly, so nothing else takes it out of the buffer again
+            buffered = self._pending_messages.pop(meta["task_id"], None)
+            if buffered is not None:
+                self._pending_messages.total -= len(buffered)
 
     def _read(self, result: Any, **kwargs: Any) -> bool:
         """Read the results ``result`` waits for; whether all of them are ready."""
@@ -102,12 +126,7 @@ class ResultConsumer(BaseResultConsumer):
             if meta is None or meta["status"] not in states.READY_STATES:
                 ready = False
             if meta is not None:
-                self.on_state_change(meta, None)
-                if meta["status"] in states.READY_STATES:
-                    # read directly, so nothing else takes it out of the buffer again
-                    buffered = self._pending_messages.pop(meta["task_id"], None)
-                    if buffered is not None:
-                        self._pending_messages.total -= len(buffered)
+                self._handle(meta)
         return ready
 
     def drain_events(self, timeout: float | None = None) -> None:

@@ -67,6 +67,8 @@ class _Session:
         self.backlog: set[str] = set()
         #: Announcements may have been missed since the last wait.
         self.missed = False
+        #: Told when the session is paused for idling (its advisory locks given back).
+        self.on_pause: Callable[[], None] | None = None
         self.retry_at = 0.0
         self.backoff = BACKOFF_FIRST
 
@@ -75,13 +77,18 @@ class Listener:
     """Notifications of one channel for this process (safe to share between threads)."""
 
     def __init__(self, db: Database, channel: str, *, role: str, enabled: bool = True,
-                 on_connect: Callable[[psycopg.Connection[Any]], None] | None = None) -> None:
+                 on_connect: Callable[[psycopg.Connection[Any]], None] | None = None,
+                 on_pause: Callable[[], None] | None = None) -> None:
         self.db = db
         self.channel = channel
         self.role = role
         self.enabled = enabled
         #: Run on each new listening session, after LISTEN (to set up session state again).
         self.on_connect = on_connect
+        #: Run when the session is paused after :data:`IDLE_SECONDS` without a waiter: it
+        #: UNLISTENs and gives back every advisory lock it holds (wait slots, idle queues), so
+        #: an idle process makes no writer announce for it.
+        self.on_pause = on_pause
         self._session: ProcessLocal[_Session] = ProcessLocal(_Session)
 
     # -- connection ------------------------------------------------------------------------
@@ -116,6 +123,7 @@ class Listener:
                 self._lost(s, exc)
                 return None
             s.listening, s.backoff = True, BACKOFF_FIRST
+            s.on_pause = self.on_pause
             _sweeper.get().add(s)
             return s.conn
 
@@ -149,6 +157,11 @@ class Listener:
                 self._lost(s, exc)
                 return False
         return True
+
+    def has_backlog(self) -> bool:
+        """Whether announcements were read (by a statement on the session) and not taken yet."""
+        s = self._session.peek()
+        return s is not None and bool(s.backlog)
 
     @property
     def connected(self) -> bool:
@@ -255,6 +268,9 @@ def _sweep(s: _Session, now: float, readable: bool) -> None:
         try:
             if now - s.last_used >= IDLE_SECONDS:
                 s.conn.execute("UNLISTEN *")  # psycopg reads what was sent meanwhile
+                s.conn.execute("SELECT pg_advisory_unlock_all()")
+                if s.on_pause is not None:
+                    s.on_pause()
                 s.listening = False
                 s.missed = True  # announcements from now on are not heard
                 s.backlog.clear()

@@ -59,6 +59,8 @@ def publish_params(idle: int, publishing: int, queue: str | None,
 class _State:
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        #: Serializes enter and leave (two threads entering one queue would lock it twice).
+        self.changing = threading.Lock()
         self.idle: set[str] = set()
 
 
@@ -81,34 +83,36 @@ class IdleQueues:
         commit); returns the queues newly entered, which the caller claims once more (empty
         if all were idle already, or if not listening: then publishes always NOTIFY)."""
         s = self._state.get()
-        with s.lock:
-            new = sorted(set(queues) - s.idle)
-        if not new or not self.listener.enabled:
-            return []
-        keys = [queue_key(q) for q in new]
+        with s.changing:
+            with s.lock:
+                new = sorted(set(queues) - s.idle)
+            if not new or not self.listener.enabled:
+                return []
+            keys = [queue_key(q) for q in new]
 
-        def go(conn: psycopg.Connection[Any]) -> None:
-            conn.execute(self.queries.go_idle, {"idle_space": self.idle_space,
-                                                "publishing_space": self.publishing_space,
-                                                "keys": keys}, prepare=False)
-        if not self.listener.run(go):
-            return []
-        with s.lock:
-            s.idle.update(new)
-        return new
+            def go(conn: psycopg.Connection[Any]) -> None:
+                conn.execute(self.queries.go_idle, {"idle_space": self.idle_space,
+                                                    "publishing_space": self.publishing_space,
+                                                    "keys": keys}, prepare=False)
+            if not self.listener.run(go):
+                return []
+            with s.lock:
+                s.idle.update(new)
+            return new
 
     def leave(self, queues: Iterable[str]) -> None:
         """A consumer of ``queues`` has a backlog: publishes to them need not NOTIFY."""
         s = self._state.get()
-        with s.lock:
-            gone = sorted(set(queues) & s.idle)
-            s.idle.difference_update(gone)
-        if not gone:
-            return
-        keys = [queue_key(q) for q in gone]
-        self.listener.run(lambda conn: conn.execute(
-            self.queries.leave_idle, {"idle_space": self.idle_space, "keys": keys},
-            prepare=False))
+        with s.changing:
+            with s.lock:
+                gone = sorted(set(queues) & s.idle)
+                s.idle.difference_update(gone)
+            if not gone:
+                return
+            keys = [queue_key(q) for q in gone]
+            self.listener.run(lambda conn: conn.execute(
+                self.queries.leave_idle, {"idle_space": self.idle_space, "keys": keys},
+                prepare=False))
 
     def forget(self, conn: psycopg.Connection[Any] | None = None) -> None:
         """A new LISTEN session holds no locks (the consumer looks again, then goes idle)."""

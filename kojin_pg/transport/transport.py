@@ -134,7 +134,8 @@ class Transport(virtual.Transport):
     def wakeups(self) -> Wakeups:
         """NOTIFY announcements and local nudges (see :mod:`.wakeups`)."""
         return Wakeups(self.db, self.channel_name, enabled=self.settings.use_notify,
-                       on_connect=lambda conn: self.idle.forget())
+                       on_connect=lambda conn: self.idle.forget(),
+                       on_pause=lambda: self.idle.forget())
 
     @cached_property
     def idle(self) -> IdleQueues:
@@ -274,6 +275,8 @@ class Transport(virtual.Transport):
             return
         self._listen_fd = fd
         self._hub.add_reader(fd, self._on_notify)
+        # a new session holds no idle locks: look now, and a short claim takes them again
+        self._drain_nowait()
 
     def _on_notify(self) -> None:
         heard = self.wakeups.listener.take()
@@ -293,6 +296,8 @@ class Transport(virtual.Transport):
         unannounced; otherwise the next announcement claims, and the ack buffer's flusher
         applies the ack (a claim per ack costs the loop and the server for nothing)."""
         self.wakeups.clear_nudges()
+        if self._listen_fd is not None and self.wakeups.listener.has_backlog():
+            self._on_notify()  # announcements a statement on the LISTEN session read for us
         if any(channel.more_ready for channel in list(self.channels)):
             self._drain_nowait()
 
@@ -332,14 +337,23 @@ class Transport(virtual.Transport):
         claimed = channel._claim(queues, n)
         if len(claimed) >= n:
             self.idle.leave(queues)
+            self._pass_on_backlog()
             return claimed
         due = channel.next_due
         entered = self.idle.enter(queues) if self.settings.use_notify else []
+        self._pass_on_backlog()
         if entered and not channel.closed:
             claimed += channel._claim(entered, n - len(claimed))
             if due is not None and (channel.next_due is None or due < channel.next_due):
                 channel.next_due = due
         return claimed
+
+    def _pass_on_backlog(self) -> None:
+        """A statement on the LISTEN session (going idle, or not) reads the announcements that
+        arrive meanwhile, and the loop's watched socket then stays quiet: nudge the loop to
+        take them (see :meth:`_on_nudge`)."""
+        if self.wakeups.listener.has_backlog():
+            self.wakeups.nudge()
 
     def _on_claimed(self) -> None:
         """Deliver what the claim thread leased; claim again at once if a batch came back full

@@ -18,6 +18,9 @@ import psycopg
 
 from ..db import Database, Listener, ProcessLocal
 
+#: Seconds a waiter whose LISTEN session is lost sleeps before it looks and tries again.
+RELISTEN_SECONDS = 0.25
+
 
 class _Pipe:
     def __init__(self) -> None:
@@ -34,9 +37,10 @@ class Wakeups:
     """The announcements and nudges of one transport, per process."""
 
     def __init__(self, db: Database, channel: str, *, enabled: bool,
-                 on_connect: Callable[[psycopg.Connection[Any]], None] | None = None) -> None:
+                 on_connect: Callable[[psycopg.Connection[Any]], None] | None = None,
+                 on_pause: Callable[[], None] | None = None) -> None:
         self.listener = Listener(db, channel, role="broker", enabled=enabled,
-                                 on_connect=on_connect)
+                                 on_connect=on_connect, on_pause=on_pause)
         self._pipe: ProcessLocal[_Pipe] = ProcessLocal(_Pipe)
 
     def nudge(self) -> None:
@@ -73,7 +77,10 @@ class Wakeups:
             if heard is None:
                 if self.listener.ensure():
                     return  # listening again: announcements were missed, look now
-                self._sleep(left, nudge_fd)  # no announcements to wait for: poll
+                # no announcements to wait for: poll, and while notifications are on, try
+                # listening again soon (a lost session must not cost the whole interval)
+                self._sleep(min(left, RELISTEN_SECONDS) if self.listener.enabled else left,
+                            nudge_fd)
                 return
             if self.clear_nudges() or (heard and (not queues or heard & queues)):
                 return

@@ -46,6 +46,13 @@ SELECT (SELECT count(pg_advisory_unlock_shared(%(wait_space)s, slot))
        (SELECT count(pg_advisory_lock_shared(%(wait_space)s, slot))
         FROM unnest(%(take)s::int[]) AS slot);
 
+-- name: wait_and_read
+-- Take and give back wait slots, then read one unexpired result (after the slots are taken).
+SELECT task_id, status, result, result_bytes, traceback, children, group_id, parent_id,
+       name, args, kwargs, worker, retries, queue, date_done
+FROM {schema}.take_wait_slots_and_read(%(wait_space)s, %(take)s::int[], %(release)s::int[],
+                                       %(task_id)s);
+
 -- name: get_results
 -- The unexpired results of the given task ids (one round trip for one id or thousands).
 SELECT task_id, status, result, result_bytes, traceback, children, group_id, parent_id,
