@@ -64,10 +64,14 @@ def main() -> None:
                 v, k = r.get(metric), base.get(metric)
                 if v is None:
                     cells.append("-")
-                elif system == "kojin" or system == "kojin/kojin" or not k:
-                    cells.append(fmt(v))
-                else:
-                    cells.append(f"{fmt(v)} ({(k / v if higher else v / k):.2f})")
+                    continue
+                spread = r.get(metric + "_spread")
+                cell = fmt(v)
+                if spread and spread[0] != spread[1]:  # repeated: show the range of the runs
+                    cell += f" [{fmt(spread[0])}-{fmt(spread[1])}]"
+                if not (system == "kojin" or system == "kojin/kojin" or not k):
+                    cell += f" ({(k / v if higher else v / k):.2f})"
+                cells.append(cell)
             rows.append(cells)
         print(table(rows) + "\n")
     for block in report_writers.render(data, table):  # concurrency sections
