@@ -220,8 +220,10 @@ class Transport(virtual.Transport):
         if queues is not None and self.settings.use_notify:
             self.idle.leave(queues)
         try:
-            self.consumer_db.execute(self.queries.consumer_stop, {
-                "queues": queues, "consumer": self.consumer_id}, "consumer_stop")
+            # not prepared: its join must be planned for the rows it meets (see sweep)
+            self.consumer_db.run(lambda conn: conn.execute(self.queries.consumer_stop, {
+                "queues": queues, "consumer": self.consumer_id}, prepare=False),
+                "consumer_stop")
         except Exception as exc:  # the sweep forgets this consumer after its grace period
             log.warning("kojin_pg: could not deregister consumer %s: %r", self.consumer_id, exc)
 

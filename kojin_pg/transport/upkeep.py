@@ -101,29 +101,32 @@ class Upkeep:
         # each use, so a round never reopens the pool of a transport being closed.
         if queues and not t.closing:
             db.run(lambda conn: conn.execute(q.consumers_alive, {
-                "queues": queues, "consumers": consumers}), "consumers alive", retry=False)
+                "queues": queues, "consumers": consumers}, prepare=False), "consumers alive",
+                retry=False)
         if not t.closing:
             db.run(lambda conn: sweep(conn, t), "sweep", retry=False)
 
 
 def sweep(conn: psycopg.Connection[Any], transport: Transport) -> None:
     """One sweep in one transaction, if this process gets the lock (safe to repeat: it only
-    deletes what is dead by then)."""
+    deletes what is dead by then). Never prepared: the consumer pool plans prepared statements
+    once, generically, and these joins must be planned for the rows they meet."""
     q = transport.queries
     s = transport.settings
     with conn.transaction():
-        got = conn.execute(q.sweep_lock, {"lock": f"kojin_pg.sweep:{s.schema}"}).fetchone()
+        got = conn.execute(q.sweep_lock, {"lock": f"kojin_pg.sweep:{s.schema}"},
+                           prepare=False).fetchone()
         if not got or not got[0]:
             return
         grace = consumer_grace(s.sweep_interval)
-        conn.execute(q.sweep_consumers, {"grace": grace})
-        conn.execute(q.sweep_queues, {"grace": grace})
+        conn.execute(q.sweep_consumers, {"grace": grace}, prepare=False)
+        conn.execute(q.sweep_queues, {"grace": grace}, prepare=False)
         for query in (q.sweep_expired_messages, q.sweep_orphan_messages):
             while True:
-                row = conn.execute(query, {"batch": SWEEP_BATCH}).fetchone()
+                row = conn.execute(query, {"batch": SWEEP_BATCH}, prepare=False).fetchone()
                 if not row or row[0] < SWEEP_BATCH:
                     break
-        conn.execute(q.sweep_tombstones, {"keep": TOMBSTONE_SECONDS})
+        conn.execute(q.sweep_tombstones, {"keep": TOMBSTONE_SECONDS}, prepare=False)
 
 
 class _Registry:

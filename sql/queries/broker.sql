@@ -105,8 +105,11 @@ WITH acked AS (
     ORDER BY priority DESC, id
     LIMIT %(n)s
 ), dead AS (
-    DELETE FROM {schema}.messages m USING picked p
-    WHERE m.id = p.id AND p.delivery_count >= %(max_deliveries)s AND NOT p.revoked
+    -- id = ANY(ARRAY(...)), not a join: the plan is made once per session (generic), and a
+    -- join planned for an unknown batch size can turn into a scan of the whole table
+    DELETE FROM {schema}.messages m
+    WHERE m.id = ANY(ARRAY(SELECT id FROM picked
+                           WHERE delivery_count >= %(max_deliveries)s AND NOT revoked))
     RETURNING m.*
 ), buried AS (
     INSERT INTO {schema}.dead_letters
@@ -116,8 +119,8 @@ WITH acked AS (
     FROM dead
     ON CONFLICT (id) DO NOTHING
 ), dropped AS (
-    DELETE FROM {schema}.messages m USING picked p
-    WHERE m.id = p.id AND p.revoked
+    DELETE FROM {schema}.messages m
+    WHERE m.id = ANY(ARRAY(SELECT id FROM picked WHERE revoked))
     RETURNING m.task_id
 ), revoked_results AS (
     INSERT INTO {schema}.results AS r (task_id, status, result, date_done, expires_at)
@@ -135,8 +138,8 @@ WITH acked AS (
         leased_by = %(consumer)s,
         due_at = NULL,      -- leased now: from here on like any other message
         unique_key = NULL   -- no longer queued: the same key may be enqueued again
-    FROM picked p
-    WHERE m.id = p.id AND p.delivery_count < %(max_deliveries)s AND NOT p.revoked
+    WHERE m.id = ANY(ARRAY(SELECT id FROM picked
+                           WHERE delivery_count < %(max_deliveries)s AND NOT revoked))
     RETURNING m.id, m.queue, m.payload, m.delivery_count, m.priority
 ), next_due AS (
     SELECT min(d.due_at) AS at
