@@ -455,7 +455,10 @@ def test_a_waiter_arriving_during_the_writers_commit_reads_the_result(app, backe
     waiter.join(20)
     consumer._deliver = real_deliver
     assert got == [7]
-    assert not safety_reads, "the waiter needed the safety-net read: a wake-up was lost"
+    # (a safety-net read of nothing, which Celery 5.4's drainer makes once more after the
+    # result is in, is not one)
+    assert not [ids for ids in safety_reads if t in ids], \
+        "the waiter needed the safety-net read: a wake-up was lost"
 
 
 def test_an_idle_waiter_gives_its_wait_slots_back(app, backend, db_url, monkeypatch):
