@@ -12,56 +12,38 @@ producer that fails sends its error back, which fails the run at once instead of
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
-import queue as queue_mod
 import sys
-import time
-import traceback
 import uuid
 from typing import Any
 
-READY_TIMEOUT = 600.0  # seconds for every producer to start, import and connect
-RUN_TIMEOUT = 900.0  # seconds for every producer to finish once started
+from barrier import timed_run, worker
 
 
 def produce(url: str, queue: str, n: int, start: Any, events: Any) -> None:
     """One producer process: warm up, say ready, wait for the start, publish ``n``."""
-    try:
+    def warm_up() -> Any:
         exec(os.environ.get("BENCH_IMPORT", ""))
         from kombu import Connection, Exchange, Producer, Queue
 
         q = Queue(queue, Exchange(queue, type="direct"), routing_key=queue)
-        body = {"task": "noop", "args": [1, 2, 3], "kwargs": {}, "pad": "x" * 200}
-        with Connection(url) as conn:
-            ch = conn.channel()
-            q(ch).declare()
-            prod = Producer(ch, exchange=q.exchange, routing_key=queue, serializer="json")
-            prod.publish(body)  # connect and warm up before the clock starts
-            events.put(("ready", None))
-            if not start.wait(READY_TIMEOUT):
-                raise RuntimeError("start signal never came")
+        conn = Connection(url)
+        ch = conn.channel()
+        q(ch).declare()
+        prod = Producer(ch, exchange=q.exchange, routing_key=queue, serializer="json")
+        prod.publish(BODY)  # connect and warm up before the clock starts
+        return conn, prod
+
+    def work(state: Any) -> None:
+        conn, prod = state
+        with conn:
             for _ in range(n):
-                prod.publish(body)
-        events.put(("done", None))
-    except BaseException:
-        events.put(("error", traceback.format_exc()[-2000:]))
-        sys.exit(1)  # the parent reports the traceback and fails the run
+                prod.publish(BODY)
+
+    worker(start, events, warm_up, work)
 
 
-def wait_for(events: Any, kind: str, count: int, timeout: float) -> None:
-    """Wait for ``count`` events of ``kind``; raise on a producer's error or the timeout."""
-    deadline = time.monotonic() + timeout
-    seen = 0
-    while seen < count:
-        try:
-            got, detail = events.get(timeout=max(0.1, deadline - time.monotonic()))
-        except queue_mod.Empty:
-            raise RuntimeError(f"{seen}/{count} producers {kind} after {timeout:.0f} s") from None
-        if got == "error":
-            raise RuntimeError(f"a producer failed:\n{detail}")
-        if got == kind:
-            seen += 1
+BODY = {"task": "noop", "args": [1, 2, 3], "kwargs": {}, "pad": "x" * 200}
 
 
 def main() -> None:
@@ -69,25 +51,7 @@ def main() -> None:
     n = int(sys.argv[2]) if len(sys.argv) > 2 else 2000
     producers = int(sys.argv[3]) if len(sys.argv) > 3 else 4
     queue = "cbench_" + uuid.uuid4().hex[:8]
-    ctx = multiprocessing.get_context("spawn")
-    start, events = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=produce, args=(url, queue, n, start, events), daemon=True)
-             for _ in range(producers)]
-    for p in procs:
-        p.start()
-    try:
-        wait_for(events, "ready", producers, READY_TIMEOUT)
-        time.sleep(0.2)  # let the last producer's warm-up settle
-        t = time.perf_counter()
-        start.set()
-        wait_for(events, "done", producers, RUN_TIMEOUT)
-        elapsed = time.perf_counter() - t
-    except BaseException:
-        for p in procs:
-            p.kill()
-        raise
-    for p in procs:
-        p.join(60)
+    elapsed = timed_run(produce, (url, queue, n), producers, "producer")
     print(json.dumps({"url": url.split(":")[0], "producers": producers, "per_producer": n,
                       "seconds": round(elapsed, 3),
                       "publish_per_s": round(producers * n / elapsed)}))
