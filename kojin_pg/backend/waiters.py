@@ -95,31 +95,35 @@ class WaitSlots:
     def apply(self, conn: psycopg.Connection[Any]) -> None:
         """Bring the session's locks in line with what this process waits for (one statement;
         ``conn`` is the LISTEN session, used under its lock)."""
-        h = self._held.get()
-        with h.lock:
-            wanted = set(h.per_slot)
-            take, release = sorted(wanted - h.locked), sorted(h.locked - wanted)
+        take, release = self._changes()
         if not take and not release:
             return
         conn.execute(self.queries.wait_slots, {"wait_space": self.space, "take": take,
                                                "release": release}, prepare=False)
-        with h.lock:
-            h.locked = (h.locked - set(release)) | set(take)
+        self._changed(take, release)
 
     def apply_and_read(self, conn: psycopg.Connection[Any],
                        task_id: str) -> list[tuple[Any, ...]]:
         """:meth:`apply`, then read the result of ``task_id`` after the slots are taken, in
         one statement (the ``get_result`` columns; no row: not stored, or expired)."""
-        h = self._held.get()
-        with h.lock:
-            wanted = set(h.per_slot)
-            take, release = sorted(wanted - h.locked), sorted(h.locked - wanted)
+        take, release = self._changes()
         rows = conn.execute(self.queries.wait_and_read, {
             "wait_space": self.space, "take": take, "release": release, "task_id": task_id,
         }).fetchall()
+        self._changed(take, release)
+        return rows
+
+    def _changes(self) -> tuple[list[int], list[int]]:
+        """The slots to take and to give back for the session to hold what is waited for."""
+        h = self._held.get()
+        with h.lock:
+            wanted = set(h.per_slot)
+            return sorted(wanted - h.locked), sorted(h.locked - wanted)
+
+    def _changed(self, take: list[int], release: list[int]) -> None:
+        h = self._held.get()
         with h.lock:
             h.locked = (h.locked - set(release)) | set(take)
-        return rows
 
     def released(self) -> None:
         """The session gave back every lock (paused for idling): the next wait takes again
@@ -130,7 +134,5 @@ class WaitSlots:
 
     def retake(self, conn: psycopg.Connection[Any]) -> None:
         """A new session holds nothing: take every slot again."""
-        h = self._held.get()
-        with h.lock:
-            h.locked = set()
+        self.released()
         self.apply(conn)
