@@ -329,19 +329,25 @@ def _terminate(db_url: str, pid: int) -> None:
         assert conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
 
 
+def _kill_listener_and_wait_relocked(db_url: str, consumer: Any, q: Queue) -> bool:
+    """Kill ``consumer``'s LISTEN session once it holds its idle lock; whether it listens again
+    on a new session and holds the lock there."""
+    space = idle_space(consumer.conn.transport.settings.schema)
+    key = queue_key(q.name)
+    assert wait_until(lambda: consumer.listener_pid() in advisory_holders(db_url, space, key))
+    old = consumer.listener_pid()
+    _terminate(db_url, old)
+    return wait_until(lambda: (consumer.listener_pid() not in (None, old)
+                               and consumer.listener_pid() in advisory_holders(db_url, space,
+                                                                                key)))
+
+
 def test_an_idle_consumer_whose_listen_session_is_killed_is_woken_afterwards(db_url):
     q = make_queue()
     c = IdleConsumer(db_url, [q]).start()
-    t = c.conn.transport
-    space, key = idle_space(t.settings.schema), queue_key(q.name)
     try:
-        assert wait_until(lambda: c.listener_pid() in advisory_holders(db_url, space, key))
-        old = c.listener_pid()
-        _terminate(db_url, old)
         # the consumer listens again on a new session and holds its idle lock there
-        relocked = wait_until(lambda: (c.listener_pid() not in (None, old)
-                                       and c.listener_pid() in advisory_holders(db_url, space,
-                                                                                  key)))
+        relocked = _kill_listener_and_wait_relocked(db_url, c, q)
         with Connection(kurl(db_url)) as conn:
             Producer(conn.channel(), exchange=q.exchange, routing_key=q.routing_key,
                      serializer="json").publish({"after": 1})
@@ -529,14 +535,8 @@ def test_an_announcement_arriving_during_go_idle_wakes_the_event_loop(db_url):
 def test_an_event_loop_consumer_whose_listen_session_is_killed_is_woken_afterwards(db_url):
     q = make_queue()
     c = LoopConsumer(db_url, [q])
-    space, key = idle_space(c.conn.transport.settings.schema), queue_key(q.name)
     try:
-        assert wait_until(lambda: c.listener_pid() in advisory_holders(db_url, space, key))
-        old = c.listener_pid()
-        _terminate(db_url, old)
-        relocked = wait_until(lambda: (c.listener_pid() not in (None, old)
-                                       and c.listener_pid() in advisory_holders(db_url, space,
-                                                                                  key)))
+        relocked = _kill_listener_and_wait_relocked(db_url, c, q)
         publish_to(db_url, q, {"after": 1})
         arrived = wait_until(lambda: c.got == [{"after": 1}])
         if not arrived:
