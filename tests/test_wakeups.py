@@ -401,16 +401,6 @@ def test_a_waiter_whose_listen_session_is_killed_is_woken_afterwards(make_app, d
 # -- interleavings found by the review ---------------------------------------------------------
 
 
-def store_params(backend, t: str, value: Any) -> dict[str, Any]:
-    """The store_result statement's parameters for a SUCCESS of ``t`` (announced by id)."""
-    return {"task_id": t, "status": "SUCCESS", "result": psycopg.types.json.Jsonb(value),
-            "result_bytes": None, "traceback": None, "children": None, "group_id": None,
-            "parent_id": None, "name": None, "args": None, "kwargs": None, "worker": None,
-            "retries": None, "queue": None, "date_done": None, "expires": 3600,
-            "channel": backend.channel, "notify": True, "announce": None,
-            "wait_space": backend.wait_space, "wait_slot": wait_slot(t)}
-
-
 class LoopConsumer:
     """A kombu connection consuming ``queues`` through kombu's event loop (as Celery's worker
     does: claims on the claim thread, NOTIFY read by the loop), prefetch 2, acking at once."""

@@ -27,7 +27,7 @@ from .announce import announced_meta, announcement
 from .chords import Chords
 from .expiry import delete_expired
 from .values import ValueCodec
-from .waiters import wait_slot, wait_space
+from .waiters import wait_slot, wait_space, writing_space
 from .waiting import ResultConsumer
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class PostgresBackend(AsyncBackendMixin, BaseBackend):
         self.channel = results_channel(self.settings.schema)
         #: The advisory-lock namespace of this schema's wait slots (see :mod:`.waiters`).
         self.wait_space = wait_space(self.settings.schema)
+        self.writing_space = writing_space(self.settings.schema)
         self.values = ValueCodec(self.content_type, self.encode, self.decode)
         self.chords = Chords(self, self.db, self.queries, self.values)
         self._schema_ready = False
@@ -103,6 +104,15 @@ class PostgresBackend(AsyncBackendMixin, BaseBackend):
 
     def _store_result(self, task_id: str, result: Any, state: str, traceback: str | None = None,
                       request: Any = None, **kwargs: Any) -> Any:
+        self._fetchall(self.queries.store_result,
+                       self.store_params(task_id, result, state, traceback, request),
+                       "store_result")
+        return result
+
+    def store_params(self, task_id: str, result: Any, state: str, traceback: str | None = None,
+                     request: Any = None) -> dict[str, Any]:
+        """The ``store_result`` statement's parameters for one result (the tests run the
+        statement themselves to hold a store's transaction open)."""
         meta = self._get_result_meta(result=result, state=state, traceback=traceback,
                                      request=request, format_date=False)
         extended = {k: meta.get(k) for k in _EXTENDED}
@@ -124,9 +134,9 @@ class PostgresBackend(AsyncBackendMixin, BaseBackend):
         else:
             params["result_bytes"] = raw
         params["announce"] = announcement(task_id, meta) if encoded is not None else None
-        params["wait_space"], params["wait_slot"] = self.wait_space, wait_slot(task_id)
-        self._fetchall(self.queries.store_result, params, "store_result")
-        return result
+        params.update(wait_space=self.wait_space, writing_space=self.writing_space,
+                      wait_slot=wait_slot(task_id))
+        return params
 
     def _row_to_meta(self, row: tuple[Any, ...]) -> dict[str, Any]:
         (task_id, status, result, result_bytes, traceback, children, group_id, parent_id,

@@ -2,17 +2,25 @@
 
 A NOTIFY takes a lock at commit that serializes every notifying commit in the database (held
 across the commit's WAL flush), so announcing results nobody waits for costs every writer.
-Waiting processes therefore say what they wait for with advisory locks: each task id maps to
-one of :data:`SLOTS` wait slots, and a process holds a *shared* session lock on the slot of each
-task it waits for, on its LISTEN session. A writer tries an *exclusive* transaction lock on the
-task's slot in the statement that stores the result: if the try fails someone may wait, and it
-announces; if it succeeds nobody waits, and it holds the lock until its commit.
+Waiting processes therefore say what they wait for with advisory locks, as idle consumers do
+for publishers (:mod:`kojin_pg.transport.idle`). Each task id maps to one of :data:`SLOTS` wait
+slots, and each slot has two keys:
 
-Why no wake-up is lost: a waiter takes its slot before it first reads the result. If it took
-the slot before the writer's try, the writer announces. If after, its lock waited for the
-writer's commit, so its read sees the result. A slot shared by other tasks only makes a writer
-announce more often than needed. The locks go with the session: after a reconnect they are taken
-again (:meth:`WaitSlots.retake`) before the waiter reads what it may have missed.
+* **store** (one statement, ``store_result``): a *shared* lock on the slot's writing key, held
+  until the commit, then a probe of its wait key (an exclusive try, given back at once): if the
+  probe fails, someone waits, and the writer announces.
+* **wait** (:meth:`WaitSlots.apply`, :meth:`WaitSlots.apply_and_read`): a *shared* session lock
+  on the wait key of each task waited for, on the LISTEN session, then the exclusive writing
+  lock taken and given back at once, which waits for every store in flight on the slot to
+  commit; then the first read.
+
+Why no wake-up is lost: a store whose probe came after the waiter's lock fails it and announces.
+A store whose probe came before held its writing lock from before the probe until its commit,
+so the waiter's barrier waited for that commit and its read sees the result. Writers hold only
+shared locks past their probe, so concurrent writers of one slot never take each other for
+waiters. A slot shared by other tasks only makes a writer announce more often than needed. The
+locks go with the session: after a reconnect they are taken again (:meth:`WaitSlots.retake`)
+before the waiter reads what it may have missed.
 
 Per process: a count of waited-for tasks per slot; slots are taken and given back in one
 statement, sent before the next read or wait (:meth:`WaitSlots.apply`).
@@ -39,6 +47,11 @@ def wait_space(schema: str) -> int:
     return zlib.crc32(f"kojin_pg.waits:{schema}".encode()) - 2**31
 
 
+def writing_space(schema: str) -> int:
+    """The advisory-lock namespace of a schema's writing keys (one per wait slot)."""
+    return zlib.crc32(f"kojin_pg.writing:{schema}".encode()) - 2**31
+
+
 def wait_slot(task_id: str) -> int:
     """The wait slot (second key) of a task."""
     return zlib.crc32(task_id.encode()) % SLOTS
@@ -59,6 +72,7 @@ class WaitSlots:
     def __init__(self, queries: Queries, schema: str) -> None:
         self.queries = queries
         self.space = wait_space(schema)
+        self.writing_space = writing_space(schema)
         self._held: ProcessLocal[_Held] = ProcessLocal(_Held)
 
     def add(self, task_ids: Iterable[str]) -> list[str]:
@@ -98,8 +112,9 @@ class WaitSlots:
         take, release = self._changes()
         if not take and not release:
             return
-        conn.execute(self.queries.wait_slots, {"wait_space": self.space, "take": take,
-                                               "release": release}, prepare=False)
+        conn.execute(self.queries.wait_slots, {
+            "wait_space": self.space, "writing_space": self.writing_space, "take": take,
+            "release": release}, prepare=False)
         self._changed(take, release)
 
     def apply_and_read(self, conn: psycopg.Connection[Any],
@@ -108,7 +123,8 @@ class WaitSlots:
         one statement (the ``get_result`` columns; no row: not stored, or expired)."""
         take, release = self._changes()
         rows = conn.execute(self.queries.wait_and_read, {
-            "wait_space": self.space, "take": take, "release": release, "task_id": task_id,
+            "wait_space": self.space, "writing_space": self.writing_space, "take": take,
+            "release": release, "task_id": task_id,
         }).fetchall()
         self._changed(take, release)
         return rows

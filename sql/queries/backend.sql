@@ -5,9 +5,10 @@
 -- name: store_result
 -- Insert or update one result and wake its waiters in the same statement (and transaction),
 -- announcing the result itself when the caller passes it (announce), else the task id.
--- Only if a waiter can exist: waiters hold a shared lock on their task's wait slot (see
--- kojin_pg/backend/waiters.py); when the exclusive try succeeds nobody waits, and the lock is
--- held until this commit, so a waiter arriving meanwhile reads the result after it.
+-- Only if a waiter can exist (see kojin_pg/backend/waiters.py): a shared lock on the task's
+-- writing key, held until this commit, then a probe of its wait slot (an exclusive try, given
+-- back at once): it fails while a waiter holds the slot. A waiter taking the slot after the
+-- probe waits for this commit (its barrier on the writing key), then reads the result.
 -- A stored SUCCESS is never overwritten: a late duplicate run of a task must not replace it.
 WITH stored AS (
     INSERT INTO {schema}.results AS r
@@ -36,22 +37,33 @@ WITH stored AS (
     RETURNING r.task_id
 )
 SELECT pg_notify(%(channel)s, coalesce(%(announce)s::text, task_id)) FROM stored
-WHERE %(notify)s AND NOT pg_try_advisory_xact_lock(%(wait_space)s, %(wait_slot)s);
+WHERE CASE WHEN NOT %(notify)s THEN false
+           -- CASE keeps this order: the writing lock first, then the probe
+           WHEN pg_advisory_xact_lock_shared(%(writing_space)s, %(wait_slot)s) IS NULL
+           THEN false
+           WHEN pg_try_advisory_lock(%(wait_space)s, %(wait_slot)s)
+           THEN NOT pg_advisory_unlock(%(wait_space)s, %(wait_slot)s)
+           ELSE true END;
 
 -- name: wait_slots
 -- A waiting process takes (shared, for its session) the wait slots of the tasks it starts
--- waiting for and gives back those of the tasks it no longer waits for.
+-- waiting for, each followed by a barrier that waits for the stores in flight on that slot to
+-- commit (the exclusive writing lock, taken and given back at once), and gives back the slots
+-- of the tasks it no longer waits for.
 SELECT (SELECT count(pg_advisory_unlock_shared(%(wait_space)s, slot))
         FROM unnest(%(release)s::int[]) AS slot),
        (SELECT count(pg_advisory_lock_shared(%(wait_space)s, slot))
+               + count(pg_advisory_lock(%(writing_space)s, slot))
+               + count(pg_advisory_unlock(%(writing_space)s, slot))
         FROM unnest(%(take)s::int[]) AS slot);
 
 -- name: wait_and_read
--- Take and give back wait slots, then read one unexpired result (after the slots are taken).
+-- Take and give back wait slots, then read one unexpired result (after the slots are taken
+-- and the stores in flight on them committed).
 SELECT task_id, status, result, result_bytes, traceback, children, group_id, parent_id,
        name, args, kwargs, worker, retries, queue, date_done
-FROM {schema}.take_wait_slots_and_read(%(wait_space)s, %(take)s::int[], %(release)s::int[],
-                                       %(task_id)s);
+FROM {schema}.take_wait_slots_and_read(%(wait_space)s, %(writing_space)s, %(take)s::int[],
+                                       %(release)s::int[], %(task_id)s);
 
 -- name: get_results
 -- The unexpired results of the given task ids (one round trip for one id or thousands).
