@@ -8,7 +8,9 @@
     # committed: delivered once. Rolled back: never delivered.
 
 The message row is written on the caller's connection, so it commits or rolls back with the
-caller's own writes; the NOTIFY that wakes workers is delivered by PostgreSQL only at commit.
+caller's own writes. Whether to wake a worker is decided at the commit (a deferred trigger,
+``sql/0008_outbox_wakeups.sql``): a NOTIFY only if a consumer of the queue is idle, and no lock
+that an open business transaction would hold against the workers.
 The app's broker must be kojin_pg on the same database (and schema).
 
 Like ``app.send_task``: the queue comes from ``task_routes`` (else ``task_default_queue``)
@@ -34,7 +36,7 @@ from . import codec, config
 from .db import Queries
 from .db.channels import messages_channel
 from .errors import ConfigurationError
-from .transport.idle import publish_params
+from .transport.idle import idle_space, publish_params, publishing_space
 from .transport.messages import publish_fields
 from .transport.options import broker_settings
 
@@ -86,8 +88,8 @@ def send_task(conn: psycopg.Connection[Any], app: Any, name: str, args: Any = ()
     conn.execute(Queries("broker", schema).publish, {
         "queue": queue, "priority": priority, "payload": codec.jsonb(codec.dumps(payload)),
         "publish_id": uuid.uuid4(), **publish_fields(payload),
-        # always announced: a gated publish would hold a lock for the caller's transaction
-        **publish_params(0, 0, None, gated=False),
+        # probed at the commit: probing here would hold a lock for the caller's transaction
+        **publish_params(idle_space(schema), publishing_space(schema), queue, gated=False),
         "channel": messages_channel(schema), "notify": notify,
     })
     signals.after_task_publish.send(sender=name, body=payload["body"], exchange="",

@@ -32,10 +32,11 @@ def publish(conn, q, bodies, **kw):
 
 
 def consume(conn: Connection, q: Queue, n: int, *, ack: bool = True, timeout: float = 10,
-            prefetch: int = 100, errors: list | None = None) -> list:
-    """Up to ``n`` (body, message) pairs within ``timeout``. With ``errors``, exceptions raised
-    by drain_events are collected there and draining goes on, instead of raising."""
-    got = []
+            prefetch: int = 100, errors: list | None = None, into: list | None = None) -> list:
+    """Up to ``n`` (body, message) pairs within ``timeout`` (appended to ``into`` as they come,
+    when given). With ``errors``, exceptions raised by drain_events are collected there and
+    draining goes on, instead of raising."""
+    got = [] if into is None else into
 
     def on_message(body, message):
         got.append((body, message))
@@ -520,6 +521,74 @@ def test_publishes_nobody_waits_for_are_not_announced(db_url):
             th.join(25)
     assert q.name in heard, "a publish with a consumer waiting was not announced"
     assert [b for b, _ in got] == [{"late": 1}]
+
+
+def test_outbox_sends_nobody_waits_for_are_not_announced(db_url):
+    """The outbox, too, announces only when a consumer of the queue may be waiting, decided
+    at the caller's commit (it used to NOTIFY on every send)."""
+    from celery import Celery
+
+    from kojin_pg import outbox
+
+    q = make_queue()
+    app = Celery("ob", broker=kurl(db_url), set_as_current=False)
+
+    def send(n: int) -> None:
+        with psycopg.connect(db_url) as conn, conn.transaction():
+            for i in range(n):
+                outbox.send_task(conn, app, "proj.add", args=(i,), queue=q.name)
+
+    with Connection(kurl(db_url)) as conn:
+        q(conn.channel()).declare()
+        heard = _heard(db_url, conn.transport.channel_name, lambda: send(5))
+        assert heard == [], f"{len(heard)} outbox sends with no consumer waiting were announced"
+        assert len(consume(conn, q, 5)) == 5
+    got = []
+    with Connection(kurl(db_url) + "?polling_interval=600") as waiter:
+        th = threading.Thread(target=lambda: got.extend(consume(waiter, q, 1, timeout=20)))
+        th.start()
+        time.sleep(1.0)  # the waiter is idle on LISTEN now
+        heard = _heard(db_url, waiter.transport.channel_name, lambda: send(1))
+        th.join(25)
+    assert q.name in heard, "an outbox send with a consumer waiting was not announced"
+    assert [b[0] for b, _ in got] == [[0]]
+    with psycopg.connect(db_url) as pg:  # the commit-time wake-ups leave no rows behind
+        assert pg.execute("SELECT count(*) FROM kojin.outbox_wakeups").fetchone() == (0,)
+
+
+def test_an_open_outbox_transaction_holds_up_no_consumer_and_no_publisher(db_url):
+    """The outbox decides whether to announce at the caller's commit, not when it sends: a
+    business transaction left open (for seconds, or forever) must not make a consumer going
+    idle wait for it, nor the publishers queued behind that consumer; its commit then wakes
+    the idle consumer at once (it polls only every 600 s)."""
+    from celery import Celery
+
+    from kojin_pg import outbox
+
+    q = make_queue()
+    app = Celery("ob", broker=kurl(db_url), set_as_current=False)
+    got: list = []
+    with Connection(kurl(db_url) + "?polling_interval=600") as consumer, \
+            Connection(kurl(db_url)) as producer:
+        q(consumer.channel()).declare()
+        with psycopg.connect(db_url) as business:
+            outbox.send_task(business, app, "proj.add", args=("outbox",), queue=q.name)
+            th = threading.Thread(target=consume, args=(consumer, q, 2),
+                                  kwargs={"timeout": 20, "into": got})
+            th.start()
+            time.sleep(1.0)  # the consumer went idle while the business transaction is open
+            sent = threading.Thread(target=publish, args=(producer, q, [{"plain": 1}]))
+            sent.start()
+            sent.join(10)
+            assert not sent.is_alive(), "a publish waited for an open outbox transaction"
+            deadline = time.monotonic() + 10
+            while len(got) < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(got) == 1, "the consumer did not get a plain publish meanwhile"
+            business.commit()
+        th.join(15)
+    assert [b for b, _ in got][0] == {"plain": 1}
+    assert len(got) == 2 and got[1][0][0] == ["outbox"], "the outbox commit woke nobody"
 
 
 def test_a_consumer_going_idle_during_a_publish_gets_its_message(db_url):

@@ -51,7 +51,8 @@ def queue_key(queue: str) -> int:
 
 def publish_params(idle: int, publishing: int, queue: str | None,
                    gated: bool = True) -> dict[str, Any]:
-    """The parameters of the ``publish`` statement's probe (``gated`` false: always NOTIFY)."""
+    """The parameters of the ``publish`` statement's probe (``gated`` false, for the outbox:
+    probed by a trigger at the caller's commit instead of in the statement)."""
     return {"idle_space": idle, "publishing_space": publishing,
             "queue_key": queue_key(queue or ""), "gated": gated}
 
