@@ -1,11 +1,13 @@
 """Render bench/results/latest.json as the README's reStructuredText tables.
 
-usage: python -m bench.report   (prints the tables; paste them under "Benchmarks")
+usage: python -m bench.report [RESULTS.json]   (prints the tables; paste them under
+"Benchmarks"; default bench/results/latest.json)
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from bench import report_writers
@@ -48,7 +50,7 @@ def table(rows: list[list[str]]) -> str:
 
 
 def main() -> None:
-    data = json.loads(RESULTS.read_text())
+    data = json.loads((Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS).read_text())
     for key, title, metrics in SECTIONS:
         section = data.get(key) or {}
         base = section.get("kojin") or section.get("kojin/kojin")
