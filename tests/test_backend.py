@@ -10,6 +10,7 @@ import uuid
 
 import psycopg
 import pytest
+from psycopg import sql
 from celery import states
 from celery.app.task import Context
 from celery.exceptions import TimeoutError as CeleryTimeoutError
@@ -446,9 +447,16 @@ def test_a_writer_does_not_take_another_writer_for_a_waiter(backend, db_url):
     assert backend.get_task_meta(first, cache=False)["result"] == 1
 
 
-def test_a_waiter_arriving_during_the_writers_commit_reads_the_result(app, backend, db_url):
+@pytest.mark.parametrize("isolation", ["read committed", "repeatable read"])
+def test_a_waiter_arriving_during_the_writers_commit_reads_the_result(app, backend, db_url,
+                                                                      isolation):
     """The writer found nobody waiting and does not announce; a waiter that starts meanwhile
-    must not miss the result: its wait slot waits for the writer's commit, then it reads."""
+    must not miss the result: its wait slot waits for the writer's commit, then it reads. Also
+    on a server whose default isolation is REPEATABLE READ (the read would see a snapshot from
+    before the wait, unless the LISTEN session runs in READ COMMITTED)."""
+    with psycopg.connect(db_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("ALTER DATABASE {} SET default_transaction_isolation = {}")
+                      .format(sql.Identifier(admin.info.dbname), sql.Literal(isolation)))
     t = tid()
     params = backend.store_params(t, 7, states.SUCCESS)
     consumer = backend.result_consumer
@@ -471,6 +479,36 @@ def test_a_waiter_arriving_during_the_writers_commit_reads_the_result(app, backe
     # result is in, is not one)
     assert not [ids for ids in safety_reads if t in ids], \
         "the waiter needed the safety-net read: a wake-up was lost"
+
+
+def test_a_result_nobody_announced_reaches_a_waiter_on_a_busy_channel(app, backend, db_url):
+    """A result stored without a NOTIFY (an older writer during a rolling deploy, a row written
+    by hand) reaches its waiter by the safety-net read, even while the channel is busy with
+    other processes' results: the read is due every second, not only after a silent one."""
+    t = tid()
+    got: list = []
+    waiter = threading.Thread(target=lambda: got.append(
+        AsyncResult(t, app=app, backend=backend).get(timeout=20)))
+    waiter.start()
+    stop = threading.Event()
+
+    def others_results() -> None:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            while not stop.wait(0.1):
+                conn.execute("SELECT pg_notify(%s, %s)", (backend.channel, tid()))
+
+    noise = threading.Thread(target=others_results)
+    noise.start()
+    try:
+        time.sleep(1.5)  # waiting, and hearing others' results every 0.1 s
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute("INSERT INTO kojin.results (task_id, status, result, date_done) "
+                         "VALUES (%s, 'SUCCESS', '5', now())", (t,))  # announced to nobody
+        waiter.join(20)
+    finally:
+        stop.set()
+        noise.join(5)
+    assert got == [5], "a result nobody announced never reached its waiter"
 
 
 def test_an_idle_waiter_gives_its_wait_slots_back(app, backend, db_url, monkeypatch):

@@ -4,9 +4,11 @@ Every stored result is announced with ``pg_notify`` in the same statement as the
 one with its value (see :mod:`.announce`), which a waiter here takes as it is, others by task
 id. Each process listens on one connection (:class:`~kojin_pg.db.Listener`), and a wake-up
 reads the announced-by-id results that someone here waits for, in one query. As a safety net
-(a dropped listening connection, a result written by something that does not notify), a wait
-that hears nothing reads the awaited results once before waiting again. With ``use_notify``
-off, or while the listening connection is down, it polls every ``polling_interval`` instead.
+(a dropped listening connection, a result written by something that does not notify, such as
+an older version during a rolling deploy), the awaited results are read at least every
+:data:`SAFETY_NET_SECONDS` while waiting, whether the channel is quiet or busy with others'
+results. With ``use_notify`` off, or while the listening connection is down, it polls every
+``polling_interval`` instead.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from .waiters import WaitSlots
 
 log = logging.getLogger(__name__)
 
+#: A process waiting for results reads them at least this often, announced or not.
+SAFETY_NET_SECONDS = 1.0
+
 
 class _Readers:
     """Who reads the listening connection in this process; the others wait for its news."""
@@ -34,6 +39,8 @@ class _Readers:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.done = threading.Condition(threading.Lock())
+        #: when the awaited results were last read, announced or not
+        self.read_at = time.monotonic()
 
 
 class ResultConsumer(BaseResultConsumer):
@@ -143,10 +150,13 @@ class ResultConsumer(BaseResultConsumer):
             heard = self.listener.wait(wait)
             if heard is None:
                 self._poll(wait)  # not listening: read what we wait for, then nap
-            elif heard:
+                return
+            if heard:
                 self._deliver_heard(heard, self._awaited())
-            else:
-                self._deliver(self._awaited())  # heard nothing: the safety-net read
+            # heard nothing, or heard only others' results for a while: the safety-net read
+            if not heard or time.monotonic() - readers.read_at >= SAFETY_NET_SECONDS:
+                readers.read_at = time.monotonic()
+                self._deliver(self._awaited())
         finally:
             readers.lock.release()
             with readers.done:

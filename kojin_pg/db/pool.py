@@ -80,6 +80,14 @@ def configure_connection(conn: psycopg.Connection[Any]) -> None:
     set_json_loads(codec.loads, context=conn)
 
 
+def _read_committed(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
+    """``conn`` in READ COMMITTED whatever the server's default: a LISTEN session's statements
+    take locks, then read what committed while they waited (backend/waiters.py)."""
+    conn.execute("SELECT set_config('default_transaction_isolation', 'read committed', false)",
+                 prepare=False)
+    return conn
+
+
 class Database:
     """The connections of this process to one PostgreSQL database.
 
@@ -171,7 +179,7 @@ class Database:
             if self._pooled:
                 conn.close()
                 return None
-            return conn
+            return _read_committed(conn)
         kwargs = self._connect_kwargs()
         if "application_name" not in listen:
             kwargs["application_name"] = self.role
@@ -183,7 +191,7 @@ class Database:
             # the listen URL's password must not reach logs through the error text
             raise psycopg.OperationalError(scrub(str(exc), listen)) from None
         configure_connection(conn)
-        return conn
+        return _read_committed(conn)
 
     def _probe(self) -> None:
         """Connect once before opening the pool, so a bad URL fails at once and names why.
