@@ -10,7 +10,10 @@
 The message row is written on the caller's connection, so it commits or rolls back with the
 caller's own writes. Whether to wake a worker is decided at the commit (a deferred trigger,
 ``sql/0008_outbox_wakeups.sql``): a NOTIFY only if a consumer of the queue is idle, and no lock
-that an open business transaction would hold against the workers.
+that an open business transaction would hold against the workers (unless the caller runs
+``SET CONSTRAINTS ALL IMMEDIATE`` after a send: the decision is made then, and the queue's
+publishing lock is held from then to the commit). On a schema before migration 8, every send
+is announced at the commit, as older versions did.
 The app's broker must be kojin_pg on the same database (and schema).
 
 Like ``app.send_task``: the queue comes from ``task_routes`` (else ``task_default_queue``)
@@ -30,6 +33,7 @@ from typing import Any
 
 import psycopg
 from celery import signals
+from psycopg import sql
 from celery.result import AsyncResult
 
 from . import codec, config
@@ -85,16 +89,42 @@ def send_task(conn: psycopg.Connection[Any], app: Any, name: str, args: Any = ()
         sender=name, body=payload["body"], exchange="", routing_key=queue,
         headers=payload["headers"], properties=payload["properties"], declare=[],
         retry_policy=None)
-    conn.execute(Queries("broker", schema).publish, {
-        "queue": queue, "priority": priority, "payload": codec.jsonb(codec.dumps(payload)),
-        "publish_id": uuid.uuid4(), **publish_fields(payload),
-        # probed at the commit: probing here would hold a lock for the caller's transaction
-        **publish_params(idle_space(schema), publishing_space(schema), queue, gated=False),
-        "channel": messages_channel(schema), "notify": notify,
-    })
+    queries = Queries("broker", schema)
+    fields = publish_fields(payload)
+    params = {"queue": queue, "channel": messages_channel(schema),
+              **publish_params(idle_space(schema), publishing_space(schema), queue)}
+    at_commit = notify and _wakes_at_commit(conn, schema)
+    # Not probed here: the publishing lock would last the caller's whole transaction. With
+    # migration 8, the commit decides (wake_at_commit); before it, announce (older versions' way).
+    conn.execute(queries.publish, {
+        **params, "priority": priority, "payload": codec.jsonb(codec.dumps(payload)),
+        "publish_id": uuid.uuid4(), **fields, "notify": False})
+    if at_commit:
+        conn.execute(queries.wake_at_commit, {**params, "due_at": fields["due_at"]})
+    elif notify:
+        conn.execute(queries.announce_queue, params)
     signals.after_task_publish.send(sender=name, body=payload["body"], exchange="",
                                     routing_key=queue, headers=payload["headers"])
     return app.AsyncResult(task_id)
+
+
+#: Databases and schemas (host, port, database, schema) known to have migration 8.
+_AT_COMMIT: set[tuple[str, str, str, str]] = set()
+
+
+def _wakes_at_commit(conn: psycopg.Connection[Any], schema: str) -> bool:
+    """Whether the schema has ``outbox_wakeups`` (migration 8; an application server may be
+    upgraded before the workers migrate the schema). Known once per process."""
+    key = (conn.info.host, str(conn.info.port), conn.info.dbname, schema)
+    if key in _AT_COMMIT:
+        return True
+    relation = sql.Identifier(schema, "outbox_wakeups").as_string(conn)
+    row = conn.execute(Queries("broker", schema).relation_exists, {"relation": relation},
+                       prepare=False).fetchone()
+    if row and row[0]:
+        _AT_COMMIT.add(key)
+        return True
+    return False
 
 
 def task_message(app: Any, name: str, args: Any, kwargs: Any, *, queue: str, priority: int,

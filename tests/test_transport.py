@@ -556,6 +556,31 @@ def test_outbox_sends_nobody_waits_for_are_not_announced(db_url):
         assert pg.execute("SELECT count(*) FROM kojin.outbox_wakeups").fetchone() == (0,)
 
 
+def test_an_outbox_on_a_schema_before_migration_8_announces_every_send(db_url):
+    """An application server upgraded before the workers migrate the schema: the outbox finds
+    no outbox_wakeups table and announces at the commit, as older versions did, instead of
+    failing the business transaction."""
+    from celery import Celery
+
+    from kojin_pg import outbox
+
+    q = make_queue()
+    app = Celery("ob", broker=kurl(db_url), set_as_current=False)
+    with psycopg.connect(db_url, autocommit=True) as pg:
+        pg.execute("DROP TABLE kojin.outbox_wakeups")
+
+    def send() -> None:
+        with psycopg.connect(db_url) as conn, conn.transaction():
+            conn.execute("CREATE TEMP TABLE orders (id int)")  # the business's own write
+            outbox.send_task(conn, app, "proj.add", args=(1,), queue=q.name)
+
+    with Connection(kurl(db_url)) as conn:
+        q(conn.channel()).declare()
+        heard = _heard(db_url, conn.transport.channel_name, send)
+        assert [b[0] for b, _ in consume(conn, q, 1)] == [[1]]
+    assert heard == [q.name]
+
+
 def test_an_open_outbox_transaction_holds_up_no_consumer_and_no_publisher(db_url):
     """The outbox decides whether to announce at the caller's commit, not when it sends: a
     business transaction left open (for seconds, or forever) must not make a consumer going

@@ -49,12 +49,11 @@ def queue_key(queue: str) -> int:
     return zlib.crc32(queue.encode()) - 2**31
 
 
-def publish_params(idle: int, publishing: int, queue: str | None,
-                   gated: bool = True) -> dict[str, Any]:
-    """The parameters of the ``publish`` statement's probe (``gated`` false, for the outbox:
-    probed by a trigger at the caller's commit instead of in the statement)."""
+def publish_params(idle: int, publishing: int, queue: str | None) -> dict[str, Any]:
+    """The parameters of the ``publish`` statement's probe (and of the outbox's
+    ``wake_at_commit``)."""
     return {"idle_space": idle, "publishing_space": publishing,
-            "queue_key": queue_key(queue or ""), "gated": gated}
+            "queue_key": queue_key(queue or "")}
 
 
 class _State:

@@ -3,11 +3,9 @@
 -- name: publish
 -- Enqueue one message and wake consumers of its queue at commit, if one may be idle (see
 -- kojin_pg/transport/idle.py: a shared lock on the queue's publishing key is held to the commit,
--- then the idle key is probed; a failed probe means a consumer waits). Not gated (the outbox,
--- inside the caller's transaction): a row in outbox_wakeups, whose deferred trigger does the
--- same at the caller's commit (sql/0008_outbox_wakeups.sql). publish_id (made by the client)
--- makes the same publish retried after a lost commit reply insert nothing, and so does a
--- unique_key already queued or scheduled in the queue. A queue deleted for being unused (a
+-- then the idle key is probed; a failed probe means a consumer waits). publish_id (made by the
+-- client) makes the same publish retried after a lost commit reply insert nothing, and so does
+-- a unique_key already queued or scheduled in the queue. A queue deleted for being unused (a
 -- tombstone in queues) takes nothing, as on RabbitMQ; the queue's message TTL and the message's
 -- own expiration (seconds, or NULL) set expires_at. A scheduled message (due_at) wakes the
 -- queue's consumers only when it is the queue's new earliest, so they can set their timers.
@@ -22,24 +20,39 @@ WITH q AS (
     WHERE NOT EXISTS (SELECT 1 FROM q WHERE deleted_at IS NOT NULL)
     ON CONFLICT DO NOTHING
     RETURNING queue, due_at
-), wake AS (
-    SELECT queue FROM sent
-    WHERE %(notify)s AND NOT (due_at IS NOT NULL AND EXISTS (
-        SELECT 1 FROM {schema}.messages m
-        WHERE m.queue = sent.queue AND m.due_at IS NOT NULL AND m.due_at <= sent.due_at))
-), at_commit AS (
-    INSERT INTO {schema}.outbox_wakeups (queue, channel, idle_space, publishing_space, queue_key)
-    SELECT queue, %(channel)s, %(idle_space)s, %(publishing_space)s, %(queue_key)s
-    FROM wake WHERE NOT %(gated)s
 )
-SELECT pg_notify(%(channel)s, queue) FROM wake
-WHERE CASE WHEN NOT %(gated)s THEN false
+SELECT pg_notify(%(channel)s, queue) FROM sent
+WHERE CASE WHEN NOT %(notify)s THEN false
+           WHEN due_at IS NOT NULL AND EXISTS (
+               SELECT 1 FROM {schema}.messages m
+               WHERE m.queue = sent.queue AND m.due_at IS NOT NULL AND m.due_at <= sent.due_at)
+           THEN false
            -- CASE keeps this order: the publishing lock first, then the idle probe
            WHEN pg_advisory_xact_lock_shared(%(publishing_space)s, %(queue_key)s) IS NULL
            THEN false
            WHEN pg_try_advisory_lock(%(idle_space)s, %(queue_key)s)
            THEN NOT pg_advisory_unlock(%(idle_space)s, %(queue_key)s)
            ELSE true END;
+
+-- name: wake_at_commit
+-- The outbox, after its publish (with notify off) in the caller's transaction: have the
+-- caller's commit wake the queue's idle consumers, if any (sql/0008_outbox_wakeups.sql). As for
+-- a publish, a scheduled message wakes them only when it is the queue's new earliest (its own
+-- row is visible here, hence <).
+INSERT INTO {schema}.outbox_wakeups (queue, channel, idle_space, publishing_space, queue_key)
+SELECT %(queue)s, %(channel)s, %(idle_space)s, %(publishing_space)s, %(queue_key)s
+WHERE %(due_at)s::timestamptz IS NULL OR NOT EXISTS (
+    SELECT 1 FROM {schema}.messages m
+    WHERE m.queue = %(queue)s AND m.due_at IS NOT NULL AND m.due_at < %(due_at)s);
+
+-- name: announce_queue
+-- Wake the queue's consumers at commit, whoever they are (the outbox on a schema before
+-- migration 8).
+SELECT pg_notify(%(channel)s, %(queue)s);
+
+-- name: relation_exists
+-- Whether a table (a quoted, schema-qualified name) exists.
+SELECT to_regclass(%(relation)s) IS NOT NULL;
 
 -- name: go_idle
 -- On a consumer's LISTEN session: say that it waits on these queues (shared idle locks, held
