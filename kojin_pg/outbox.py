@@ -33,8 +33,8 @@ from typing import Any
 
 import psycopg
 from celery import signals
-from psycopg import sql
 from celery.result import AsyncResult
+from psycopg import sql
 
 from . import codec, config
 from .db import Queries

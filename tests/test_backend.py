@@ -10,11 +10,11 @@ import uuid
 
 import psycopg
 import pytest
-from psycopg import sql
 from celery import states
 from celery.app.task import Context
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult, GroupResult
+from psycopg import sql
 
 from kojin_pg.backend.waiters import wait_slot
 from kojin_pg.errors import ConfigurationError, PayloadError
