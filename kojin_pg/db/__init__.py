@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from .forksafe import ProcessLocal
 from .listener import Listener
-from .pool import Database, configure_connection, is_transient
+from .pool import Database, is_transient
+from .session import configure_connection
 from .sqlfiles import Queries
 
 __all__ = ["Database", "Listener", "ProcessLocal", "Queries", "configure_connection", "is_transient"]

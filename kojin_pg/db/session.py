@@ -1,0 +1,41 @@
+"""How each server session kojin_pg opens is set up: JSON codecs, pooler detection, settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg.types.json import set_json_dumps, set_json_loads
+
+from .. import codec
+
+
+def behind_pooler(conn: psycopg.Connection[Any]) -> bool:
+    """True if ``conn`` reaches its server through a pooler or proxy.
+
+    A pooler cannot pass on the server's backend pid and cancel key (the client may be served
+    by any server connection), so it makes up its own: the pid the connection was given at
+    start-up is not the one of the backend that runs its statements.
+    """
+    row = conn.execute("SELECT pg_backend_pid()", prepare=False).fetchone()
+    return row is None or row[0] != conn.info.backend_pid
+
+
+def configure_connection(conn: psycopg.Connection[Any]) -> None:
+    """Use orjson for json/jsonb on this connection, both ways."""
+    set_json_dumps(codec.dumps, context=conn)
+    set_json_loads(codec.loads, context=conn)
+
+
+def set_session(conn: psycopg.Connection[Any], settings: dict[str, str]) -> None:
+    """Set these server settings for the rest of the session, in one round trip (not behind a
+    transaction pooler, where the session is shared)."""
+    conn.execute("SELECT set_config(name, value, false) FROM unnest(%s::text[], %s::text[])"
+                 " AS s(name, value)", (list(settings), list(settings.values())), prepare=False)
+
+
+def read_committed(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
+    """``conn`` in READ COMMITTED whatever the server's default: a LISTEN session's statements
+    take locks, then read what committed while they waited (backend/waiters.py)."""
+    set_session(conn, {"default_transaction_isolation": "read committed"})
+    return conn
