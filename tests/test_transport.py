@@ -355,6 +355,22 @@ def test_outbox_routes_signals_notify_and_schedules_like_send_task(db_url):
                     ("before", "proj.later", "celery"), ("after", "proj.later", "celery")]
 
 
+def test_a_publishing_process_holds_one_connection(db_url):
+    """64 producer processes on a stock PostgreSQL (max_connections 100) failed with "too many
+    clients": each held two connections, because the first publish found its pool still
+    connecting and made it grow. A process that only publishes, one thread at a time, needs
+    one."""
+    q = make_queue()
+    with Connection(kurl(db_url)) as conn:
+        q(conn.channel()).declare()
+        publish(conn, q, [{"i": i} for i in range(50)])
+        with psycopg.connect(db_url, autocommit=True) as pg:
+            held = pg.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                              "current_database() AND application_name = 'kojin_pg.broker'"
+                              ).fetchone()[0]
+    assert held == 1
+
+
 def test_sessions_never_jit_compile(db_url, make_app):
     """A stock PostgreSQL has JIT on (with LLVM). A claim's generic plan over a million queued
     rows passes jit_above_cost, and compiling took 30 of the 31 ms of each claim there

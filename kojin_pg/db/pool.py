@@ -202,7 +202,10 @@ class Database:
             configure=self._configure, open=False, name=self.role,
             reconnect_timeout=max(s.retry_timeout, 1.0),
         )
-        pool.open(wait=False)
+        # Wait for the first connections: a first request that found the pool still connecting
+        # would make it grow, and every process would hold one connection more than it needs
+        # (64 producers: 128 connections, past a stock server's max_connections of 100).
+        pool.open(wait=True, timeout=s.pool_timeout)
         return pool
 
     @contextmanager
