@@ -373,7 +373,7 @@ def test_a_publishing_process_holds_one_connection(db_url):
 
 def test_sessions_never_jit_compile(db_url, make_app):
     """A stock PostgreSQL has JIT on (with LLVM). A claim's generic plan over a million queued
-    rows passes jit_above_cost, and compiling took 30 of the 31 ms of each claim there
+    rows passes jit_above_cost, and compiling was nearly all of each 27 ms claim there
     (``python -m bench scale --stock``): every session kojin_pg opens runs with JIT off. (The
     embedded server has no LLVM, so only the setting can be seen here.)"""
     def jit(db) -> str:

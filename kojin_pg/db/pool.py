@@ -123,8 +123,8 @@ class Database:
         if self._pooled:
             return
         # JIT off: every statement here is short, but a generic plan's estimates (a LIMIT of
-        # unknown size over a million queued rows) pass jit_above_cost, and compiling took 30
-        # of the 31 ms of a claim on a stock PostgreSQL 15 (on by default there).
+        # unknown size over a million queued rows) pass jit_above_cost, and compiling was nearly
+        # all of a 27 ms claim on a stock PostgreSQL 15 (on by default there).
         settings = {"jit": "off"}
         if self.synchronous_commit:
             settings["synchronous_commit"] = self.synchronous_commit
