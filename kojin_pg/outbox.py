@@ -93,7 +93,7 @@ def send_task(conn: psycopg.Connection[Any], app: Any, name: str, args: Any = ()
     fields = publish_fields(payload)
     params = {"queue": queue, "channel": messages_channel(schema),
               **publish_params(idle_space(schema), publishing_space(schema), queue)}
-    at_commit = notify and _wakes_at_commit(conn, schema)
+    at_commit = notify and _wakes_at_commit(conn, queries, schema)
     # Not probed here: the publishing lock would last the caller's whole transaction. With
     # migration 8, the commit decides (wake_at_commit); before it, announce (older versions' way).
     conn.execute(queries.publish, {
@@ -112,14 +112,14 @@ def send_task(conn: psycopg.Connection[Any], app: Any, name: str, args: Any = ()
 _AT_COMMIT: set[tuple[str, str, str, str]] = set()
 
 
-def _wakes_at_commit(conn: psycopg.Connection[Any], schema: str) -> bool:
+def _wakes_at_commit(conn: psycopg.Connection[Any], queries: Queries, schema: str) -> bool:
     """Whether the schema has ``outbox_wakeups`` (migration 8; an application server may be
     upgraded before the workers migrate the schema). Known once per process."""
     key = (conn.info.host, str(conn.info.port), conn.info.dbname, schema)
     if key in _AT_COMMIT:
         return True
     relation = sql.Identifier(schema, "outbox_wakeups").as_string(conn)
-    row = conn.execute(Queries("broker", schema).relation_exists, {"relation": relation},
+    row = conn.execute(queries.relation_exists, {"relation": relation},
                        prepare=False).fetchone()
     if row and row[0]:
         _AT_COMMIT.add(key)

@@ -33,7 +33,7 @@ from ..config import Settings, scrub
 from ..errors import ConfigurationError, DatabaseUnavailable
 from ..events import RETRY, log_event
 from .forksafe import ProcessLocal
-from .session import behind_pooler, configure_connection, read_committed, set_session
+from .session import LISTENER_SETTINGS, SESSION_SETTINGS, behind_pooler, configure_connection, set_session
 
 log = logging.getLogger(__name__)
 
@@ -116,16 +116,16 @@ class Database:
                 log.info("kojin_pg: %s leads through a pooler: no prepared statements, "
                          "settings per transaction", self.settings.safe_url)
 
-    def _configure(self, conn: psycopg.Connection[Any]) -> None:
+    def _configure(self, conn: psycopg.Connection[Any],
+                   session: dict[str, str] | None = None) -> None:
+        """Set up a new connection: codecs, prepared statements, and (not behind a pooler) the
+        session settings, with ``session``'s on top, in one round trip."""
         configure_connection(conn)
         self._learn(conn)
         conn.prepare_threshold = None if self._pooled else self.settings.prepare_after
         if self._pooled:
             return
-        # JIT off: every statement here is short, but a generic plan's estimates (a LIMIT of
-        # unknown size over a million queued rows) pass jit_above_cost, and compiling was nearly
-        # all of a 27 ms claim on a stock PostgreSQL 15 (on by default there).
-        settings = {"jit": "off"}
+        settings = {**SESSION_SETTINGS, **(session or {})}
         if self.synchronous_commit:
             settings["synchronous_commit"] = self.synchronous_commit
         if self.generic_plans:
@@ -135,13 +135,12 @@ class Database:
             settings["plan_cache_mode"] = "force_generic_plan"
         set_session(conn, settings)
 
-    def connect(self, **overrides: Any) -> psycopg.Connection[Any]:
-        """A new dedicated connection (for LISTEN or a long-lived consumer), not pooled."""
-        kwargs = self._connect_kwargs()
-        kwargs.update(overrides)
-        conn = psycopg.Connection.connect(self.settings.conninfo, **kwargs)
+    def connect(self, session: dict[str, str] | None = None) -> psycopg.Connection[Any]:
+        """A new dedicated connection (for LISTEN or a long-lived consumer), not pooled, with
+        ``session``'s settings beside the usual ones."""
+        conn = psycopg.Connection.connect(self.settings.conninfo, **self._connect_kwargs())
         try:
-            self._configure(conn)
+            self._configure(conn, session)
         except BaseException:
             conn.close()
             raise
@@ -153,11 +152,11 @@ class Database:
         and hear nothing reliably): then None."""
         listen = self.settings.listen_url
         if listen is None:
-            conn = self.connect()
+            conn = self.connect(LISTENER_SETTINGS)
             if self._pooled:
                 conn.close()
                 return None
-            return read_committed(conn)
+            return conn
         kwargs = self._connect_kwargs()
         if "application_name" not in listen:
             kwargs["application_name"] = self.role
@@ -169,7 +168,8 @@ class Database:
             # the listen URL's password must not reach logs through the error text
             raise psycopg.OperationalError(scrub(str(exc), listen)) from None
         configure_connection(conn)
-        return read_committed(conn)
+        set_session(conn, {**SESSION_SETTINGS, **LISTENER_SETTINGS})
+        return conn
 
     def _probe(self) -> None:
         """Connect once before opening the pool, so a bad URL fails at once and names why.
