@@ -21,6 +21,8 @@ from kombu import Connection, Exchange, Producer, Queue
 from test_transport import consume
 
 import kojin_pg  # noqa: F401  (registers the kojin+ URL scheme)
+import kojin_pg.transport.channel
+import kojin_pg.transport.transport
 
 #: Stores (and publishes) done while an idle process holds its LISTEN connection (issue 10:
 #: the queue starts to fill after about 60,000; done means 200,000 leave it empty). The NOTIFY
@@ -474,7 +476,7 @@ def test_stale_command_leased_by_a_dead_worker_is_not_redelivered(db_url):
     assert left == 0, "the expired command is still stored"
 
 
-def test_close_hands_back_leases_a_claim_never_delivered(db_url):
+def test_close_hands_back_leases_a_claim_never_delivered(db_url, monkeypatch):
     """A claim interrupted between its commit and its reply (the soak saw Ctrl-C do it to
     `celery events`) leaves leases no channel knows; closing must hand them back, not leave
     them to the visibility timeout (30 minutes)."""
@@ -483,9 +485,41 @@ def test_close_hands_back_leases_a_claim_never_delivered(db_url):
         q(conn.channel()).declare()
         publish(conn, q, [{"i": 1}, {"i": 2}])
         (_, held), = consume(conn, q, 1, ack=False, prefetch=1)
-        with psycopg.connect(db_url, autocommit=True) as pg:  # what the lost reply leased
-            pg.execute("UPDATE kojin.messages SET leased_by = %s, visible_at = now() + "
-                       "interval '1 hour' WHERE id <> %s",
-                       (conn.transport.consumer_id, held.delivery_tag))
+
+        def ctrl_c(payload):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(kojin_pg.transport.channel, "why_malformed", ctrl_c)
+        with pytest.raises(KeyboardInterrupt):  # after the claim's commit, before its reply
+            conn.channel().basic_get(q.name)
+        monkeypatch.undo()
+        leased = rows(db_url, "SELECT count(*) FROM kojin.messages WHERE leased_by = %s "
+                      "AND id <> %s", (conn.transport.consumer_id, held.delivery_tag))
+        assert leased == [(1,)], "harness: the interrupted claim leased nothing"
+    leftover = rows(db_url, "SELECT leased_by IS NULL, visible_at <= now() FROM kojin.messages")
+    assert leftover == [(True, True), (True, True)], leftover
+
+
+def test_closing_a_consumer_that_knows_its_leases_reads_no_table(db_url, monkeypatch):
+    """Handing back unknown leases on close reads the whole messages table (no index leads to
+    a consumer's leases: one would cost every claim). A consumer whose claims all reached a
+    channel knows every lease it holds, so closing it, with messages acked and some held,
+    must not run that statement; what it held still goes back."""
+    q = make_queue("settled")
+    released = []
+    original = kojin_pg.transport.transport.Transport.release_orphans
+
+    def counting(self, conn, keep):
+        released.append(keep)
+        return original(self, conn, keep)
+
+    monkeypatch.setattr(kojin_pg.transport.transport.Transport, "release_orphans", counting)
+    with Connection(kurl(db_url)) as conn:
+        q(conn.channel()).declare()
+        publish(conn, q, [{"i": i} for i in range(4)])
+        assert len(consume(conn, q, 2, prefetch=2)) == 2
+        assert len(consume(conn, q, 1, ack=False, prefetch=1)) == 1
+        assert conn.channel().basic_get(q.name) is not None  # held, unacked
+    assert released == [], "closing scanned for leases nobody could have lost"
     leftover = rows(db_url, "SELECT leased_by IS NULL, visible_at <= now() FROM kojin.messages")
     assert leftover == [(True, True), (True, True)], leftover

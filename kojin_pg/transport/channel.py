@@ -177,7 +177,8 @@ class Channel(virtual.Channel):
             self.connection.consumer_stopped([queue])
 
     def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
-        message = super().basic_get(queue, no_ack=no_ack, **kwargs)
+        with self.connection.settling_leases():
+            message = super().basic_get(queue, no_ack=no_ack, **kwargs)
         if message is not None and no_ack:
             self.connection.acks.add((message.delivery_tag,))
         return message
@@ -204,12 +205,19 @@ class Channel(virtual.Channel):
             return conn.execute(t.queries.claim, params).fetchall()
 
         t.ensure_ready()
-        t.claimed = True
-        try:
-            rows = t.consumer_db.run(claim, "claim")
-        except BaseException:
-            t.acks.give_back(acks)
-            raise
+        with t.settling_leases():
+            try:
+                rows = t.consumer_db.run(claim, "claim")
+            except BaseException:
+                t.acks.give_back(acks)
+                raise
+            return self._deliverable(t, rows)
+
+    def _deliverable(self, t: Transport,
+                     rows: list[tuple[Any, ...]]) -> list[tuple[dict[str, Any], str]]:
+        """A claim's rows as ``(payload, queue)``: dead ones logged, undecodable ones buried,
+        the time of the earliest scheduled message kept in :attr:`next_due`. ``t`` is the
+        transport the claim ran on (the loop may close this channel meanwhile)."""
         delivered = []
         undecodable: list[tuple[int, str]] = []
         self.next_due = None
@@ -295,6 +303,7 @@ class Channel(virtual.Channel):
                     self.connection.acks.add((payload["properties"]["delivery_tag"],))
                 deliver(payload, queue)
             except BaseException:
+                self.connection.leases_unknown = True  # in case the hand-back fails too
                 # the rest of the batch goes back now, not when its leases run out
                 rest = [p["properties"]["delivery_tag"] for p, _ in claimed[i + 1:]]
                 if rest:
@@ -318,16 +327,18 @@ class Channel(virtual.Channel):
 
     def _give_back(self, query: str, ids: list[int]) -> None:
         t = self.connection
-        self._fetch_consumer(t.queries.get(query), {
-            "ids": ids, "consumer": t.consumer_id, "channel": t.channel_name,
-            "notify": t.settings.use_notify}, query)
+        with t.settling_leases():
+            self._fetch_consumer(t.queries.get(query), {
+                "ids": ids, "consumer": t.consumer_id, "channel": t.channel_name,
+                "notify": t.settings.use_notify}, query)
 
     def dead_letter(self, ids: list[int], reason: str, error: str | None) -> None:
         """Move messages this consumer leases to the dead letters, with why."""
         t = self.connection
-        self._fetch_consumer(t.queries.dead_letter, {
-            "ids": ids, "reason": reason, "error": error, "consumer": t.consumer_id},
-            "dead_letter")
+        with t.settling_leases():
+            self._fetch_consumer(t.queries.dead_letter, {
+                "ids": ids, "reason": reason, "error": error, "consumer": t.consumer_id},
+                "dead_letter")
         for msg_id in ids:
             log_event(log, logging.WARNING, DEAD_LETTER, message_id=msg_id, reason=reason,
                       error=error)

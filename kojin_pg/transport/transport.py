@@ -8,6 +8,8 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from queue import Empty
 from typing import Any
 
@@ -63,8 +65,11 @@ class Transport(virtual.Transport):
         self.closing = False
         #: Whether a channel of this transport ever consumed (then closing deregisters it).
         self.consumed = False
-        #: Whether it ever claimed (then closing hands back leases no channel knew about).
-        self.claimed = False
+        #: Whether this consumer may hold leases no channel knows about: a claim, or a hand-back
+        #: of claimed messages, failed or was interrupted partway (Ctrl-C between a claim's
+        #: commit and its reply). Closing then hands back whatever it holds; otherwise every
+        #: lease is known, and closing skips that statement (it reads the whole table).
+        self.leases_unknown = False
         self._hub: Any = None
         self._listen_fd: int | None = None
         self._claims_fd: int | None = None
@@ -173,7 +178,7 @@ class Transport(virtual.Transport):
                 self._stop_claims()
                 upkeep_for(self).detach(self)
                 self.acks.close()
-                if self.claimed:
+                if self.leases_unknown:
                     self._release_unknown_leases()
             finally:
                 self.leases.stop()
@@ -191,7 +196,7 @@ class Transport(virtual.Transport):
                 pass
             self._claims_fd = None
         if self.claimer.stop(self.CLAIMS_STOP_TIMEOUT):
-            self.claimed = True
+            self.leases_unknown = True
 
     def _after_abandoned_claim(self) -> None:
         """On the claim thread, when a claim that the close stopped waiting for has ended:
@@ -246,6 +251,16 @@ class Transport(virtual.Transport):
         conn.execute(self.queries.release_orphans, {
             "consumer": self.consumer_id, "keep": keep,
             "channel": self.channel_name, "notify": self.settings.use_notify})
+
+    @contextmanager
+    def settling_leases(self) -> Iterator[None]:
+        """Around work that takes leases or hands them back: if it fails partway, some leases
+        may be known to nobody here (see :attr:`leases_unknown`)."""
+        try:
+            yield
+        except BaseException:
+            self.leases_unknown = True
+            raise
 
     def consumed_queues(self) -> set[str]:
         """The queues this transport's channels consume."""
@@ -382,9 +397,10 @@ class Transport(virtual.Transport):
     def _hand_back(self, ids: list[int]) -> None:
         """Give back claimed messages nobody received (the delivery does not count). Not through
         their channel: one closed meanwhile has forgotten its connection."""
-        self.consumer_db.execute(self.queries.hand_back, {
-            "ids": ids, "consumer": self.consumer_id, "channel": self.channel_name,
-            "notify": self.settings.use_notify}, "hand_back")
+        with self.settling_leases():
+            self.consumer_db.execute(self.queries.hand_back, {
+                "ids": ids, "consumer": self.consumer_id, "channel": self.channel_name,
+                "notify": self.settings.use_notify}, "hand_back")
 
     def next_due(self) -> float | None:
         """time.monotonic() when the earliest scheduled message of the consumed queues is due."""
