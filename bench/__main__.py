@@ -9,7 +9,9 @@ Servers: PostgreSQL from KOJIN_PG_URL, else a temporary embedded PostgreSQL 18, 
 ``redis-server`` on PATH (installed with apt-get when missing and running as root), with AOF
 ``everysec`` (durability comparable to synchronous_commit=off). The workload scripts are the
 shared reference ones (backend.py, transport.py, e2e.py), run as subprocesses with each URL.
-Raw figures go to bench/results/latest.json (latest_stock.json with ``--stock``).
+Raw figures of ``all`` go to bench/results/latest.json (latest_stock.json with ``--stock``), with
+the chart; a part of the bench, or ``--quick``, writes bench/results/last_<part>[_stock][_quick].json
+(not kept in git) and leaves those alone.
 """
 
 from __future__ import annotations
@@ -372,11 +374,18 @@ def main() -> int:
         stop_servers(server, redis_proc)
     out = HERE / "results"
     out.mkdir(exist_ok=True)
+    stock = "_stock" if args.stock else ""
+    if args.what != "all" or args.quick:
+        # a part of the bench, or a quick one, leaves the README's full run alone
+        raw = out / f"last_{args.what}{stock}{'_quick' if args.quick else ''}.json"
+        raw.write_text(json.dumps(results, indent=2, default=str))
+        print(f"\nraw figures: {raw}")
+        return 0
     # a stock run keeps its own file: the README's tables and chart are the embedded run's
-    raw = out / ("latest_stock.json" if args.stock else "latest.json")
+    raw = out / f"latest{stock}.json"
     raw.write_text(json.dumps(results, indent=2, default=str))
     print(f"\nraw figures: {raw}")
-    draw_chart(results, out / ("chart_stock.png" if args.stock else "chart.png"))
+    draw_chart(results, out / f"chart{stock}.png")
     return 0
 
 
