@@ -17,7 +17,7 @@ import uuid
 
 import psycopg
 import pytest
-from kombu import Connection, Exchange, Producer, Queue
+from kombu import Connection, Consumer, Exchange, Producer, Queue
 from test_transport import consume
 
 import kojin_pg  # noqa: F401  (registers the kojin+ URL scheme)
@@ -228,7 +228,11 @@ def test_per_message_expiration(db_url):
 
 def test_unused_queue_expires_with_its_bindings_and_messages(db_url):
     q = make_queue("expires", expires=1.0)  # kombu declares it with x-expires = 1000 (ms)
-    with Connection(kurl(db_url)) as owner, Connection(kurl(db_url)) as sender:
+    other = make_queue("work")
+    with Connection(kurl(db_url)) as owner, Connection(kurl(db_url)) as sender, \
+            Connection(kurl(db_url)) as worker, \
+            Consumer(worker.channel(), [other], callbacks=[], accept=["json"]):
+        # (the worker consumes another queue: processes that consume do the upkeep)
         q(owner.channel()).declare()  # declared, never consumed
         publish(owner, q, [{"i": 1}, {"i": 2}])
         producer = Producer(sender.channel(), exchange=q.exchange, routing_key=q.routing_key,

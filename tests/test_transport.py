@@ -372,6 +372,27 @@ def test_a_publishing_process_holds_one_connection(db_url):
     assert held == 1
 
 
+def test_a_process_that_only_publishes_keeps_one_connection_for_good(db_url):
+    """A publishing process ran the queue upkeep too, through its publish pool: a round that
+    met a publish made the pool grow to a second connection, kept for its 10 minutes of
+    max_idle, so a busy producer held two after all (and 64 of them passed a stock server's
+    max_connections of 100). Sweeping is the consumers' work; a process that only publishes
+    holds one connection however many upkeep rounds pass."""
+    q = make_queue()
+    with Connection(kurl(db_url) + "?sweep_interval=0.05") as conn:
+        q(conn.channel()).declare()
+        producer = Producer(conn.channel(), exchange=q.exchange, routing_key=q.routing_key,
+                            serializer="json")
+        deadline = time.monotonic() + 1.5  # about 30 upkeep rounds
+        while time.monotonic() < deadline:
+            producer.publish({"i": 1})
+        with psycopg.connect(db_url, autocommit=True) as pg:
+            held = pg.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                              "current_database() AND application_name = 'kojin_pg.broker'"
+                              ).fetchone()[0]
+    assert held == 1
+
+
 def test_sessions_never_jit_compile(db_url, make_app):
     """A stock PostgreSQL has JIT on (with LLVM). A claim's generic plan over a million queued
     rows passes jit_above_cost, and compiling was nearly all of each 27 ms claim there

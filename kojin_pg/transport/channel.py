@@ -165,7 +165,7 @@ class Channel(virtual.Channel):
             self._no_ack_queues.discard(queue)
         tag = super().basic_consume(queue, no_ack, *args, **kwargs)
         t = self.connection
-        t.consumed = True
+        t.start_consuming()
         self._fetch_consumer(t.queries.consumer_start,
                              {"queue": queue, "consumer": t.consumer_id}, "consumer_start")
         return tag

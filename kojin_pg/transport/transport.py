@@ -154,12 +154,18 @@ class Transport(virtual.Transport):
                        abandoned=self._after_abandoned_claim)
 
     def ensure_ready(self, *, retry: bool = True) -> None:
-        """Check (and with auto_migrate apply) the schema once per transport, and join this
-        process's queue upkeep."""
+        """Check (and with auto_migrate apply) the schema once per transport."""
         if not self._ready:
             ensure_schema(self.db, retry=retry)
-            upkeep_for(self).attach(self)
             self._ready = True
+
+    def start_consuming(self) -> None:
+        """A channel of this transport consumes: deregister it on close, and join this
+        process's queue upkeep (see :mod:`.upkeep`; a process that only publishes sweeps
+        nothing, so its pool never needs a second connection for a round)."""
+        if not self.consumed:
+            self.consumed = True
+            upkeep_for(self).attach(self)
 
     def establish_connection(self) -> Transport:
         # No retries of our own here: kombu retries connecting by its own policy
@@ -176,7 +182,8 @@ class Transport(virtual.Transport):
         finally:
             try:
                 self._stop_claims()
-                upkeep_for(self).detach(self)
+                if self.consumed:
+                    upkeep_for(self).detach(self)
                 self.acks.close()
                 if self.leases_unknown:
                     self._release_unknown_leases()

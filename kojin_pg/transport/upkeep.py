@@ -3,11 +3,17 @@ will use again.
 
 RabbitMQ deletes a queue that went unused for its ``x-expires``, an ``auto_delete`` queue when
 its last consumer leaves, and messages older than their TTL; Celery relies on all three for its
-event, reply and remote-control queues. Here every process that uses the broker runs one upkeep
-thread per database: every ``sweep_interval`` (with jitter) it refreshes the consumers rows of
-this process's consumers, and then, if no other process holds the sweep's advisory lock,
-forgets consumers that stopped refreshing (crashed), deletes expired and auto-deleted queues
-and the messages nobody will get. The thread ends when the process's last transport closes.
+event, reply and remote-control queues. Here every process that consumes runs one upkeep thread
+per database: every ``sweep_interval`` (with jitter) it refreshes the consumers rows of this
+process's consumers, and then, if no other process holds the sweep's advisory lock, forgets
+consumers that stopped refreshing (crashed), deletes expired and auto-deleted queues and the
+messages nobody will get. The thread ends when the process's last consuming transport closes.
+
+A process that only publishes (a web server calling ``delay()``) takes no part: its rounds
+would only contend for the sweep's lock, and a round meeting a publish made its pool grow to a
+second connection, held for the pool's max_idle. Deployments with producers and no worker
+sweep nothing until a worker (or ``celery events``, Flower, ``celery inspect``) runs; an
+expired message is never delivered meanwhile, it only waits for removal.
 """
 
 from __future__ import annotations
@@ -93,9 +99,8 @@ class Upkeep:
             for queue in t.consumed_queues():
                 queues.append(queue)
                 consumers.append(t.consumer_id)
-        # a consumer's pool if there is one: a process that only publishes opens no second pool
-        t = next((t for t in transports if t.consumed), transports[0])
-        db = t.consumer_db if t.consumed else t.db
+        t = transports[0]
+        db = t.consumer_db
         q = t.queries
         # No retries here: the next round does the same work anyway. closing is checked before
         # each use, so a round never reopens the pool of a transport being closed.
