@@ -151,11 +151,17 @@ def test_outbox_commit_delivers_rollback_does_not(app, workers, db_url):
 
 def test_events_revoke_and_shutdown_reach_the_workers(app, workers, db_url):
     """The celeryev topic exchange carries task events (celery events, Flower); revoke and
-    shutdown are broadcast to every worker through the pidbox fanout exchange."""
+    shutdown are broadcast to every worker through the pidbox fanout exchange.
+
+    The workers are prefork ones: a threads-pool worker sends a task's events from the thread
+    that ran it, and Celery before 5.7 drops an event that a thread adds to the event buffer
+    while the worker's main thread publishes that buffer (its flush clears the whole list after
+    the publish; 5.7 clears only what it published). A publish that waits for a commit makes
+    that window wide enough to hit here, on Celery 5.4 about one run in three."""
     import threading
 
-    w1 = workers(name="ev1", extra_args=["-E"])
-    w2 = workers(name="ev2", extra_args=["-E"])
+    w1 = workers(pool="prefork", concurrency=1, name="ev1", extra_args=["-E"])
+    w2 = workers(pool="prefork", concurrency=1, name="ev2", extra_args=["-E"])
     wait_ready(app, w1)
     wait_ready(app, w2)
     seen: list[str] = []
