@@ -374,18 +374,16 @@ def main() -> int:
         stop_servers(server, redis_proc)
     out = HERE / "results"
     out.mkdir(exist_ok=True)
+    # a stock run keeps its own files, and a part of the bench or a quick one leaves the
+    # README's full run alone (and draws no chart)
     stock = "_stock" if args.stock else ""
-    if args.what != "all" or args.quick:
-        # a part of the bench, or a quick one, leaves the README's full run alone
-        raw = out / f"last_{args.what}{stock}{'_quick' if args.quick else ''}.json"
-        raw.write_text(json.dumps(results, indent=2, default=str))
-        print(f"\nraw figures: {raw}")
-        return 0
-    # a stock run keeps its own file: the README's tables and chart are the embedded run's
-    raw = out / f"latest{stock}.json"
+    full = args.what == "all" and not args.quick
+    name = f"latest{stock}" if full else f"last_{args.what}{stock}{'_quick' if args.quick else ''}"
+    raw = out / f"{name}.json"
     raw.write_text(json.dumps(results, indent=2, default=str))
     print(f"\nraw figures: {raw}")
-    draw_chart(results, out / f"chart{stock}.png")
+    if full:
+        draw_chart(results, out / f"chart{stock}.png")
     return 0
 
 

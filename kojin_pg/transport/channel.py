@@ -295,20 +295,20 @@ class Channel(virtual.Channel):
         if gone:
             claimed = [(p, q) for p, q in claimed if q in self._active_queues]
             self.hand_back(gone)
-        deliver = self.connection._deliver
-        for i, (payload, queue) in enumerate(claimed):
-            try:
-                if queue in self._no_ack_queues:
-                    # nobody will ack it: the delivery itself is the ack
-                    self.connection.acks.add((payload["properties"]["delivery_tag"],))
-                deliver(payload, queue)
-            except BaseException:
-                self.connection.leases_unknown = True  # in case the hand-back fails too
-                # the rest of the batch goes back now, not when its leases run out
-                rest = [p["properties"]["delivery_tag"] for p, _ in claimed[i + 1:]]
-                if rest:
-                    self.hand_back(rest)
-                raise
+        t = self.connection
+        with t.settling_leases():  # a failed delivery whose hand-back fails too
+            for i, (payload, queue) in enumerate(claimed):
+                try:
+                    if queue in self._no_ack_queues:
+                        # nobody will ack it: the delivery itself is the ack
+                        t.acks.add((payload["properties"]["delivery_tag"],))
+                    t._deliver(payload, queue)
+                except BaseException:
+                    # the rest of the batch goes back now, not when its leases run out
+                    rest = [p["properties"]["delivery_tag"] for p, _ in claimed[i + 1:]]
+                    if rest:
+                        self.hand_back(rest)
+                    raise
 
     def _get_many(self, queues: list[str], timeout: float | None = None) -> None:
         delivered, _ = self.deliver_ready(list(queues))
