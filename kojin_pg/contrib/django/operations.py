@@ -28,7 +28,7 @@ class QueueCounts:
     oldest_ready_age_s: float | None = None
 
 
-def _run(query: sql.Composed, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+def _run(query: sql.SQL, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
     alias = conf.database()
     with transaction.atomic(using=alias), connections[alias].cursor() as cursor:
         cursor.execute(query, params)
