@@ -21,6 +21,7 @@ from kombu import Connection, Consumer, Exchange, Producer, Queue
 from test_transport import consume
 
 import kojin_pg  # noqa: F401  (registers the kojin+ URL scheme)
+import kojin_pg.db.listener
 import kojin_pg.transport.channel
 import kojin_pg.transport.transport
 
@@ -158,6 +159,35 @@ def test_idle_broker_connection_does_not_pin_the_notify_queue(db_url):
         _stop_idle(consumer)
     assert max(usage) < USAGE_IN_PASSING, \
         f"NOTIFY queue usage before and after each {NOTIFY_BATCH} publishes: {usage}"
+
+
+def test_the_sweeper_leaves_a_listener_in_use_alone(make_app, monkeypatch):
+    """Each get of a stored result is one statement on the listening session. The sweeper
+    watched that session's socket all the while, woke at each reply, found the session busy and
+    polled again at once: a second thread spinning through a loop of gets (an issue 12 find:
+    it cost a client more CPU than its gets). A session in use reads its own socket; the
+    sweeper looks at it only once it has idled a sweep tick."""
+    app = make_app()
+    task_ids = [str(uuid.uuid4()) for _ in range(300)]
+    for task_id in task_ids:
+        app.backend.mark_as_done(task_id, 1)
+    assert app.AsyncResult(task_ids[0]).get(timeout=10) == 1  # listening from here on
+    session = app.backend.result_consumer.listener._session.get()
+    sweeps_of_session: list[bool] = []
+    sweep = kojin_pg.db.listener._sweep
+
+    def counted_sweep(s, now: float, readable: bool) -> None:
+        if s is session:
+            sweeps_of_session.append(readable)
+        sweep(s, now, readable)
+
+    monkeypatch.setattr(kojin_pg.db.listener, "_sweep", counted_sweep)
+    started = time.monotonic()
+    for task_id in task_ids[1:]:
+        assert app.AsyncResult(task_id).get(timeout=10) == 1
+    ticks = (time.monotonic() - started) / kojin_pg.db.listener.SWEEP_TICK
+    assert len(sweeps_of_session) <= ticks + 2, \
+        f"{len(sweeps_of_session)} sweeps of a session in use during {ticks:.1f} sweep ticks"
 
 
 # -- item 2: queue arguments and message expiry, as on RabbitMQ ------------------------------

@@ -156,6 +156,8 @@ class Listener:
             except (psycopg.Error, OSError) as exc:
                 self._lost(s, exc)
                 return False
+            finally:
+                s.last_used = time.monotonic()
         return True
 
     def has_backlog(self) -> bool:
@@ -251,9 +253,12 @@ def _drop(s: _Session) -> None:
             pass
 
 
-def _idle(s: _Session) -> bool:
+def _idle(s: _Session, now: float) -> bool:
+    """Whether the sweeper reads ``s``: listening, and nobody waits on it, watches it, or ran a
+    statement on it for a sweep tick. A session in use reads its own socket; watched meanwhile,
+    each reply to its statements woke the sweeper, which found it busy and polled again."""
     return (s.listening and not s.watched and not s.waiting and s.conn is not None
-            and not s.conn.closed)
+            and not s.conn.closed and now - s.last_used >= SWEEP_TICK)
 
 
 def _sweep(s: _Session, now: float, readable: bool) -> None:
@@ -262,7 +267,7 @@ def _sweep(s: _Session, now: float, readable: bool) -> None:
     if not s.lock.acquire(blocking=False):
         return  # in use right now: not idle
     try:
-        if not _idle(s):
+        if not _idle(s, now):
             return
         assert s.conn is not None
         try:
@@ -314,8 +319,9 @@ class _Sweeper:
                     return
             poller = select.poll()
             by_fd: dict[int, _Session] = {}
+            now = time.monotonic()
             for s in listening:
-                if _idle(s):
+                if _idle(s, now):
                     try:
                         fd = s.conn.pgconn.socket  # type: ignore[union-attr]
                     except (psycopg.Error, OSError):
