@@ -190,6 +190,35 @@ def test_the_sweeper_leaves_a_listener_in_use_alone(make_app, monkeypatch):
         f"{len(sweeps_of_session)} sweeps of a session in use during {ticks:.1f} sweep ticks"
 
 
+def test_a_listener_only_running_statements_keeps_a_bounded_backlog(db_url, monkeypatch):
+    """Announcements that arrive while statements run on a listening session are kept for the
+    next waiter. A process whose gets always find their results (one statement each, never a
+    wait) kept every announcement of the channel, without end: only the sweeper's reads were
+    bounded, and a session in use is not swept. Past the bound the backlog is dropped and the
+    next waiter is told it may have missed some (it then reads what it waits for)."""
+    from kojin_pg.config import parse
+    from kojin_pg.db import Database, Listener
+
+    monkeypatch.setattr(kojin_pg.db.listener, "BACKLOG_MAX", 50)
+    db = Database(parse(db_url))
+    listener = Listener(db, "kojin_test_backlog", role="results")
+    try:
+        assert listener.ensure()
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute("SELECT pg_notify('kojin_test_backlog', g::text)"
+                         " FROM generate_series(1, 200) AS g")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # until psycopg has read them all, in a statement
+            assert listener.run(lambda conn: conn.execute("SELECT pg_sleep(0.01)").fetchall())
+            if listener._session.get().missed or len(listener._session.get().backlog) >= 200:
+                break
+        assert len(listener._session.get().backlog) <= 50
+        assert listener.wait(0.0) is None  # the waiter hears that some may have been missed
+    finally:
+        listener.close()
+        db.close()
+
+
 # -- item 2: queue arguments and message expiry, as on RabbitMQ ------------------------------
 
 def queue_rows(db_url: str, queue: str) -> int:

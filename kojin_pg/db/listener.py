@@ -63,7 +63,8 @@ class _Session:
         #: Threads inside wait(), and when the last one left.
         self.waiting = 0
         self.last_used = time.monotonic()
-        #: Payloads psycopg received while running a statement (LISTEN/UNLISTEN).
+        #: Payloads heard and not handed out yet: received while a statement ran on the
+        #: session, or read by the sweeper (at most BACKLOG_MAX, see :meth:`keep`).
         self.backlog: set[str] = set()
         #: Announcements may have been missed since the last wait.
         self.missed = False
@@ -71,6 +72,14 @@ class _Session:
         self.on_pause: Callable[[], None] | None = None
         self.retry_at = 0.0
         self.backoff = BACKOFF_FIRST
+
+    def keep(self, payload: str) -> None:
+        """Keep a payload for the next waiter; past :data:`BACKLOG_MAX`, drop them all and
+        report a miss instead (the waiter then reads what it waits for)."""
+        self.backlog.add(payload)
+        if len(self.backlog) > BACKLOG_MAX:
+            self.backlog.clear()
+            self.missed = True
 
 
 class Listener:
@@ -115,7 +124,7 @@ class Listener:
                         self._no_session()
                         return None
                     s.conn = conn
-                    s.conn.add_notify_handler(lambda n: s.backlog.add(n.payload))
+                    s.conn.add_notify_handler(lambda n: s.keep(n.payload))
                 s.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
                 if new and self.on_connect is not None:
                     self.on_connect(s.conn)
@@ -283,10 +292,7 @@ def _sweep(s: _Session, now: float, readable: bool) -> None:
                 pgconn = s.conn.pgconn
                 pgconn.consume_input()
                 while (n := pgconn.notifies()) is not None:
-                    s.backlog.add(n.extra.decode())
-                if len(s.backlog) > BACKLOG_MAX:
-                    s.backlog.clear()
-                    s.missed = True
+                    s.keep(n.extra.decode())
         except (psycopg.Error, OSError):
             _drop(s)
             s.missed = True
