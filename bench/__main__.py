@@ -369,7 +369,9 @@ def main() -> int:
         if args.what in ("all", "cost"):
             from bench.server_cost import run as server_cost
 
-            results["server_cost"] = server_cost(stock=args.stock, quick=args.quick)
+            results["server_cost"] = server_cost(
+                stock=args.stock, quick=args.quick,
+                redis=(redis_url, redis_proc.pid) if redis_url and redis_proc else None)
     finally:
         stop_servers(server, redis_proc)
     out = HERE / "results"

@@ -34,6 +34,11 @@ such sums is the CPU the whole server spent between them, backends that came and
 (the postmaster is found as the parent of our own backend; a server that is not local, or not
 visible in /proc, gets no CPU figure). The same sum over the worker's tree gives the worker's.
 
+Then, beside it, the same N tasks through Redis (broker and backend, AOF ``everysec``: the
+bench's Redis, or one started here when run alone): the client's, the worker's and
+redis-server's CPU per task, measured the same way, so that the split of a task's CPU between
+client, worker and server can be compared within one run.
+
 Every figure covers the whole window, so fixed per-second costs of an idle worker (polls,
 upkeep) are spread over the N tasks: a larger N gives the steadier per-task figure.
 """
@@ -355,14 +360,40 @@ def measure(admin_url: str, server: Any, n: int, synchronous_commit: str) -> dic
     }
 
 
+def measure_redis(redis_url: str, redis_pid: int, n: int) -> dict[str, Any]:
+    """The same N tasks with Redis as broker and backend (AOF everysec): CPU per task of the
+    client, the worker and redis-server, beside kojin_pg's in the same run."""
+    client_proc = _Client(redis_url, n, timeout=900)
+    try:
+        client_proc.wait_for("ready")
+        cpu0 = tree_cpu_seconds(redis_pid)
+        client_proc.send("go")
+        done = client_proc.wait_for("done")
+        cpu1 = tree_cpu_seconds(redis_pid)
+        client_proc.send("stop")
+    finally:
+        client_proc.close()
+    server_cpu = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
+
+    def per_task_ms(v: float | None) -> float | None:
+        return None if v is None else round(v * 1000 / n, 2)
+
+    return {"tasks": n, "tasks_per_s": round(n / done["elapsed_s"], 1),
+            "per_task": {"server_cpu_ms": per_task_ms(server_cpu),
+                         "worker_cpu_ms": per_task_ms(done["worker_cpu_s"]),
+                         "client_cpu_ms": per_task_ms(done["client_cpu_s"])}}
+
+
 def _lsn(conn: psycopg.Connection) -> str:
     row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
     return str(row[0]) if row else "0/0"
 
 
-def run(stock: bool = False, quick: bool = False, n: int | None = None) -> dict[str, Any]:
-    """Both ``synchronous_commit`` settings on a server of their own; prints a table and
-    returns the figures for latest.json's ``server_cost``."""
+def run(stock: bool = False, quick: bool = False, n: int | None = None,
+        redis: tuple[str, int] | None = None) -> dict[str, Any]:
+    """Both ``synchronous_commit`` settings on a server of their own, then the same tasks
+    through ``redis`` (its URL and redis-server's pid) when given; prints a table and returns
+    the figures for latest.json's ``server_cost``."""
     n = n or (300 if quick else 2000)
     admin, server = start_postgres(stock=stock, settings=SETTINGS)
     try:
@@ -372,6 +403,9 @@ def run(stock: bool = False, quick: bool = False, n: int | None = None) -> dict[
             result[f"sync_{mode}"] = measure(admin, server, n, mode)
     finally:
         destroy(server)
+    if redis is not None:
+        # a database of its own on the bench's Redis, so no earlier part's keys are in the way
+        result["redis"] = measure_redis(redis[0].rpartition("/")[0] + "/3", redis[1], n)
     print_table(result)
     return result
 
@@ -388,6 +422,13 @@ def print_table(result: dict[str, Any]) -> None:
         cells = [r["per_task"].get(key) for r in runs]
         print(f"{key:<24}" + "".join(f"{'-' if c is None else c:>20}" for c in cells))
     print(f"{'tasks/s (this run)':<24}" + "".join(f"{r['tasks_per_s']:>20}" for r in runs))
+    redis = result.get("redis")
+    if redis:
+        print(f"CPU ms per task, the same {result['tasks']} tasks through Redis (AOF everysec)"
+              " in this run: " + ", ".join(
+                  f"{key.removesuffix('_cpu_ms')} {redis['per_task'][key]}"
+                  for key in ("server_cpu_ms", "worker_cpu_ms", "client_cpu_ms"))
+              + f"; {redis['tasks_per_s']} tasks/s")
     top = runs[0].get("top_statements") if runs else None
     if top:
         print("top statements by calls (sync on): calls per task, total time, query")
@@ -409,7 +450,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--stock", action="store_true")
     args = parser.parse_args(argv)
-    print(json.dumps(run(args.stock, args.quick, args.tasks), default=str))
+    from bench.__main__ import start_redis
+
+    redis_url, redis_proc = start_redis()
+    try:
+        redis = (redis_url, redis_proc.pid) if redis_url and redis_proc else None
+        print(json.dumps(run(args.stock, args.quick, args.tasks, redis), default=str))
+    finally:
+        if redis_proc is not None:
+            redis_proc.terminate()
+            redis_proc.wait(10)
     return 0
 
 
