@@ -535,3 +535,27 @@ def test_an_event_loop_consumer_whose_listen_session_is_killed_is_woken_afterwar
         c.stop()
     assert relocked, "the new LISTEN session does not hold the queue's idle lock"
     assert arrived, "a publish after the reconnect did not wake the consumer"
+
+
+def test_a_wait_given_up_by_a_finalizer_never_deadlocks():
+    """Celery before 5.5 gives up a wait in ``AsyncResult.__del__``, and the garbage collector
+    runs finalizers in whatever thread allocates: possibly one inside the wait slots' lock, in
+    the middle of taking or giving back slots. Giving up a wait must not take that lock (it was
+    not reentrant: the floor run's Celery 5.4 hung in a loop of gets). Reproduced here without
+    the collector: a thread gives up a wait while it holds the lock, as a finalizer would."""
+    from kojin_pg.backend.waiters import WaitSlots
+    from kojin_pg.db import Queries
+
+    slots = WaitSlots(Queries("backend", "kojin"), "kojin")
+    slots.add(["task-a", "task-b"])
+    held = slots._held.get()
+
+    def finalizer_inside_the_lock() -> None:
+        with held.lock:
+            slots.discard(["task-a"])
+
+    thread = threading.Thread(target=finalizer_inside_the_lock, daemon=True)
+    thread.start()
+    thread.join(BOUND)
+    assert not thread.is_alive(), "giving up a wait inside the slots' lock deadlocked"
+    assert slots.add(["task-a", "task-b"]) == ["task-a"]  # a was given up, b is still waited

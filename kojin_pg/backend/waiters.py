@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import threading
 import zlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable
 from typing import Any
 
@@ -64,6 +64,20 @@ class _Held:
         self.per_slot: Counter[int] = Counter()
         #: slots whose lock is held on the session now
         self.locked: set[int] = set()
+        #: task ids no longer waited for, taken out of ``tasks`` at the next locked step
+        #: (appending takes no lock: see :meth:`WaitSlots.discard`)
+        self.discarded: deque[str] = deque()
+
+    def settle(self) -> None:
+        """Take the discarded task ids out (under :attr:`lock`)."""
+        while self.discarded:
+            task_id = self.discarded.popleft()
+            if task_id in self.tasks:
+                self.tasks.discard(task_id)
+                slot = wait_slot(task_id)
+                self.per_slot[slot] -= 1
+                if self.per_slot[slot] <= 0:
+                    del self.per_slot[slot]
 
 
 class WaitSlots:
@@ -81,6 +95,7 @@ class WaitSlots:
         h = self._held.get()
         added = []
         with h.lock:
+            h.settle()
             for task_id in task_ids:
                 if task_id not in h.tasks:
                     h.tasks.add(task_id)
@@ -89,21 +104,18 @@ class WaitSlots:
         return added
 
     def discard(self, task_ids: Iterable[str]) -> None:
-        """No longer waiting for ``task_ids`` (given back by the next apply)."""
-        h = self._held.get()
-        with h.lock:
-            for task_id in task_ids:
-                if task_id in h.tasks:
-                    h.tasks.discard(task_id)
-                    slot = wait_slot(task_id)
-                    h.per_slot[slot] -= 1
-                    if h.per_slot[slot] <= 0:
-                        del h.per_slot[slot]
+        """No longer waiting for ``task_ids`` (given back by the next apply). Takes no lock:
+        Celery before 5.5 calls it from ``AsyncResult.__del__``, which the garbage collector
+        may run in a thread that holds this process's lock, in the middle of :meth:`add`."""
+        h = self._held.peek()
+        if h is not None:
+            h.discarded.extend(task_ids)
 
     def pending(self) -> bool:
         """Whether the session's locks differ from what this process waits for."""
         h = self._held.get()
         with h.lock:
+            h.settle()
             return h.locked != set(h.per_slot)
 
     def apply(self, conn: psycopg.Connection[Any]) -> None:
@@ -133,6 +145,7 @@ class WaitSlots:
         """The slots to take and to give back for the session to hold what is waited for."""
         h = self._held.get()
         with h.lock:
+            h.settle()
             wanted = set(h.per_slot)
             return sorted(wanted - h.locked), sorted(h.locked - wanted)
 
