@@ -138,6 +138,10 @@ class ResultConsumer(BaseResultConsumer):
 
     def drain_events(self, timeout: float | None = None) -> None:
         """Wait up to ``timeout`` seconds for announced results and hand them to their waiters."""
+        if not self._awaited():
+            # Nothing waited for here: Celery < 5.5 drains once more after on_wait_for_pending
+            # has delivered the result, and that wait would sit out its whole timeout.
+            return
         wait = 1.0 if timeout is None else max(timeout, 0.0)
         readers = self._readers.get()
         if not readers.lock.acquire(blocking=False):
