@@ -547,3 +547,13 @@ def test_draining_with_nothing_awaited_does_not_wait(backend, monkeypatch):
                         lambda timeout, wake_fd=None: waits.append(timeout) or set())
     backend.result_consumer.drain_events(timeout=1.0)
     assert waits == []
+
+
+def test_an_idle_drain_still_waits(backend, monkeypatch):
+    """With nothing awaited and nothing just delivered (a green drainer's loop), a drain still
+    waits on the listening socket instead of returning at once and spinning its caller."""
+    waits: list[float] = []
+    monkeypatch.setattr(backend.result_consumer.listener, "wait",
+                        lambda timeout, wake_fd=None: waits.append(timeout) or set())
+    backend.result_consumer.drain_events(timeout=0.01)
+    assert waits == [0.01]

@@ -55,6 +55,8 @@ class ResultConsumer(BaseResultConsumer):
                                  enabled=settings.use_notify, on_connect=self.slots.retake,
                                  on_pause=self.slots.released)
         self._readers: ProcessLocal[_Readers] = ProcessLocal(_Readers)
+        #: on_wait_for_pending delivered what it waited for (see drain_events)
+        self._delivered_on_wait = False
 
     # -- BaseResultConsumer ------------------------------------------------------------------
 
@@ -108,11 +110,15 @@ class ResultConsumer(BaseResultConsumer):
             if self.listener.run(take_and_read):
                 if rows:
                     self._handle(self.backend._row_to_meta(rows[0]))
+                    self._delivered_on_wait = True
                 return
         # Several tasks (a ResultSet), or the session down: read, and if not all are ready,
         # take the slots and read once more (even if they are held by now: another thread
         # may have taken them after our read).
-        if self._read(result, **kwargs) or not self.listener.enabled:
+        if self._read(result, **kwargs):
+            self._delivered_on_wait = True
+            return
+        if not self.listener.enabled:
             return
         self.sync_slots()
         self._read(result, **kwargs)
@@ -138,9 +144,11 @@ class ResultConsumer(BaseResultConsumer):
 
     def drain_events(self, timeout: float | None = None) -> None:
         """Wait up to ``timeout`` seconds for announced results and hand them to their waiters."""
-        if not self._awaited():
-            # Nothing waited for here: Celery < 5.5 drains once more after on_wait_for_pending
-            # has delivered the result, and that wait would sit out its whole timeout.
+        if self._delivered_on_wait and not self._awaited():
+            # Celery < 5.5 drains once more after on_wait_for_pending has delivered the
+            # result; with nothing else awaited, that wait would sit out its whole timeout.
+            # (Only then: a green drainer calls this in a loop, and must keep waiting.)
+            self._delivered_on_wait = False
             return
         wait = 1.0 if timeout is None else max(timeout, 0.0)
         readers = self._readers.get()
