@@ -116,6 +116,14 @@ def _flood(db_url: str, statement: str, channel: str) -> list[float]:
     return usage
 
 
+def assert_not_pinned(usage: list[float], what: str) -> None:
+    """The idle listener kept up: the queue is back to a batch in passing at the end, and never
+    held more than two batches' worth on the way (a busy CI machine can leave its sweeper a
+    batch behind for a moment; a pinned queue only grows, to 0.0012 at the end)."""
+    assert usage[-1] < USAGE_IN_PASSING and max(usage) < 2 * USAGE_IN_PASSING, \
+        f"NOTIFY queue usage before and after each {NOTIFY_BATCH} {what}: {usage}"
+
+
 def _stop_idle(proc: subprocess.Popen) -> None:
     alive = proc.poll() is None
     proc.stdin.close()
@@ -141,8 +149,7 @@ def test_idle_result_waiter_does_not_pin_the_notify_queue(make_app, db_url):
             SELECT count(pg_notify(%(channel)s, task_id)) FROM stored""", "kojin_results_kojin")
     finally:
         _stop_idle(waiter)
-    assert max(usage) < USAGE_IN_PASSING, \
-        f"NOTIFY queue usage before and after each {NOTIFY_BATCH} stores: {usage}"
+    assert_not_pinned(usage, "stores")
 
 
 @pytest.mark.slow
@@ -157,8 +164,7 @@ def test_idle_broker_connection_does_not_pin_the_notify_queue(db_url):
             FROM generate_series(1, %(n)s)""", "kojin_msgs_kojin")
     finally:
         _stop_idle(consumer)
-    assert max(usage) < USAGE_IN_PASSING, \
-        f"NOTIFY queue usage before and after each {NOTIFY_BATCH} publishes: {usage}"
+    assert_not_pinned(usage, "publishes")
 
 
 def test_the_sweeper_leaves_a_listener_in_use_alone(make_app, monkeypatch):
