@@ -117,10 +117,11 @@ def _flood(db_url: str, statement: str, channel: str) -> list[float]:
 
 
 def assert_not_pinned(usage: list[float], what: str) -> None:
-    """The idle listener kept up: the queue is back to a batch in passing at the end, and never
-    held more than two batches' worth on the way (a busy CI machine can leave its sweeper a
-    batch behind for a moment; a pinned queue only grows, to 0.0012 at the end)."""
-    assert usage[-1] < USAGE_IN_PASSING and max(usage) < 2 * USAGE_IN_PASSING, \
+    """The idle listener kept up: the queue is back to a batch in passing at the end. A pinned
+    queue only grows, to 0.0012 at the end. On the way it may hold more: a busy machine leaves
+    the sweeper several batches behind for a while (seen: up to 7 segments, 0.00065, then back
+    to none), which is lag, not pinning."""
+    assert usage[-1] < USAGE_IN_PASSING, \
         f"NOTIFY queue usage before and after each {NOTIFY_BATCH} {what}: {usage}"
 
 
