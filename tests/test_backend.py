@@ -560,3 +560,111 @@ def test_an_idle_drain_still_waits(backend, monkeypatch):
                         lambda timeout, wake_fd=None: waits.append(timeout) or set())
     backend.result_consumer.drain_events(timeout=0.01)
     assert waits == [0.01]
+
+
+# -- reading ahead (kojin_pg/backend/readahead.py) -------------------------------------------
+
+
+@pytest.fixture
+def result_reads(backend, monkeypatch):
+    """The task ids of every statement that reads results for a get, as they run."""
+    names = ("wait_and_read", "read_and_read_ahead", "get_result", "get_results")
+    reads_of = {id(backend.queries.get(name)) for name in names}
+    reads: list[object] = []
+    real_execute = psycopg.Connection.execute
+
+    def execute(conn, query, params=None, **kwargs):
+        if id(query) in reads_of:
+            reads.append(params)
+        return real_execute(conn, query, params, **kwargs)
+
+    monkeypatch.setattr(psycopg.Connection, "execute", execute)
+    return reads
+
+
+def send(app, n: int) -> list[AsyncResult]:
+    """Send ``n`` tasks from this process (to the memory broker), as ``delay()`` does."""
+    return [app.send_task("proj.noop", args=(i,)) for i in range(n)]
+
+
+def test_a_loop_of_gets_reads_the_results_sent_here_a_few_statements_at_a_time(
+        backend, result_reads):
+    """A caller that sends tasks and then gets each result paid one statement per result,
+    although they were all stored; Redis's backend pushes them to the caller with no request."""
+    results = send(backend.app, 40)
+    for i, r in enumerate(results):
+        backend.mark_as_done(r.id, i)
+    assert [r.get(timeout=10) for r in results] == list(range(40))
+    assert len(result_reads) <= 8, len(result_reads)
+
+
+def test_results_read_ahead_are_final_and_given_out_once(backend, result_reads):
+    first, running, done = send(backend.app, 3)
+    backend.mark_as_done(first.id, "first")
+    backend.store_result(running.id, None, states.STARTED)
+    backend.mark_as_done(done.id, "done")
+    for _ in range(3):  # until the window reaches both
+        assert backend.app.AsyncResult(first.id).get(timeout=10) == "first"
+    kept = backend.result_consumer.readahead
+    assert kept.take(running.id) is None  # a state that may change is never kept
+    backend.mark_as_done(running.id, "finished later")
+    assert running.get(timeout=10) == "finished later"
+    reads = len(result_reads)
+    assert done.get(timeout=10) == "done"
+    assert len(result_reads) == reads  # read ahead: no statement
+    assert backend.app.AsyncResult(done.id).get(timeout=10) == "done"
+    assert len(result_reads) == reads + 1  # given out once: asked again, read again
+
+
+def test_large_results_are_not_read_ahead(backend, result_reads):
+    first, large = send(backend.app, 2)
+    backend.mark_as_done(first.id, 1)
+    backend.mark_as_done(large.id, "x" * 10_000)
+    assert first.get(timeout=10) == 1
+    assert result_reads[-1]["ahead"] == [large.id]
+    assert backend.result_consumer.readahead.take(large.id) is None
+    assert large.get(timeout=10) == "x" * 10_000
+
+
+def test_a_forgotten_result_read_ahead_is_not_given_out(backend):
+    first, second = send(backend.app, 2)
+    backend.mark_as_done(first.id, 1)
+    backend.mark_as_done(second.id, 2)
+    assert first.get(timeout=10) == 1  # reads the second ahead
+    second.forget()
+    with pytest.raises(CeleryTimeoutError):
+        backend.app.AsyncResult(second.id).get(timeout=0.5)
+
+
+def test_gets_of_results_read_ahead_never_wait_on_the_socket(backend, monkeypatch):
+    """As for a stored result read by the get itself (Celery < 5.5 drains once more)."""
+    results = send(backend.app, 4)
+    for i, r in enumerate(results):
+        backend.mark_as_done(r.id, i)
+    assert results[0].get(timeout=10) == 0  # listening from here on; reads ahead
+    waits: list[float] = []
+    monkeypatch.setattr(backend.result_consumer.listener, "wait",
+                        lambda timeout, wake_fd=None: waits.append(timeout) or set())
+    assert [r.get(timeout=10) for r in results[1:]] == [1, 2, 3]
+    assert waits == []
+
+
+def test_reading_ahead_without_notifications(make_app, result_reads):
+    app = make_app(result_backend_transport_options={"use_notify": False})
+    results = send(app, 20)
+    for i, r in enumerate(results):
+        app.backend.mark_as_done(r.id, i)
+    assert [r.get(timeout=10, interval=0.01) for r in results] == list(range(20))
+
+
+def test_what_is_remembered_for_reading_ahead_is_bounded():
+    from kojin_pg.backend import readahead
+
+    ahead = readahead.ReadAhead()
+    for i in range(readahead.SENT_MAX + 10):
+        ahead.sent(f"t{i}")
+    ahead.read("t-asked", [], [{"task_id": f"k{i}", "status": states.SUCCESS}
+                               for i in range(readahead.KEPT_MAX + 10)])
+    state = ahead._state.get()
+    assert len(state.sent) == readahead.SENT_MAX and "t0" not in state.sent
+    assert len(state.kept) == readahead.KEPT_MAX and "k0" not in state.kept

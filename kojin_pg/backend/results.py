@@ -178,11 +178,22 @@ class PostgresBackend(AsyncBackendMixin, BaseBackend):
         rows = self._fetchall(self.queries.get_results, {"task_ids": ids}, "get_results")
         return {row[0]: self._row_to_meta(row) for row in rows}
 
+    def read_and_read_ahead(self, task_id: str, ahead: list[str],
+                            max_bytes: int) -> list[tuple[Any, ...]]:
+        """The row of ``task_id`` (none: not stored, or expired) and those of the final results
+        of ``ahead`` stored in at most ``max_bytes`` (see :mod:`.readahead`)."""
+        return self._fetchall(self.queries.read_and_read_ahead,
+                              {"task_id": task_id, "ahead": ahead, "max_bytes": max_bytes},
+                              "read_and_read_ahead")
+
     def _get_task_meta_for(self, task_id: str) -> dict[str, Any]:
         row = self._fetchone(self.queries.get_result, {"task_id": task_id}, "get_result")
         if row is None:
             return {"status": states.PENDING, "result": None}
-        return self._row_to_meta(row)
+        meta = self._row_to_meta(row)
+        if meta["status"] in states.READY_STATES:
+            self.result_consumer.readahead.read_elsewhere((task_id,))
+        return meta
 
     def task_result_exists(self, task_id: str) -> bool:
         """Whether any (unexpired) result row exists for ``task_id``."""
@@ -197,6 +208,12 @@ class PostgresBackend(AsyncBackendMixin, BaseBackend):
         """Delete the result of ``task_id`` and stop waiting for it."""
         super().forget(task_id)
         self.result_consumer.cancel_for(task_id)
+        self.result_consumer.readahead.forget(task_id)
+
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        """Celery sends ``task_id`` from this process: its result may be read ahead with the
+        next read of another (see :mod:`.readahead`)."""
+        self.result_consumer.readahead.sent(task_id)
 
     def get_many(self, task_ids: Iterable[str], timeout: float | None = None,
                  interval: float | None = 0.5, no_ack: bool = True, on_message: Any = None,
@@ -229,6 +246,7 @@ class PostgresBackend(AsyncBackendMixin, BaseBackend):
             ready = {tid: meta for tid, meta in self.fetch_metas(ids).items()
                      if meta["status"] in READY_STATES}
             cache.update(ready)
+            self.result_consumer.readahead.read_elsewhere(ready)
             ids.difference_update(ready)
             for task_id, meta in ready.items():
                 if on_message is not None:

@@ -129,14 +129,16 @@ class WaitSlots:
             "release": release}, prepare=False)
         self._changed(take, release)
 
-    def apply_and_read(self, conn: psycopg.Connection[Any],
-                       task_id: str) -> list[tuple[Any, ...]]:
+    def apply_and_read(self, conn: psycopg.Connection[Any], task_id: str,
+                       ahead: list[str], max_bytes: int) -> list[tuple[Any, ...]]:
         """:meth:`apply`, then read the result of ``task_id`` after the slots are taken, in
-        one statement (the ``get_result`` columns; no row: not stored, or expired)."""
+        one statement (the ``get_result`` columns; no row for it: not stored, or expired),
+        with the final results of ``ahead`` stored in at most ``max_bytes`` (see
+        :mod:`.readahead`)."""
         take, release = self._changes()
         rows = conn.execute(self.queries.wait_and_read, {
             "wait_space": self.space, "writing_space": self.writing_space, "take": take,
-            "release": release, "task_id": task_id,
+            "release": release, "task_id": task_id, "ahead": ahead, "max_bytes": max_bytes,
         }).fetchall()
         self._changed(take, release)
         return rows

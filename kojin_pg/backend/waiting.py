@@ -25,6 +25,7 @@ from celery.backends.asynchronous import BaseResultConsumer
 
 from ..db import Listener, ProcessLocal
 from .announce import split_heard
+from .readahead import KEPT_BYTES_MAX, ReadAhead
 from .waiters import WaitSlots
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ class ResultConsumer(BaseResultConsumer):
         self._readers: ProcessLocal[_Readers] = ProcessLocal(_Readers)
         #: on_wait_for_pending delivered what it waited for (see drain_events)
         self._delivered_on_wait = False
+        #: The tasks this process sent, and the results read ahead for them.
+        self.readahead = ReadAhead()
 
     # -- BaseResultConsumer ------------------------------------------------------------------
 
@@ -97,20 +100,29 @@ class ResultConsumer(BaseResultConsumer):
         self.listener.close()
 
     def on_wait_for_pending(self, result: Any, **kwargs: Any) -> None:
-        # Listening is on already (consume_from ran). Whatever was stored before is read here;
-        # whatever is stored later is announced, once the wait slot is taken (see .waiters).
-        # For one task, the slot and the read go in one statement on the LISTEN session,
-        # always (under the session's lock: another thread's slot change may be in flight).
-        if self.listener.enabled and not hasattr(result, "results"):
+        # Listening is on already (consume_from ran). Whatever was stored before is read here
+        # (or was read ahead, see .readahead); whatever is stored later is announced, once the
+        # wait slot is taken (see .waiters). For one task, the slot and the read go in one
+        # statement on the LISTEN session, always (under the session's lock: another thread's
+        # slot change may be in flight).
+        if not hasattr(result, "results"):
+            kept = self.readahead.take(result.id)
+            if kept is not None:
+                self._handle(kept)
+                self._delivered_on_wait = True
+                return
+            ahead = self.readahead.ahead_of(result.id)
+            if not self.listener.enabled:
+                rows = self.backend.read_and_read_ahead(result.id, ahead, KEPT_BYTES_MAX)
+                self._delivered_on_wait = self._handle_read(result.id, ahead, rows)
+                return
             rows: list[tuple[Any, ...]] = []
 
             def take_and_read(conn: psycopg.Connection[Any]) -> None:
-                rows.extend(self.slots.apply_and_read(conn, result.id))
+                rows.extend(self.slots.apply_and_read(conn, result.id, ahead, KEPT_BYTES_MAX))
 
             if self.listener.run(take_and_read):
-                if rows:
-                    self._handle(self.backend._row_to_meta(rows[0]))
-                    self._delivered_on_wait = True
+                self._delivered_on_wait = self._handle_read(result.id, ahead, rows)
                 return
         # Several tasks (a ResultSet), or the session down: read, and if not all are ready,
         # take the slots and read once more (even if they are held by now: another thread
@@ -122,6 +134,16 @@ class ResultConsumer(BaseResultConsumer):
             return
         self.sync_slots()
         self._read(result, **kwargs)
+
+    def _handle_read(self, task_id: str, ahead: list[str], rows: list[tuple[Any, ...]]) -> bool:
+        """Hand on the read of ``task_id`` and keep the results read ahead with it (the rows of
+        other tasks); whether ``task_id`` is ready."""
+        metas = [self.backend._row_to_meta(row) for row in rows]
+        asked = [meta for meta in metas if meta["task_id"] == task_id]
+        self.readahead.read(task_id, ahead, [meta for meta in metas if meta["task_id"] != task_id])
+        for meta in asked:
+            self._handle(meta)
+        return any(meta["status"] in states.READY_STATES for meta in asked)
 
     def _handle(self, meta: dict[str, Any]) -> None:
         """Hand a meta read directly to its waiters."""

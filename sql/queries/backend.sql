@@ -59,11 +59,27 @@ SELECT (SELECT count(pg_advisory_unlock_shared(%(wait_space)s, slot))
 
 -- name: wait_and_read
 -- Take and give back wait slots, then read one unexpired result (after the slots are taken
--- and the stores in flight on them committed).
+-- and the stores in flight on them committed); with it, read ahead (see
+-- kojin_pg/backend/readahead.py) the unexpired results of the tasks in ahead that are final
+-- and small (the columns that a read returns stored uncompressed in at most max_bytes).
 SELECT task_id, status, result, result_bytes, traceback, children, group_id, parent_id,
        name, args, kwargs, worker, retries, queue, date_done
 FROM {schema}.take_wait_slots_and_read(%(wait_space)s, %(writing_space)s, %(take)s::int[],
-                                       %(release)s::int[], %(task_id)s);
+                                       %(release)s::int[], %(task_id)s)
+UNION ALL
+SELECT task_id, status, result, result_bytes, traceback, children, group_id, parent_id,
+       name, args, kwargs, worker, retries, queue, date_done
+FROM {schema}.results
+WHERE task_id = ANY(%(ahead)s::text[]) AND status IN ('SUCCESS', 'FAILURE', 'REVOKED')
+  AND (expires_at IS NULL OR expires_at > now())
+  AND coalesce(pg_column_size(result), 0) + coalesce(pg_column_size(result_bytes), 0)
+      + coalesce(pg_column_size(traceback), 0) + coalesce(pg_column_size(children), 0)
+      + coalesce(pg_column_size(args), 0) + coalesce(pg_column_size(kwargs), 0)
+      <= %(max_bytes)s
+  -- a compressed column is larger than its stored size says
+  AND num_nulls(pg_column_compression(result), pg_column_compression(result_bytes),
+                pg_column_compression(traceback), pg_column_compression(children),
+                pg_column_compression(args), pg_column_compression(kwargs)) = 6;
 
 -- name: get_results
 -- The unexpired results of the given task ids (one round trip for one id or thousands).
@@ -78,6 +94,27 @@ SELECT task_id, status, result, result_bytes, traceback, children, group_id, par
        name, args, kwargs, worker, retries, queue, date_done
 FROM {schema}.results
 WHERE task_id = %(task_id)s AND (expires_at IS NULL OR expires_at > now());
+
+-- name: read_and_read_ahead
+-- get_result, and with it the results read ahead as in wait_and_read (when not listening).
+SELECT task_id, status, result, result_bytes, traceback, children, group_id, parent_id,
+       name, args, kwargs, worker, retries, queue, date_done
+FROM {schema}.results
+WHERE task_id = %(task_id)s AND (expires_at IS NULL OR expires_at > now())
+UNION ALL
+SELECT task_id, status, result, result_bytes, traceback, children, group_id, parent_id,
+       name, args, kwargs, worker, retries, queue, date_done
+FROM {schema}.results
+WHERE task_id = ANY(%(ahead)s::text[]) AND status IN ('SUCCESS', 'FAILURE', 'REVOKED')
+  AND (expires_at IS NULL OR expires_at > now())
+  AND coalesce(pg_column_size(result), 0) + coalesce(pg_column_size(result_bytes), 0)
+      + coalesce(pg_column_size(traceback), 0) + coalesce(pg_column_size(children), 0)
+      + coalesce(pg_column_size(args), 0) + coalesce(pg_column_size(kwargs), 0)
+      <= %(max_bytes)s
+  -- a compressed column is larger than its stored size says
+  AND num_nulls(pg_column_compression(result), pg_column_compression(result_bytes),
+                pg_column_compression(traceback), pg_column_compression(children),
+                pg_column_compression(args), pg_column_compression(kwargs)) = 6;
 
 -- name: result_exists
 -- Whether an unexpired result row exists for the task.
