@@ -567,10 +567,14 @@ def test_an_idle_drain_still_waits(backend, monkeypatch):
 
 @pytest.fixture
 def result_reads(backend, monkeypatch):
-    """The task ids of every statement that reads results for a get, as they run."""
-    names = ("wait_and_read", "read_and_read_ahead", "get_result", "get_results")
+    """The parameters of every statement of ``backend`` that reads results, as they run."""
+    return watch_reads(backend, monkeypatch)
+
+
+def watch_reads(backend, monkeypatch) -> list[dict]:
+    names = ("wait_and_read", "get_result", "get_results")
     reads_of = {id(backend.queries.get(name)) for name in names}
-    reads: list[object] = []
+    reads: list[dict] = []
     real_execute = psycopg.Connection.execute
 
     def execute(conn, query, params=None, **kwargs):
@@ -649,12 +653,14 @@ def test_gets_of_results_read_ahead_never_wait_on_the_socket(backend, monkeypatc
     assert waits == []
 
 
-def test_reading_ahead_without_notifications(make_app, result_reads):
+def test_reading_ahead_without_notifications(make_app, monkeypatch):
     app = make_app(result_backend_transport_options={"use_notify": False})
-    results = send(app, 20)
+    reads = watch_reads(app.backend, monkeypatch)
+    results = send(app, 40)
     for i, r in enumerate(results):
         app.backend.mark_as_done(r.id, i)
-    assert [r.get(timeout=10, interval=0.01) for r in results] == list(range(20))
+    assert [r.get(timeout=10, interval=0.01) for r in results] == list(range(40))
+    assert len(reads) <= 8, len(reads)
 
 
 def test_what_is_remembered_for_reading_ahead_is_bounded():

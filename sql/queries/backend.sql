@@ -95,27 +95,6 @@ SELECT task_id, status, result, result_bytes, traceback, children, group_id, par
 FROM {schema}.results
 WHERE task_id = %(task_id)s AND (expires_at IS NULL OR expires_at > now());
 
--- name: read_and_read_ahead
--- get_result, and with it the results read ahead as in wait_and_read (when not listening).
-SELECT task_id, status, result, result_bytes, traceback, children, group_id, parent_id,
-       name, args, kwargs, worker, retries, queue, date_done
-FROM {schema}.results
-WHERE task_id = %(task_id)s AND (expires_at IS NULL OR expires_at > now())
-UNION ALL
-SELECT task_id, status, result, result_bytes, traceback, children, group_id, parent_id,
-       name, args, kwargs, worker, retries, queue, date_done
-FROM {schema}.results
-WHERE task_id = ANY(%(ahead)s::text[]) AND status IN ('SUCCESS', 'FAILURE', 'REVOKED')
-  AND (expires_at IS NULL OR expires_at > now())
-  AND coalesce(pg_column_size(result), 0) + coalesce(pg_column_size(result_bytes), 0)
-      + coalesce(pg_column_size(traceback), 0) + coalesce(pg_column_size(children), 0)
-      + coalesce(pg_column_size(args), 0) + coalesce(pg_column_size(kwargs), 0)
-      <= %(max_bytes)s
-  -- a compressed column is larger than its stored size says
-  AND num_nulls(pg_column_compression(result), pg_column_compression(result_bytes),
-                pg_column_compression(traceback), pg_column_compression(children),
-                pg_column_compression(args), pg_column_compression(kwargs)) = 6;
-
 -- name: result_exists
 -- Whether an unexpired result row exists for the task.
 SELECT EXISTS (SELECT 1 FROM {schema}.results
