@@ -226,6 +226,35 @@ def test_a_listener_only_running_statements_keeps_a_bounded_backlog(db_url, monk
         db.close()
 
 
+def test_an_idle_listener_flooded_past_its_backlog_stops_listening_at_once(db_url, monkeypatch):
+    """An idle listener read every announcement of a flood, at Python's speed, for nothing:
+    past its backlog the next waiter reads what it waits for anyway. Under load the sweeper
+    fell behind a flood of 200,000 notifications in CI (the queue grew to 0.0013 by the end).
+    Now it UNLISTENs as soon as its backlog overflows, not after IDLE_SECONDS, and the next
+    wait listens again and reports the possible miss."""
+    from kojin_pg.config import parse
+    from kojin_pg.db import Database, Listener
+
+    monkeypatch.setattr(kojin_pg.db.listener, "BACKLOG_MAX", 50)
+    db = Database(parse(db_url))
+    listener = Listener(db, "kojin_test_flood", role="results")
+    try:
+        assert listener.ensure()
+        assert listener.wait(0.0) is not None  # nothing missed so far
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute("SELECT pg_notify('kojin_test_flood', g::text)"
+                         " FROM generate_series(1, 200) AS g")
+        deadline = time.monotonic() + 10  # well within IDLE_SECONDS (30 s)
+        while listener.listening and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not listener.listening
+        assert listener.wait(0.0) is None  # listening again, and told it may have missed some
+        assert listener.listening
+    finally:
+        listener.close()
+        db.close()
+
+
 # -- item 2: queue arguments and message expiry, as on RabbitMQ ------------------------------
 
 def queue_rows(db_url: str, queue: str) -> int:

@@ -12,9 +12,9 @@ buffers are full the server can no longer hand it notifications, the queue's tai
 and at 100% usage every notifying commit in the database fails. So while no thread waits on a
 listener, this process's sweeper thread reads its socket as data arrives and keeps what it
 hears (up to :data:`BACKLOG_MAX` payloads, beyond which it reports a possible miss), and after
-:data:`IDLE_SECONDS` without a waiter it UNLISTENs (the session stays open; the next wait
-listens again and reports a possible miss). Listeners watched by an event loop
-(:meth:`Listener.watch`) are read by the loop and left alone.
+:data:`IDLE_SECONDS` without a waiter, or at once when it heard more than the backlog keeps, it
+UNLISTENs (the session stays open; the next wait listens again and reports a possible miss).
+Listeners watched by an event loop (:meth:`Listener.watch`) are read by the loop and left alone.
 
 LISTEN needs a session of its own: behind a transaction pooler it connects to ``listen_url``
 (a direct URL to the server); without one it turns itself off with a warning, and its callers
@@ -68,6 +68,9 @@ class _Session:
         self.backlog: set[str] = set()
         #: Announcements may have been missed since the last wait.
         self.missed = False
+        #: More was heard than the backlog keeps: hearing more is of no use until a waiter
+        #: comes (it reads what it waits for), so the sweeper pauses the session at once.
+        self.overflowed = False
         #: Told when the session is paused for idling (its advisory locks given back).
         self.on_pause: Callable[[], None] | None = None
         self.retry_at = 0.0
@@ -80,6 +83,7 @@ class _Session:
         if len(self.backlog) > BACKLOG_MAX:
             self.backlog.clear()
             self.missed = True
+            self.overflowed = True
 
 
 class Listener:
@@ -228,6 +232,7 @@ class Listener:
                 s.waiting -= 1
                 s.last_used = time.monotonic()
         with s.lock:
+            s.overflowed = False  # a waiter came: what overflowed is reported to it now
             if s.missed:
                 s.missed = False
                 return None
@@ -272,7 +277,9 @@ def _idle(s: _Session, now: float) -> bool:
 
 def _sweep(s: _Session, now: float, readable: bool) -> None:
     """Read what an idle listener was sent (keeping it for the next waiter), and UNLISTEN it
-    once it has idled :data:`IDLE_SECONDS`."""
+    once it has idled :data:`IDLE_SECONDS`, or as soon as it has heard more than its backlog
+    keeps (a flood of announcements: reading them all would cost this process CPU for nothing,
+    and falling behind would hold back the notification queue)."""
     if not s.lock.acquire(blocking=False):
         return  # in use right now: not idle
     try:
@@ -280,19 +287,20 @@ def _sweep(s: _Session, now: float, readable: bool) -> None:
             return
         assert s.conn is not None
         try:
-            if now - s.last_used >= IDLE_SECONDS:
+            if readable and now - s.last_used < IDLE_SECONDS:
+                pgconn = s.conn.pgconn
+                pgconn.consume_input()
+                while not s.overflowed and (n := pgconn.notifies()) is not None:
+                    s.keep(n.extra.decode())
+            if s.overflowed or now - s.last_used >= IDLE_SECONDS:
                 s.conn.execute("UNLISTEN *")  # psycopg reads what was sent meanwhile
                 s.conn.execute("SELECT pg_advisory_unlock_all()")
                 if s.on_pause is not None:
                     s.on_pause()
                 s.listening = False
                 s.missed = True  # announcements from now on are not heard
+                s.overflowed = False
                 s.backlog.clear()
-            elif readable:
-                pgconn = s.conn.pgconn
-                pgconn.consume_input()
-                while (n := pgconn.notifies()) is not None:
-                    s.keep(n.extra.decode())
         except (psycopg.Error, OSError):
             _drop(s)
             s.missed = True
