@@ -111,3 +111,14 @@ def test_built_wheel_ships_sql_and_migrates(tmp_path, empty_db_url):
     assert out.returncode == 0, out.stderr
     with psycopg.connect(empty_db_url) as conn:
         assert schema.current_version(conn, "kojin") == schema.latest_version()
+
+
+def test_a_server_older_than_postgresql_14_is_refused_by_name(db_url):
+    """Result reads use pg_column_compression (PostgreSQL 14): an older server would fail
+    every get with an unknown function; it is refused up front, naming both versions."""
+    from kojin_pg.db.schema import check_server_version
+
+    with psycopg.connect(db_url) as conn:
+        check_server_version(conn.info.server_version, "postgresql://u@h/db")  # this one runs
+    with pytest.raises(SchemaError, match=r"needs PostgreSQL 14 or newer.*is PostgreSQL 13\.12"):
+        check_server_version(130012, "postgresql://u@h/db")

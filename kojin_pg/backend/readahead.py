@@ -33,7 +33,7 @@ SENT_MAX = 2000
 KEPT_MAX = 1000
 #: The most task ids read ahead with one read.
 WINDOW_MAX = 64
-#: The largest stored result (value, traceback and children, as stored) that is read ahead.
+#: The largest result that is read ahead: every column a read returns, as stored, uncompressed.
 KEPT_BYTES_MAX = 2000
 
 

@@ -84,6 +84,20 @@ def _apply(conn: psycopg.Connection[Any], schema: str, m: Migration) -> None:
     )
 
 
+#: The oldest PostgreSQL kojin_pg runs on (``server_version_num``): 14 has the functions the
+#: result reads need (``pg_column_compression``); every release still supported upstream has it.
+MIN_SERVER_VERSION = 140000
+
+
+def check_server_version(server_version: int, safe_url: str) -> None:
+    """Refuse a server older than :data:`MIN_SERVER_VERSION` with an error that says so."""
+    if server_version < MIN_SERVER_VERSION:
+        major, minor = divmod(server_version, 10000)
+        raise SchemaError(
+            f"kojin_pg needs PostgreSQL {MIN_SERVER_VERSION // 10000} or newer; the server at "
+            f"{safe_url} is PostgreSQL {major}.{minor}")
+
+
 def ensure_schema(db: Database, *, retry: bool = True) -> None:
     """Make sure the schema is current: migrate if allowed, else raise a clear SchemaError.
 
@@ -91,6 +105,7 @@ def ensure_schema(db: Database, *, retry: bool = True) -> None:
     settings: Settings = db.settings
 
     def work(conn: psycopg.Connection[Any]) -> None:
+        check_server_version(conn.info.server_version, settings.safe_url)
         version = current_version(conn, settings.schema)
         if version == latest_version():
             return
