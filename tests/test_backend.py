@@ -607,12 +607,13 @@ def test_results_read_ahead_are_final_and_given_out_once(backend, result_reads):
     backend.mark_as_done(first.id, "first")
     backend.store_result(running.id, None, states.STARTED)
     backend.mark_as_done(done.id, "done")
-    for _ in range(3):  # until the window reaches both
-        assert backend.app.AsyncResult(first.id).get(timeout=10) == "first"
+    assert first.get(timeout=10) == "first"
+    assert result_reads[-1]["ahead"] == [running.id]
     kept = backend.result_consumer.readahead
     assert kept.take(running.id) is None  # a state that may change is never kept
     backend.mark_as_done(running.id, "finished later")
-    assert running.get(timeout=10) == "finished later"
+    assert running.get(timeout=10) == "finished later"  # reads ``done`` ahead
+    assert result_reads[-1]["ahead"] == [done.id]
     reads = len(result_reads)
     assert done.get(timeout=10) == "done"
     assert len(result_reads) == reads  # read ahead: no statement
