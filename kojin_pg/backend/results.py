@@ -183,10 +183,9 @@ class PostgresBackend(AsyncBackendMixin, BaseBackend):
         """The row of ``task_id`` (none: not stored, or expired) and those of the final results
         of ``ahead`` stored in at most ``max_bytes`` (see :mod:`.readahead`): the read of a
         wait that takes and gives back no wait slot, so any session may run it."""
-        return self._fetchall(self.queries.wait_and_read, {
-            "wait_space": self.wait_space, "writing_space": self.writing_space, "take": [],
-            "release": [], "task_id": task_id, "ahead": ahead, "max_bytes": max_bytes,
-        }, "read_and_read_ahead")
+        return self._fetchall(self.queries.wait_and_read,
+                              self.result_consumer.slots.read_params(task_id, ahead, max_bytes),
+                              "read_and_read_ahead")
 
     def _get_task_meta_for(self, task_id: str) -> dict[str, Any]:
         row = self._fetchone(self.queries.get_result, {"task_id": task_id}, "get_result")

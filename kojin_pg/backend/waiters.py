@@ -136,12 +136,19 @@ class WaitSlots:
         with the final results of ``ahead`` stored in at most ``max_bytes`` (see
         :mod:`.readahead`)."""
         take, release = self._changes()
-        rows = conn.execute(self.queries.wait_and_read, {
-            "wait_space": self.space, "writing_space": self.writing_space, "take": take,
-            "release": release, "task_id": task_id, "ahead": ahead, "max_bytes": max_bytes,
-        }).fetchall()
+        rows = conn.execute(self.queries.wait_and_read,
+                            self.read_params(task_id, ahead, max_bytes, take, release)).fetchall()
         self._changed(take, release)
         return rows
+
+    def read_params(self, task_id: str, ahead: list[str], max_bytes: int,
+                    take: list[int] | None = None,
+                    release: list[int] | None = None) -> dict[str, Any]:
+        """The parameters of ``wait_and_read``; with no slots to take or give back it is a
+        plain read (and read ahead) that any session may run."""
+        return {"wait_space": self.space, "writing_space": self.writing_space,
+                "take": take or [], "release": release or [], "task_id": task_id,
+                "ahead": ahead, "max_bytes": max_bytes}
 
     def _changes(self) -> tuple[list[int], list[int]]:
         """The slots to take and to give back for the session to hold what is waited for."""
