@@ -2,11 +2,10 @@
 
 When Celery drives the transport through its event loop, a claim runs on the claim thread
 (:mod:`kojin_pg.transport.claimer`), not on the loop. These tests stall a claim in the
-database the real way: another session holds ``kojin.dead_letters`` in SHARE mode. The claim
-statement also writes that table (it buries messages delivered too often), so PostgreSQL makes
-every claim wait for that lock before it runs, while publishes, acks, hand-backs and consumer
-(de)registration, which never write that table, go on. The tests watch what the loop does
-meanwhile, then release the lock.
+database the real way: another session holds an advisory lock, and a trigger on
+``kojin.messages`` (in the test's own database) makes every claim statement wait for it, while
+publishes, acks, hand-backs and consumer (de)registration, which are other statements, go on.
+The tests watch what the loop does meanwhile, then release the lock.
 
 Every wait is bounded; the assertions compare the order of events, never durations.
 """
@@ -96,12 +95,22 @@ def recording_transport(events: Events,
 
 
 class Stall:
-    """Another session holding ``kojin.dead_letters`` in SHARE mode: every claim waits."""
+    """Another session holding an advisory lock that every claim waits for (a trigger on
+    ``kojin.messages``, in this test's own database, makes each claim statement take it)."""
+
+    KEY = 4242
 
     def __init__(self, db_url: str) -> None:
-        self.holder = psycopg.connect(db_url)
-        self.holder.execute("LOCK TABLE kojin.dead_letters IN SHARE MODE")
         self.watcher = psycopg.connect(db_url, autocommit=True)
+        self.watcher.execute(
+            "CREATE FUNCTION kojin.stall_claims() RETURNS trigger LANGUAGE plpgsql AS $$ "
+            "BEGIN IF current_query() LIKE '%WITH acked AS (%' THEN "
+            f"PERFORM pg_advisory_xact_lock_shared({self.KEY}); END IF; RETURN NULL; END $$")
+        self.watcher.execute(
+            "CREATE TRIGGER stall_claims BEFORE UPDATE ON kojin.messages "
+            "FOR EACH STATEMENT EXECUTE FUNCTION kojin.stall_claims()")
+        self.holder = psycopg.connect(db_url)
+        self.holder.execute("SELECT pg_advisory_xact_lock(%s)", (self.KEY,))
         self.released = False
 
     def claims_waiting(self) -> int:

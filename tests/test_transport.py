@@ -174,6 +174,33 @@ def test_max_deliveries_moves_to_dead_letters(db_url):
     assert count(db_url) == 0
 
 
+def test_dead_and_revoked_messages_settled_on_the_way_do_not_shorten_a_batch(db_url):
+    """A claim that picks messages it must not deliver (dead, revoked) buries or drops them and
+    fills their places: a short batch would tell the consumer that the queue has ended."""
+    q = make_queue()
+    with Connection(kurl(db_url), transport_options={"max_deliveries": 2}) as conn:
+        ch = conn.channel()
+        q(ch).declare()
+        publish(conn, q, [{"i": i} for i in range(5)])
+        task_id = uuid.uuid4().hex
+        with psycopg.connect(db_url) as c:
+            ids = [r[0] for r in c.execute("SELECT id FROM kojin.messages WHERE queue = %s "
+                                           "ORDER BY id", (q.name,))]
+            c.execute("UPDATE kojin.messages SET delivery_count = 2 WHERE id = %s", (ids[0],))
+            c.execute("UPDATE kojin.messages SET revoked = true, task_id = %s WHERE id = %s",
+                      (task_id, ids[1]))
+        got = ch._claim([q.name], 3)
+        assert [p["properties"]["delivery_tag"] for p, _ in got] == ids[2:5]
+        with psycopg.connect(db_url) as c:
+            dead = c.execute("SELECT id, reason FROM kojin.dead_letters").fetchall()
+            revoked = c.execute("SELECT status FROM kojin.results WHERE task_id = %s",
+                                (task_id,)).fetchall()
+            left = c.execute("SELECT count(*) FROM kojin.messages WHERE id = ANY(%s)",
+                             (ids[:2],)).fetchone()[0]
+        assert dead == [(ids[0], "max_deliveries")]
+        assert revoked == [("REVOKED",)] and left == 0
+
+
 def test_priorities_then_fifo(db_url):
     q = make_queue()
     with Connection(kurl(db_url)) as conn:

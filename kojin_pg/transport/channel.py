@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: How many times one claim settles what it picked and could not deliver, and claims its
+#: places again, before it returns a short batch (the rest waits for the next claim).
+SETTLE_ROUNDS = 4
+
 
 class Channel(virtual.Channel):
     """A kombu channel whose queues are rows of one PostgreSQL table."""
@@ -185,15 +189,47 @@ class Channel(virtual.Channel):
 
     def _claim(self, queues: list[str], n: int) -> list[tuple[dict[str, Any], str]]:
         """Lease up to ``n`` messages of ``queues`` (applying recorded acks on the way);
-        return the deliverable ones as ``(payload, queue)``."""
+        return the deliverable ones as ``(payload, queue)``.
+
+        Messages the claim picked but must not deliver (dead or revoked) are settled by a
+        statement of their own, and their places in the batch claimed again: a message buried
+        on the way must not make the batch look short, as if the queue had ended."""
         t = self.connection
-        s = t.settings
         acks = t.acks.take()
+        t.ensure_ready()
+        with t.settling_leases():
+            try:
+                rows = self._claim_once(t, queues, n, acks)
+            except BaseException:
+                t.acks.give_back(acks)
+                raise
+            delivered, unsettled = self._deliverable(t, rows)
+            rounds = 0
+            while unsettled:
+                try:
+                    self._settle(t, unsettled)
+                    rounds += 1
+                    if len(delivered) >= n or rounds > SETTLE_ROUNDS:
+                        break
+                    more, unsettled = self._deliverable(
+                        t, self._claim_once(t, queues, n - len(delivered), []))
+                except Exception:
+                    if not delivered:
+                        raise
+                    # what is leased already is delivered; the next claim picks the rest again
+                    log.warning("kojin_pg: settling dead or revoked messages failed; "
+                                "the next claim settles them", exc_info=True)
+                    break
+                delivered += more
+            return delivered
+
+    def _claim_once(self, t: Transport, queues: list[str], n: int,
+                    acks: list[int]) -> list[tuple[Any, ...]]:
+        """One claim statement's rows (see the ``claim`` query)."""
+        s = t.settings
         params = {"acks": acks, "queues": queues, "n": n,
                   "max_deliveries": s.max_deliveries, "visibility_timeout": s.visibility_timeout,
-                  "consumer": t.consumer_id, "revoked_result": REVOKED_RESULT_JSON,
-                  "result_expires": REVOKED_RESULT_EXPIRES,
-                  "results_channel": results_channel(s.schema)}
+                  "consumer": t.consumer_id}
         attempts = 0
 
         def claim(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
@@ -204,30 +240,39 @@ class Channel(virtual.Channel):
                 t.release_orphans(conn, keep=acks)
             return conn.execute(t.queries.claim, params).fetchall()
 
-        t.ensure_ready()
-        with t.settling_leases():
-            try:
-                rows = t.consumer_db.run(claim, "claim")
-            except BaseException:
-                t.acks.give_back(acks)
-                raise
-            return self._deliverable(t, rows)
+        return t.consumer_db.run(claim, "claim")
 
-    def _deliverable(self, t: Transport,
-                     rows: list[tuple[Any, ...]]) -> list[tuple[dict[str, Any], str]]:
-        """A claim's rows as ``(payload, queue)``: dead ones logged, undecodable ones buried,
-        the time of the earliest scheduled message kept in :attr:`next_due`. ``t`` is the
-        transport the claim ran on (the loop may close this channel meanwhile)."""
+    def _settle(self, t: Transport, ids: list[int]) -> None:
+        """Bury the dead and drop the revoked of the messages a claim left unsettled.
+
+        Safe to retry after a lost connection: the statement takes each message again under
+        its row lock and only while it is still to be settled, so a second run after a first
+        that committed finds nothing, and the dead letter's insert ignores an id already
+        there."""
+        s = t.settings
+        rows = t.consumer_db.fetchall(t.queries.settle, {
+            "ids": ids, "max_deliveries": s.max_deliveries,
+            "revoked_result": REVOKED_RESULT_JSON, "result_expires": REVOKED_RESULT_EXPIRES,
+            "results_channel": results_channel(s.schema)}, "settle")
+        for msg_id, queue, count in rows:
+            log_event(log, logging.WARNING, DEAD_LETTER, message_id=msg_id, queue=queue,
+                      reason="max_deliveries", deliveries=count)
+
+    def _deliverable(self, t: Transport, rows: list[tuple[Any, ...]]
+                     ) -> tuple[list[tuple[dict[str, Any], str]], list[int]]:
+        """A claim's rows as ``(payload, queue)``, and the ids it left unsettled; undecodable
+        ones buried, the time of the earliest scheduled message kept in :attr:`next_due`.
+        ``t`` is the transport the claim ran on (the loop may close this channel meanwhile)."""
         delivered = []
+        unsettled: list[int] = []
         undecodable: list[tuple[int, str]] = []
         self.next_due = None
-        for msg_id, queue, payload, count, dead, _priority, due_in in rows:
+        for msg_id, queue, payload, count, unsettled_row, _priority, due_in in rows:
             if msg_id is None:  # when the earliest scheduled message of these queues is due
                 self.next_due = time.monotonic() + max(0.0, due_in)
                 continue
-            if dead:
-                log_event(log, logging.WARNING, DEAD_LETTER, message_id=msg_id, queue=queue,
-                          reason="max_deliveries", deliveries=count)
+            if unsettled_row:
+                unsettled.append(msg_id)
                 continue
             problem = why_malformed(payload) or self._decode_body(payload)
             if problem:
@@ -247,7 +292,7 @@ class Channel(virtual.Channel):
             self.dead_letter([msg_id], "undecodable", problem)
         if delivered:
             t.leases.start()
-        return delivered
+        return delivered, unsettled
 
     def _decode_body(self, payload: dict[str, Any]) -> str | None:
         """Decode the body here, as kombu's Message would (leaving it nothing to decode), so a

@@ -86,10 +86,12 @@ SELECT pg_notify(%(channel)s, queue) FROM (SELECT DISTINCT queue FROM sent) q WH
 -- name: claim
 -- Apply pending acks, then lease up to n deliverable messages of the given queues: ready ones
 -- in priority then FIFO order, and scheduled ones now due, skipping rows other consumers are
--- claiming. A message already delivered max_deliveries times goes to the dead letters instead
--- (returned with dead = true, payload NULL); one revoked while leased is dropped (its result
--- becomes REVOKED). One more row, with id NULL, says in how many seconds the earliest
--- scheduled message of these queues is due (none: no such row).
+-- claiming. A picked message that is not to be delivered (delivered max_deliveries times, or
+-- revoked) is left as it is and returned with unsettled = true, payload NULL, for the caller to
+-- settle (see settle): burying and dropping here would cost every claim the work of opening the
+-- dead letters and results (about a fifth of a claim's round trip), for rows that are rare.
+-- One more row, with id NULL, says in how many seconds the earliest scheduled message of these
+-- queues is due (none: no such row).
 WITH acked AS (
     -- acks collected since the last claim, applied in the same round trip
     DELETE FROM {schema}.messages WHERE id = ANY(%(acks)s::bigint[])
@@ -122,12 +124,51 @@ WITH acked AS (
     SELECT * FROM ready UNION ALL SELECT * FROM due
     ORDER BY priority DESC, id
     LIMIT %(n)s
-), dead AS (
+), claimed AS (
     -- id = ANY(ARRAY(...)), not a join: the plan is made once per session (generic), and a
     -- join planned for an unknown batch size can turn into a scan of the whole table
-    DELETE FROM {schema}.messages m
+    UPDATE {schema}.messages m
+    SET visible_at = now() + make_interval(secs => %(visibility_timeout)s),
+        delivery_count = m.delivery_count + 1,
+        leased_by = %(consumer)s,
+        due_at = NULL,      -- leased now: from here on like any other message
+        unique_key = NULL   -- no longer queued: the same key may be enqueued again
     WHERE m.id = ANY(ARRAY(SELECT id FROM picked
-                           WHERE delivery_count >= %(max_deliveries)s AND NOT revoked))
+                           WHERE delivery_count < %(max_deliveries)s AND NOT revoked))
+    RETURNING m.id, m.queue, m.payload, m.delivery_count, m.priority
+), next_due AS (
+    SELECT min(d.due_at) AS at
+    FROM unnest(%(queues)s::text[]) AS q(name)
+    CROSS JOIN LATERAL (
+        SELECT due_at FROM {schema}.messages
+        WHERE queue = q.name AND due_at > now()
+        ORDER BY due_at LIMIT 1
+    ) d
+)
+SELECT id, queue, payload, delivery_count, false AS unsettled, priority, NULL::float8 AS due_in
+FROM claimed
+UNION ALL
+SELECT id, NULL, NULL, delivery_count, true, priority, NULL FROM picked
+WHERE delivery_count >= %(max_deliveries)s OR revoked
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, extract(epoch FROM at - now())::float8
+FROM next_due WHERE at IS NOT NULL
+ORDER BY unsettled, priority DESC, id;
+
+-- name: settle
+-- The messages a claim left unsettled: one delivered max_deliveries times goes to the dead
+-- letters (returned), one revoked is dropped (its result becomes REVOKED). Each is taken again
+-- under its row lock, as a claim would take it (deliverable now, nobody else's lease), so one
+-- that another consumer settled or leased meanwhile is left alone.
+WITH picked AS (
+    SELECT id, delivery_count, revoked FROM {schema}.messages
+    WHERE id = ANY(%(ids)s::bigint[]) AND visible_at <= now()
+      AND (expires_at IS NULL OR expires_at > now())
+      AND (delivery_count >= %(max_deliveries)s OR revoked)
+    FOR UPDATE SKIP LOCKED
+), dead AS (
+    DELETE FROM {schema}.messages m
+    WHERE m.id = ANY(ARRAY(SELECT id FROM picked WHERE NOT revoked))
     RETURNING m.*
 ), buried AS (
     INSERT INTO {schema}.dead_letters
@@ -149,33 +190,8 @@ WITH acked AS (
         date_done = excluded.date_done, expires_at = excluded.expires_at
     WHERE r.status NOT IN ('SUCCESS', 'FAILURE', 'REVOKED')
     RETURNING pg_notify(%(results_channel)s, r.task_id)  -- wakes whoever waits for it
-), claimed AS (
-    UPDATE {schema}.messages m
-    SET visible_at = now() + make_interval(secs => %(visibility_timeout)s),
-        delivery_count = m.delivery_count + 1,
-        leased_by = %(consumer)s,
-        due_at = NULL,      -- leased now: from here on like any other message
-        unique_key = NULL   -- no longer queued: the same key may be enqueued again
-    WHERE m.id = ANY(ARRAY(SELECT id FROM picked
-                           WHERE delivery_count < %(max_deliveries)s AND NOT revoked))
-    RETURNING m.id, m.queue, m.payload, m.delivery_count, m.priority
-), next_due AS (
-    SELECT min(d.due_at) AS at
-    FROM unnest(%(queues)s::text[]) AS q(name)
-    CROSS JOIN LATERAL (
-        SELECT due_at FROM {schema}.messages
-        WHERE queue = q.name AND due_at > now()
-        ORDER BY due_at LIMIT 1
-    ) d
 )
-SELECT id, queue, payload, delivery_count, false AS dead, priority, NULL::float8 AS due_in
-FROM claimed
-UNION ALL
-SELECT id, queue, NULL, delivery_count, true, priority, NULL FROM dead
-UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, extract(epoch FROM at - now())::float8
-FROM next_due WHERE at IS NOT NULL
-ORDER BY dead, priority DESC, id;
+SELECT id, queue, delivery_count FROM dead;
 
 -- name: ack
 -- Acknowledged messages are done: delete them.
