@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -60,7 +61,8 @@ def start_worker(d: str, pool: str, conc: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "potatoq", "-A", "benchapp", "--no-color", "--no-emoji", "worker",
          "-P", pool, "-c", conc, "-l", "warning"],
-        env=env, cwd=d, stdout=open(os.path.join(d, "w.log"), "w"), stderr=subprocess.STDOUT)
+        env=env, cwd=d, start_new_session=True,  # killed with its pool's processes if stuck
+        stdout=open(os.path.join(d, "w.log"), "w"), stderr=subprocess.STDOUT)
 
 
 def measure(benchapp: Any, n_tp: int, n_lat: int) -> dict[str, Any]:
@@ -120,7 +122,7 @@ def main(argv: list[str]) -> int:
         try:
             w.wait(30)
         except subprocess.TimeoutExpired:
-            w.kill()
+            os.killpg(w.pid, signal.SIGKILL)
             w.wait(10)
     print(json.dumps(dict(broker="potatoq+" + broker.split(":")[0], backend="potatoq", pool=pool,
                           **figures)))
