@@ -4,12 +4,19 @@ Issue 12's target: the result backend's one-by-one ``get`` (``get_per_s`` of ben
 reaches >= 0.95x of what the same server does for a one-row primary-key read from one client
 with prepared statements, in the same run; Redis's ``get`` is reported beside it. pgbench runs
 in its own database (``pgbench -i`` at scale 1), ``--repeat`` times, median with spread.
+
+pgbench is a C client. Beside it runs the same read from Python: pgbench's own statement on one
+psycopg connection, prepared, one by one (:func:`psycopg_select`). That is as fast as any
+psycopg client can read one row, so it says how much of the gap is the client's language and
+driver and how much is kojin_pg's (and Celery's) work on top.
 """
 
 from __future__ import annotations
 
+import random
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +62,26 @@ def pgbench_select(db: str, seconds: int) -> dict[str, float]:
     raise RuntimeError(f"pgbench -S failed: {out.stderr[-1000:]}")
 
 
+def psycopg_select(db: str, seconds: int) -> dict[str, float]:
+    """pgbench -S's statement from Python: one psycopg connection, autocommit, prepared, a
+    random account each time, for ``seconds``: ``{"tps": ...}``."""
+    import psycopg
+
+    try:
+        with psycopg.connect(db, autocommit=True) as conn:
+            accounts = conn.execute("SELECT count(*) FROM pgbench_accounts").fetchone()[0]
+            done, started = 0, time.perf_counter()
+            deadline = started + seconds
+            while time.perf_counter() < deadline:
+                for _ in range(100):
+                    conn.execute("SELECT abalance FROM pgbench_accounts WHERE aid = %s",
+                                 (random.randint(1, accounts),), prepare=True).fetchone()
+                done += 100
+            return {"tps": done / (time.perf_counter() - started)}
+    except psycopg.Error as exc:
+        raise RuntimeError(f"the psycopg read failed: {exc}") from exc
+
+
 def get_limit(db: str, backend_rows: dict[str, Any], repeat: int, quick: bool,
               median_runs: MedianRuns) -> dict[str, Any]:
     """pgbench -S in ``db`` (a fresh database), compared with the backend section's gets."""
@@ -64,22 +91,31 @@ def get_limit(db: str, backend_rows: dict[str, Any], repeat: int, quick: bool,
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
         print(f"\n(pgbench -S skipped: {str(exc).splitlines()[0]})")
         return {"error": str(exc)[-500:]}
-    limit = median_runs(repeat, lambda: pgbench_select(db, seconds))
+    # each repeat runs both, one after the other, so a slow stretch of the machine hits both
+    both = median_runs(repeat, lambda: {"tps": pgbench_select(db, seconds)["tps"],
+                                        "py_tps": psycopg_select(db, seconds)["tps"]})
+    limit = {"tps": both.get("tps"), "tps_spread": both.get("tps_spread")}
+    python = {"tps": both.get("py_tps"), "tps_spread": both.get("py_tps_spread")}
     kojin, redis = backend_rows.get("kojin"), backend_rows.get("redis aof")
     as_get = {"get_per_s": limit.get("tps"), "get_per_s_spread": limit.get("tps_spread")}
+    python_as_get = {"get_per_s": python.get("tps"),
+                     "get_per_s_spread": python.get("tps_spread")}
     out: dict[str, Any] = {
         "command": f"pgbench -S -c1 -M prepared -T {seconds}",
         "pgbench_S_tps": limit.get("tps"), "pgbench_S_tps_spread": limit.get("tps_spread"),
+        "psycopg_S_tps": python.get("tps"), "psycopg_S_tps_spread": python.get("tps_spread"),
+        "psycopg_vs_pgbench": _round(ratio(python_as_get, as_get, "get_per_s")),
         "kojin_get_per_s": value(kojin, "get_per_s"),
         "kojin_get_per_s_spread": (kojin or {}).get("get_per_s_spread"),
         "redis_get_per_s": value(redis, "get_per_s"),
         "redis_get_per_s_spread": (redis or {}).get("get_per_s_spread"),
         "kojin_vs_pgbench": _round(ratio(kojin, as_get, "get_per_s")),
         "redis_vs_pgbench": _round(ratio(redis, as_get, "get_per_s")),
+        "kojin_vs_psycopg": _round(ratio(kojin, python_as_get, "get_per_s")),
         "kojin_vs_redis": _round(ratio(kojin, redis, "get_per_s")),
     }
-    if "error" in limit:
-        out["error"] = limit["error"]
+    if "error" in both:
+        out["error"] = both["error"]
     print_limit(out, repeat)
     return out
 
@@ -93,6 +129,11 @@ def print_limit(r: dict[str, Any], repeat: int) -> None:
         return
     print(f"pgbench -S        {tps:>10,.0f} tps     "
           f"{fmt_spread({'t': tps, 't_spread': r['pgbench_S_tps_spread']}, 't')}")
+    py = r.get("psycopg_S_tps")
+    if py is not None:
+        print(f"psycopg, same read{py:>10,.0f} /s      "
+              f"{fmt_spread({'p': py, 'p_spread': r['psycopg_S_tps_spread']}, 'p'):<18}"
+              f" {r['psycopg_vs_pgbench']:.2f}x of pgbench -S (a Python client's ceiling)")
     for name, key in (("kojin get", "kojin"), ("redis get", "redis")):
         v = r.get(f"{key}_get_per_s")
         if v is None:
@@ -103,6 +144,8 @@ def print_limit(r: dict[str, Any], repeat: int) -> None:
         if key == "kojin":
             line += f" (target >= {TARGET:.2f}x: {'met' if r['kojin_vs_pgbench'] >= TARGET else 'NOT met'})"
         print(line)
+    if r.get("kojin_vs_psycopg") is not None:
+        print(f"kojin get is {r['kojin_vs_psycopg']:.2f}x the psycopg read")
     if r.get("kojin_vs_redis") is not None:
         print(f"kojin get is {r['kojin_vs_redis']:.2f}x Redis get")
 

@@ -104,6 +104,9 @@ def get_limit(data: Mapping[str, Any], table: Table) -> str | None:
     limit = {"v": g["pgbench_S_tps"], "v_spread": g.get("pgbench_S_tps_spread")}
     rows = [["single get, one client", "per s", "÷ pgbench -S"],
             [g.get("command", "pgbench -S"), cell(limit, "v"), "1.00"]]
+    if g.get("psycopg_S_tps") is not None:
+        py = {"v": g["psycopg_S_tps"], "v_spread": g.get("psycopg_S_tps_spread")}
+        rows.append(["the same read from psycopg", cell(py, "v"), ratio_cell(py, limit, "v")])
     for name, key in (("kojin_pg get", "kojin"), ("Redis get", "redis")):
         v = g.get(f"{key}_get_per_s")
         if v is None:
@@ -111,6 +114,9 @@ def get_limit(data: Mapping[str, Any], table: Table) -> str | None:
         r = {"v": v, "v_spread": g.get(f"{key}_get_per_s_spread")}
         rows.append([name, cell(r, "v"), ratio_cell(r, limit, "v")])
     text = table(rows)
+    if g.get("kojin_vs_psycopg") is not None:
+        text += (f"\n\nkojin_pg's get is {g['kojin_vs_psycopg']:.2f}x the same read from "
+                 "psycopg (one connection, prepared), the most a psycopg client reaches.")
     if g.get("kojin_vs_redis") is not None:
         text += f"\n\nkojin_pg's get is {g['kojin_vs_redis']:.2f}x Redis's in the same run."
     return text
