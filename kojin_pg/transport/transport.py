@@ -108,7 +108,8 @@ class Transport(virtual.Transport):
         These commit with ``synchronous_commit = off``: a PostgreSQL crash can lose the last
         fraction of a second of them, and then a message is delivered once more, which
         at-least-once delivery allows. Publishes never go through here. Its statements are
-        planned once per session (the claim would otherwise be planned on every call).
+        planned once per session (the claim would otherwise be planned on every call), and
+        never as a scan of a whole table (see :class:`~kojin_pg.db.Database`).
         """
         return Database(self.settings, role="kojin_pg.consumer", synchronous_commit="off",
                         generic_plans=True,
