@@ -137,7 +137,11 @@ class Database:
             # A plan made once is kept while the table grows and shrinks under it: one made
             # while the messages table was nearly empty found rows by id with a scan of the
             # whole table, and went on scanning it (up to 700 pages a claim on a stock
-            # server). Every statement of these sessions has an index for its rows.
+            # server). Claims, acks, lease renewals and hand-backs have an index for their
+            # rows. A statement that has none (a sweep of the small queues and consumers
+            # tables, handing back all of a consumer's leases) still scans, and costs
+            # about the same: at 300,000 queued on a stock server, 45 against 49 ms with JIT off,
+            # as in every session here (with JIT on it compiled the penalized plan: 340 ms).
             settings["enable_seqscan"] = "off"
         set_session(conn, settings)
 
