@@ -474,22 +474,24 @@ def test_consumer_plans_made_on_an_empty_table_never_scan_it(db_url):
                       "consumer": "plan-test", "max_deliveries": 5},
             "ack": {"ids": [1, 2]}}
 
+    queries = Queries("broker", "kojin")
+    statements = {name: getattr(queries, name) for name in args}
+
     def plans_after_growth(conn: psycopg.Connection) -> dict[str, list[str]]:
-        queries = Queries("broker", "kojin")
         for name, params in args.items():  # prepared now, planned on a nearly empty table
-            conn.execute(getattr(queries, name), params, prepare=True)
+            conn.execute(statements[name], params, prepare=True)
         with psycopg.connect(db_url, autocommit=True) as other:
             other.execute("INSERT INTO kojin.messages (queue, payload) "
                           "SELECT 'q_plan_other', '{}' FROM generate_series(1, 5000)")
         plans = {}
         for name, params in args.items():
-            head = getattr(queries, name).as_string(conn).split("%(")[0]
+            head = statements[name].as_string(conn).split("%(")[0]
             prepared, types = conn.execute(
                 "SELECT name, parameter_types::text[] FROM pg_prepared_statements "
                 "WHERE starts_with(statement, %s)", (head,)).fetchone()
             values = sql.SQL(", ").join(
                 sql.SQL("{}::{}").format(sql.Literal(v), sql.SQL(t))
-                for v, t in zip(_first_use_order(getattr(queries, name), params), types,
+                for v, t in zip(_first_use_order(statements[name], params), types,
                                 strict=True))
             plans[name] = [row[0] for row in conn.execute(sql.SQL(
                 "EXPLAIN EXECUTE {}({})").format(sql.Identifier(prepared), values))]
