@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ import psutil
 import psycopg
 
 from bench.__main__ import make_db, start_servers, stop_servers
+from bench.processes import stop_group
 from bench.scale import claim_ack_latencies
 
 HERE = Path(__file__).resolve().parent
@@ -112,13 +112,7 @@ class Worker:
             return 0.0
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(30)
+        stop_group(self.proc, grace=60)
 
 
 def pct(values: list[float], p: float) -> float:

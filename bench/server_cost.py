@@ -64,6 +64,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from bench.processes import stop_group
 from bench.servers import describe, destroy, start_postgres
 
 HERE = Path(__file__).resolve().parent
@@ -170,13 +171,7 @@ def client(url: str, n: int) -> None:
              worker_cpu_s=(wcpu1 - wcpu0) if wcpu0 is not None and wcpu1 is not None else None)
         _expect("stop")
     finally:
-        if worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
-                worker.wait(10)
+        stop_group(worker, grace=60)
 
 
 def _say(**fields: Any) -> None:

@@ -52,6 +52,8 @@ from pathlib import Path
 
 import psycopg
 
+from bench.processes import stop_group
+
 APP = textwrap.dedent("""
     import os
     import time
@@ -333,13 +335,8 @@ class Soak:
             self.stop_worker()
         finally:
             for p in (idler, self.worker):
-                if p is not None and p.poll() is None:
-                    os.killpg(p.pid, signal.SIGTERM)
-                    try:
-                        p.wait(120)
-                    except subprocess.TimeoutExpired:
-                        os.killpg(p.pid, signal.SIGKILL)
-                        p.wait()
+                if p is not None:
+                    stop_group(p, grace=120)
         return self.summary(idler)
 
     def summary(self, idler: subprocess.Popen) -> dict:
