@@ -1,6 +1,7 @@
 """Soak: mixed load plus a real deployment's churn for a while; everything must stay bounded.
 
-usage: python -m bench.soak [MINUTES] [URL] [--json]   (default 30 minutes, embedded server)
+usage: python -m bench.soak [MINUTES] [URL] [--stock] [--json]   (default 30 minutes, embedded
+server; ``--stock``: a stock apt PostgreSQL at its default settings, see bench/servers.py)
 
 Load: a ``celery worker`` (threads, c=4, ``-E``) and a producer thread sending groups of 20 and
 chords of 20 back to back and waiting for each, with ``result_expires`` 20 s and
@@ -30,7 +31,9 @@ mean of the last quarter of the samples over the mean of the third quarter; a qu
 *bounded* if that factor is at most 1.25 or if the last quarter never exceeds the first half's
 maximum by more than a little noise (10 rows, 1 MiB): a swing, not a climb. Then: long chord
 bodies fired vs sent (each exactly once), worker restarts, monitors and pings that succeeded,
-producer errors, and the maximum NOTIFY queue usage (it must stay 0). ``--json`` prints each
+producer errors, the maximum NOTIFY queue usage (it must stay 0), and how often autovacuum
+visited messages and results during the run (not a verdict: dead tuples that vacuum does not
+remove show in the ``.dead`` rows). ``--json`` prints each
 sample and the summary as JSON lines instead. Worker logs stay in the printed work directory.
 Not part of the test suite; exits 1 if any verdict fails.
 """
@@ -53,6 +56,7 @@ from pathlib import Path
 import psycopg
 
 from bench.processes import stop_group
+from bench.servers import destroy, start_postgres
 
 APP = textwrap.dedent("""
     import os
@@ -124,6 +128,14 @@ def sample(url: str) -> dict[str, float]:
     return s
 
 
+def autovacuum_counts(url: str) -> dict[str, int]:
+    """How many times autovacuum has visited messages and results so far."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        return dict(conn.execute(
+            "SELECT relname, autovacuum_count FROM pg_stat_user_tables WHERE schemaname = "
+            "'kojin' AND relname IN ('messages', 'results')").fetchall())
+
+
 def verdicts(samples: list[dict[str, float]]) -> dict[str, dict]:
     """Per quantity: first-half max, second-half max, last, growth factor, bounded."""
     out = {}
@@ -166,6 +178,7 @@ class Soak:
         self.samples: list[dict[str, float]] = []
         self.worker: subprocess.Popen | None = None
         self.node = ""
+        self.autovacuums_at_start: dict[str, int] = {}
 
     def say(self, what: str) -> None:
         if not self.as_json:
@@ -319,6 +332,7 @@ class Soak:
     def run(self) -> dict:
         self.say(f"work directory {self.dir}")
         self.start_worker()
+        self.autovacuums_at_start = autovacuum_counts(self.url)
         idler = self.spawn(["-c", IDLER], self.dir / "idler.log")
         producer = threading.Thread(target=self.produce, daemon=True)
         producer.start()
@@ -359,6 +373,8 @@ class Soak:
             "pings": self.counts["pings"], "pings_answered": self.counts["pings_answered"],
             "idler_waited": idled, "producer_errors": self.counts["producer_errors"],
             "notify_usage_max": max((s["notify_usage"] for s in self.samples), default=0),
+            "autovacuums": {t: n - self.autovacuums_at_start.get(t, 0)
+                            for t, n in autovacuum_counts(self.url).items()},
             "errors": self.errors[:20],
         }
 
@@ -394,6 +410,8 @@ def report(summary: dict) -> None:
           f"{'waited once and idled' if summary['idler_waited'] else 'NEVER GOT ITS RESULT'}")
     print(f"producer errors: {summary['producer_errors']}; max NOTIFY queue usage: "
           f"{summary['notify_usage_max']}")
+    print("autovacuum runs during the soak: " + ", ".join(
+        f"{t} {n}" for t, n in sorted(summary["autovacuums"].items())))
     for e in summary["errors"]:
         print(f"error: {e}")
     print("verdict:", "everything bounded, every chord once" if ok(summary) else "FAILED")
@@ -404,22 +422,20 @@ def main() -> int:
         "\n")[0])
     parser.add_argument("minutes", nargs="?", type=float, default=30)
     parser.add_argument("url", nargs="?", default=os.environ.get("KOJIN_PG_URL"))
+    parser.add_argument("--stock", action="store_true",
+                        help="on a temporary stock apt PostgreSQL at its default settings")
     parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     args = parser.parse_args()
     # started in the background by a shell, this process ignores SIGINT, and so would every
     # child: the monitors' clean exit by SIGINT needs Python's handler back
     signal.signal(signal.SIGINT, signal.default_int_handler)
     server, url = None, args.url
-    if not url:
-        from kojin_pg.dev.embedded import temporary_server
-
-        server = temporary_server()
-        url = server.url
+    if args.stock or not url:
+        url, server = start_postgres(stock=args.stock, use_env=False)
     try:
         summary = Soak(url, args.minutes, args.json).run()
     finally:
-        if server is not None:
-            server.destroy()
+        destroy(server)
     if args.json:
         print(json.dumps(summary))
     else:
