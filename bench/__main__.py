@@ -57,9 +57,7 @@ def start_servers(stock: bool = False) -> tuple[str, Any, str | None, subprocess
 
 def stop_servers(server: Any, redis_proc: subprocess.Popen | None) -> None:
     """Stop what :func:`start_servers` started."""
-    if redis_proc is not None:
-        redis_proc.terminate()
-        redis_proc.wait(10)
+    stop_redis(redis_proc)
     from bench.servers import destroy
 
     destroy(server)
@@ -89,6 +87,16 @@ def start_redis() -> tuple[str | None, subprocess.Popen | None]:
     return f"redis://127.0.0.1:{port}/0", proc
 
 
+def stop_redis(proc: subprocess.Popen | None) -> None:
+    """Stop a Redis from :func:`start_redis` and delete its data directory (its AOF grows with
+    every run; left behind, a bench leaves megabytes in the temporary directory each time)."""
+    if proc is None:
+        return
+    proc.terminate()
+    proc.wait(10)
+    shutil.rmtree(proc.args[proc.args.index("--dir") + 1], ignore_errors=True)
+
+
 def make_db(admin_url: str, name: str) -> str:
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
@@ -116,12 +124,13 @@ def pgbench_insert_rate(url: str, clients: int, seconds: int = 10) -> float:
 
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS pgbench_insert (id bigint, v text)")
-    script = Path(tempfile.mkdtemp()) / "insert.sql"
-    script.write_text("\\set id random(1, 1000000000)\n"
-                      "INSERT INTO pgbench_insert VALUES (:id, 'x');\n")
-    out = subprocess.run([str(_bin_dir() / "pgbench"), "-n", "-f", str(script), "-c",
-                          str(clients), "-j", str(min(clients, 2)), "-T", str(seconds), url],
-                         capture_output=True, text=True, timeout=seconds + 120)
+    with tempfile.TemporaryDirectory() as d:
+        script = Path(d) / "insert.sql"
+        script.write_text("\\set id random(1, 1000000000)\n"
+                          "INSERT INTO pgbench_insert VALUES (:id, 'x');\n")
+        out = subprocess.run([str(_bin_dir() / "pgbench"), "-n", "-f", str(script), "-c",
+                              str(clients), "-j", str(min(clients, 2)), "-T", str(seconds), url],
+                             capture_output=True, text=True, timeout=seconds + 120)
     for line in out.stdout.splitlines():
         if line.startswith("tps ="):
             return float(line.split()[2])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -124,6 +125,7 @@ def main(argv: list[str]) -> int:
         except subprocess.TimeoutExpired:
             os.killpg(w.pid, signal.SIGKILL)
             w.wait(10)
+    shutil.rmtree(d, ignore_errors=True)  # a failed run keeps it: the worker's log
     print(json.dumps(dict(broker="potatoq+" + broker.split(":")[0], backend="potatoq", pool=pool,
                           **figures)))
     return 0

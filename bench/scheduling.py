@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -232,6 +233,7 @@ def scheduled_run(system: str, broker: str, backend: str, n: int, db: str | None
         sys.path.remove(str(appdir))
 
     runs = read_stamps(stamps)
+    shutil.rmtree(appdir, ignore_errors=True)  # a failed run keeps it: the workers' logs
     rows = [r for rs in runs.values() for r in rs]
     ids = [r[0] for r in rows]
     late = [r[2] - due for r in rows]

@@ -50,6 +50,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -172,6 +173,7 @@ def client(url: str, n: int) -> None:
         _expect("stop")
     finally:
         stop_group(worker, grace=60)
+    shutil.rmtree(d, ignore_errors=True)  # a failed run keeps it: the worker's log
 
 
 def _say(**fields: Any) -> None:
@@ -445,16 +447,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--stock", action="store_true")
     args = parser.parse_args(argv)
-    from bench.__main__ import start_redis
+    from bench.__main__ import start_redis, stop_redis
 
     redis_url, redis_proc = start_redis()
     try:
         redis = (redis_url, redis_proc.pid) if redis_url and redis_proc else None
         print(json.dumps(run(args.stock, args.quick, args.tasks, redis), default=str))
     finally:
-        if redis_proc is not None:
-            redis_proc.terminate()
-            redis_proc.wait(10)
+        stop_redis(redis_proc)
     return 0
 
 
