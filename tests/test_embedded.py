@@ -70,3 +70,15 @@ def test_a_file_or_the_root_is_refused(tmp_path):
         private_dir(tmp_path / "data")
     with pytest.raises(UnsafeDataDir, match="root directory"):
         private_dir("/")
+
+
+def test_a_temporary_server_leaves_nothing_behind():
+    """destroy() removes the temporary directory that temporary_server() made around the data
+    directory, not only the data directory (each test session and bench run made one)."""
+    from kojin_pg.dev.embedded import temporary_server
+
+    server = temporary_server()
+    root = server.data_dir.parent
+    assert root.name.startswith("kojin_pg_")
+    server.destroy()
+    assert not root.exists()

@@ -164,6 +164,9 @@ class EmbeddedServer:
         self.bin_dir = Path(bin_dir) if bin_dir else _bin_dir()
         self._run_as = SYSTEM_USER if os.geteuid() == 0 else None
         self.port: int | None = None
+        #: A directory made for this server around its data directory (by
+        #: :func:`temporary_server`): :meth:`destroy` deletes it too.
+        self.owned_dir: Path | None = None
 
     def __repr__(self) -> str:
         return f"<EmbeddedServer {self.data_dir} port={self.port}>"
@@ -280,9 +283,10 @@ class EmbeddedServer:
         self._wait_ready()
 
     def destroy(self) -> None:
-        """Stop the server immediately and delete its data directory."""
+        """Stop the server immediately and delete its data directory (and the directory
+        :func:`temporary_server` made around it)."""
         self.stop("immediate")
-        shutil.rmtree(self.data_dir, ignore_errors=True)
+        shutil.rmtree(self.owned_dir or self.data_dir, ignore_errors=True)
 
 
 def temporary_server(settings: Sequence[tuple[str, str]] = (),
@@ -290,5 +294,10 @@ def temporary_server(settings: Sequence[tuple[str, str]] = (),
     """A started server on a fresh temporary directory; call ``destroy()`` when done."""
     root = Path(tempfile.mkdtemp(prefix="kojin_pg_"))
     server = EmbeddedServer(root / "data", settings=settings, bin_dir=bin_dir)
-    server.start()
+    server.owned_dir = root
+    try:
+        server.start()
+    except BaseException:
+        server.destroy()
+        raise
     return server
