@@ -293,11 +293,14 @@ def test_bindings_list_and_prune_unused_queues(capsys, db_url):
 
 
 @pytest.mark.e2e
-def test_demo_runs_a_worker(db_url):
+def test_demo_runs_a_worker(db_url, tmp_path):
+    """The demo works, and a run that went well leaves no working directory behind."""
     out = subprocess.run([sys.executable, "-m", "kojin_pg.cli", "demo", "--url", db_url],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, TMPDIR=str(tmp_path)))
     assert out.returncode == 0, out.stderr
     assert "-> 5050" in out.stdout and "-> 42" in out.stdout
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_stats_warns_when_the_notify_queue_fills(capsys):

@@ -7,6 +7,7 @@ again afterwards unless it was already running): the one command allowed to star
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,6 +62,7 @@ def run_demo(url: str | None = None) -> int:
         env=env, cwd=str(workdir), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     os.environ["KOJIN_DEMO_URL"] = url
     sys.path.insert(0, str(workdir))
+    finished = False
     try:
         import kojin_demo  # type: ignore[import-not-found]
         from celery import chord, group
@@ -83,6 +85,7 @@ def run_demo(url: str | None = None) -> int:
               f"({(time.perf_counter() - t) * 1000:.1f} ms)")
         print("results are rows of kojin.results; try: SELECT task_id, status, result "
               "FROM kojin.results;")
+        finished = True
         return 0
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
@@ -90,5 +93,11 @@ def run_demo(url: str | None = None) -> int:
             worker.wait(20)
         except subprocess.TimeoutExpired:
             os.killpg(worker.pid, signal.SIGKILL)
+        log.close()
+        sys.path.remove(str(workdir))
+        if finished:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:  # the worker's log is the evidence
+            print(f"the demo's worker log: {workdir / 'worker.log'}", file=sys.stderr)
         if server is not None:
             server.stop()
