@@ -18,7 +18,8 @@ Celery app and the same real ``celery worker -P threads -c 4 --prefetch-multipli
 3. kojin_pg only: the claim+ack latency of 300 ready messages in a queue that also holds
    1,000,000 messages scheduled an hour ahead, against the same with none.
 
-Prints a table and writes bench/results/scheduling.json.
+Prints a table and writes bench/results/scheduling.json (a ``--quick``, ``--tasks``,
+``--only`` or ``--skip-claim`` run: last_scheduling_quick.json, not kept in git).
 """
 
 from __future__ import annotations
@@ -388,11 +389,15 @@ def main(argv: list[str] | None = None) -> int:
         stop_servers(server, redis_proc)
         out = HERE / "results"
         out.mkdir(exist_ok=True)
-        (out / "scheduling.json").write_text(json.dumps(results, indent=2, default=str))
+        # only the full run replaces the figures the README cites; a smaller or partial one
+        # goes beside them, not kept in git (as bench/__main__.py does for its parts)
+        full = not (args.quick or args.tasks or args.skip_claim or args.only)
+        raw = out / ("scheduling.json" if full else "last_scheduling_quick.json")
+        raw.write_text(json.dumps(results, indent=2, default=str))
     print_table(results)
     print(f"\nload average at start {results['load_avg_at_start']}, "
           f"at end {results['load_avg_at_end']}")
-    print(f"raw figures: {HERE / 'results' / 'scheduling.json'}")
+    print(f"raw figures: {raw}")
     return 0
 
 
