@@ -23,7 +23,7 @@ from typing import Any
 
 import psycopg
 
-from kojin_pg.dev.embedded import EmbeddedServer, private_dir
+from kojin_pg.dev.embedded import EmbeddedServer, private_dir, start_owning
 
 APT_ROOT = Path("/usr/lib/postgresql")
 #: the system user Debian's package creates; the stock server runs as it when we are root
@@ -71,9 +71,8 @@ def start_postgres(stock: bool = False, settings: Sequence[tuple[str, str]] = ()
     """(admin URL, server to ``destroy()`` or None): a temporary stock server with ``stock``,
     else KOJIN_PG_URL when set (and ``use_env``), else a temporary embedded server."""
     if stock:
-        server: Any = StockServer(Path(tempfile.mkdtemp(prefix="bench_stock_")) / "data",
-                                  settings)
-        server.start()
+        root = Path(tempfile.mkdtemp(prefix="bench_stock_"))
+        server: Any = start_owning(StockServer(root / "data", settings), root)
         return server.url, server
     admin = os.environ.get("KOJIN_PG_URL") if use_env else None
     if admin:
@@ -85,12 +84,10 @@ def start_postgres(stock: bool = False, settings: Sequence[tuple[str, str]] = ()
 
 
 def destroy(server: Any) -> None:
-    """Stop and delete a server from :func:`start_postgres` (None: nothing to do), and the
+    """Stop and delete a server from :func:`start_postgres` (None: nothing to do), with the
     temporary directory around its data directory."""
-    if server is None:
-        return
-    server.destroy()
-    shutil.rmtree(server.data_dir.parent, ignore_errors=True)
+    if server is not None:
+        server.destroy()
 
 
 def describe(admin_url: str, server: Any) -> dict[str, str]:

@@ -164,8 +164,8 @@ class EmbeddedServer:
         self.bin_dir = Path(bin_dir) if bin_dir else _bin_dir()
         self._run_as = SYSTEM_USER if os.geteuid() == 0 else None
         self.port: int | None = None
-        #: A directory made for this server around its data directory (by
-        #: :func:`temporary_server`): :meth:`destroy` deletes it too.
+        #: A directory made for this server around its data directory (see
+        #: :func:`start_owning`): :meth:`destroy` deletes it too.
         self.owned_dir: Path | None = None
 
     def __repr__(self) -> str:
@@ -284,7 +284,7 @@ class EmbeddedServer:
 
     def destroy(self) -> None:
         """Stop the server immediately and delete its data directory (and the directory
-        :func:`temporary_server` made around it)."""
+        made around it, see :func:`start_owning`)."""
         self.stop("immediate")
         shutil.rmtree(self.owned_dir or self.data_dir, ignore_errors=True)
 
@@ -293,7 +293,12 @@ def temporary_server(settings: Sequence[tuple[str, str]] = (),
                      bin_dir: Path | str | None = None) -> EmbeddedServer:
     """A started server on a fresh temporary directory; call ``destroy()`` when done."""
     root = Path(tempfile.mkdtemp(prefix="kojin_pg_"))
-    server = EmbeddedServer(root / "data", settings=settings, bin_dir=bin_dir)
+    return start_owning(EmbeddedServer(root / "data", settings=settings, bin_dir=bin_dir), root)
+
+
+def start_owning(server: EmbeddedServer, root: Path) -> EmbeddedServer:
+    """Start ``server``, whose data directory lies in ``root``, a directory made for it: its
+    ``destroy()`` deletes ``root``, and a server that fails to start is destroyed at once."""
     server.owned_dir = root
     try:
         server.start()
