@@ -66,19 +66,29 @@ class _Session:
         #: Payloads heard and not handed out yet: received while a statement ran on the
         #: session, or read by the sweeper (at most BACKLOG_MAX, see :meth:`keep`).
         self.backlog: set[str] = set()
+        #: Payloads heard on the private channel and not handed out yet, in order (each one
+        #: counts: they are never merged, nor dropped for a miss).
+        self.private: list[str] = []
         #: Announcements may have been missed since the last wait.
         self.missed = False
         #: More was heard than the backlog keeps: hearing more is of no use until a waiter
         #: comes (it reads what it waits for), so the sweeper pauses the session at once.
         self.overflowed = False
+        #: The private channel's name on this session (see Listener.private_channel).
+        self.private_name: str | None = None
         #: Told when the session is paused for idling (its advisory locks given back).
         self.on_pause: Callable[[], None] | None = None
         self.retry_at = 0.0
         self.backoff = BACKOFF_FIRST
 
-    def keep(self, payload: str) -> None:
+    def keep(self, payload: str, channel: str | None = None,
+             private: str | None = None) -> None:
         """Keep a payload for the next waiter; past :data:`BACKLOG_MAX`, drop them all and
-        report a miss instead (the waiter then reads what it waits for)."""
+        report a miss instead (the waiter then reads what it waits for). One of the
+        ``private`` channel is kept apart, in order."""
+        if private is not None and channel == private:
+            self.private.append(payload)
+            return
         self.backlog.add(payload)
         if len(self.backlog) > BACKLOG_MAX:
             self.backlog.clear()
@@ -91,9 +101,12 @@ class Listener:
 
     def __init__(self, db: Database, channel: str, *, role: str, enabled: bool = True,
                  on_connect: Callable[[psycopg.Connection[Any]], None] | None = None,
-                 on_pause: Callable[[], None] | None = None) -> None:
+                 on_pause: Callable[[], None] | None = None,
+                 private_channel: Callable[[], str] | None = None) -> None:
         self.db = db
         self.channel = channel
+        #: This process's own channel, listened on beside ``channel`` (see :meth:`take_private`).
+        self.private_channel = private_channel
         self.role = role
         self.enabled = enabled
         #: Run on each new listening session, after LISTEN (to set up session state again).
@@ -128,8 +141,13 @@ class Listener:
                         self._no_session()
                         return None
                     s.conn = conn
-                    s.conn.add_notify_handler(lambda n: s.keep(n.payload))
+                    s.private_name = (self.private_channel() if self.private_channel is not None
+                                      else None)
+                    s.conn.add_notify_handler(
+                        lambda n: s.keep(n.payload, n.channel, s.private_name))
                 s.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+                if s.private_name is not None:
+                    s.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(s.private_name)))
                 if new and self.on_connect is not None:
                     self.on_connect(s.conn)
             except (psycopg.Error, OSError, DatabaseUnavailable) as exc:
@@ -176,7 +194,7 @@ class Listener:
     def has_backlog(self) -> bool:
         """Whether announcements were read (by a statement on the session) and not taken yet."""
         s = self._session.peek()
-        return s is not None and bool(s.backlog)
+        return s is not None and bool(s.backlog or s.private)
 
     @property
     def connected(self) -> bool:
@@ -204,6 +222,15 @@ class Listener:
     def take(self) -> set[str] | None:
         """Payloads announced so far, without blocking; None if some may have been missed."""
         return self.wait(0.0)
+
+    def take_private(self) -> list[str]:
+        """Payloads heard on the private channel so far, in order (read by :meth:`take`)."""
+        s = self._session.peek()
+        if s is None:
+            return []
+        with s.lock:
+            heard, s.private = s.private, []
+            return heard
 
     def wait(self, timeout: float, wake_fd: int | None = None) -> set[str] | None:
         """Payloads announced within ``timeout`` seconds (returning at the first); an empty set
@@ -245,7 +272,10 @@ class Listener:
             pgconn.consume_input()
             heard, s.backlog = s.backlog, set()
             while (n := pgconn.notifies()) is not None:
-                heard.add(n.extra.decode())
+                if s.private_name is not None and n.relname.decode() == s.private_name:
+                    s.private.append(n.extra.decode())
+                else:
+                    heard.add(n.extra.decode())
             return heard
 
     # -- idling and closing -------------------------------------------------------------------
@@ -291,7 +321,7 @@ def _sweep(s: _Session, now: float, readable: bool) -> None:
                 pgconn = s.conn.pgconn
                 pgconn.consume_input()
                 while not s.overflowed and (n := pgconn.notifies()) is not None:
-                    s.keep(n.extra.decode())
+                    s.keep(n.extra.decode(), n.relname.decode(), s.private_name)
             if s.overflowed or now - s.last_used >= IDLE_SECONDS:
                 s.conn.execute("UNLISTEN *")  # psycopg reads what was sent meanwhile
                 s.conn.execute("SELECT pg_advisory_unlock_all()")

@@ -25,6 +25,7 @@ from .messages import (
     queue_arguments,
     why_malformed,
 )
+from .offers import HANDOFF_MAX_BYTES
 from .qos import QoS
 from .revoke import REVOKED_RESULT_EXPIRES, REVOKED_RESULT_JSON, revoke_tasks, revoked_in_broadcast
 from .routing import Bindings
@@ -82,12 +83,19 @@ class Channel(virtual.Channel):
 
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
         t = self.connection
+        payload = self._encode(message)
+        fields = publish_fields(message)
+        notify = t.settings.use_notify
+        # handed off whole in a NOTIFY (see .offers): a ready message that fits one; one with a
+        # unique key is not, so that its key stays on the queued row
+        handoff = (notify and fields["due_at"] is None and fields["unique_key"] is None
+                   and len(payload.obj) <= HANDOFF_MAX_BYTES)
         # publish_id: the statement is retried after a lost connection, and inserts once
         self._fetch(t.queries.publish, {
             "queue": check_queue_name(queue), "priority": self._get_message_priority(message),
-            "payload": self._encode(message), "publish_id": uuid.uuid4(),
-            **publish_fields(message), **t.idle.publish_params(queue),
-            "channel": t.channel_name, "notify": t.settings.use_notify,
+            "payload": payload, "publish_id": uuid.uuid4(), **fields,
+            **t.idle.publish_params(queue, handoff=handoff, offer_space=t.offers.space),
+            "channel": t.channel_name, "notify": notify,
         }, "publish")
 
     def _put_fanout(self, exchange: str, message: dict[str, Any], routing_key: str,

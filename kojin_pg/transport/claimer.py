@@ -25,6 +25,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +48,7 @@ class _State:
     asks: list[Ask] | None = None
     #: A request came while a claim was under way: claim again when it is delivered.
     again: bool = False
-    again_announced: set[str] | None = None
+    again_announced: AbstractSet[str] | None = None
     busy: bool = False
     results: list[Got] = field(default_factory=list)
     error: BaseException | None = None
@@ -77,7 +78,7 @@ class _State:
 class Claimer:
     """Runs the event loop's claims on a thread and hands their messages back to the loop."""
 
-    def __init__(self, plan: Callable[[set[str] | None], list[Ask]],
+    def __init__(self, plan: Callable[[AbstractSet[str] | None], list[Ask]],
                  claim: Callable[[Any, list[str], int], list[tuple[dict[str, Any], str]]],
                  abandoned: Callable[[], None] | None = None) -> None:
         #: What to claim now (on the loop thread): the channels with free prefetch slots and
@@ -94,7 +95,7 @@ class Claimer:
         """The descriptor that becomes readable when claimed messages wait for delivery."""
         return self._state.get().read_fd
 
-    def request(self, announced: set[str] | None = None) -> bool:
+    def request(self, announced: AbstractSet[str] | None = None) -> bool:
         """Ask for a claim (from the loop thread); False if there was nothing to ask for."""
         s = self._state.get()
         with s.lock:
@@ -123,7 +124,7 @@ class Claimer:
             s.wake.notify()
         return True
 
-    def take(self) -> tuple[list[Got], BaseException | None, set[str] | None, bool]:
+    def take(self) -> tuple[list[Got], BaseException | None, AbstractSet[str] | None, bool]:
         """On the loop thread, when :meth:`ready_fd` is readable: the claimed messages, the
         claim's error if it failed, and whether (and for which queues) to claim again."""
         s = self._state.get()

@@ -49,11 +49,12 @@ def queue_key(queue: str) -> int:
     return zlib.crc32(queue.encode()) - 2**31
 
 
-def publish_params(idle: int, publishing: int, queue: str | None) -> dict[str, Any]:
+def publish_params(idle: int, publishing: int, queue: str | None, *, handoff: bool = False,
+                   offer_space: int = 0) -> dict[str, Any]:
     """The parameters of the ``publish`` statement's probe (and of the outbox's
-    ``wake_at_commit``)."""
+    ``wake_at_commit``), and whether it may hand its message off (see :mod:`.offers`)."""
     return {"idle_space": idle, "publishing_space": publishing,
-            "queue_key": queue_key(queue or "")}
+            "queue_key": queue_key(queue or ""), "handoff": handoff, "offer_space": offer_space}
 
 
 class _State:
@@ -74,9 +75,11 @@ class IdleQueues:
         self.publishing_space = publishing_space(schema)
         self._state: ProcessLocal[_State] = ProcessLocal(_State)
 
-    def publish_params(self, queue: str) -> dict[str, int]:
-        """The parameters a publish to ``queue`` needs for its probe."""
-        return publish_params(self.idle_space, self.publishing_space, queue)
+    def publish_params(self, queue: str, *, handoff: bool = False,
+                       offer_space: int = 0) -> dict[str, Any]:
+        """The parameters a publish to ``queue`` needs for its probe (and its hand-off)."""
+        return publish_params(self.idle_space, self.publishing_space, queue, handoff=handoff,
+                              offer_space=offer_space)
 
     def enter(self, queues: Iterable[str]) -> list[str]:
         """Say that a consumer waits on ``queues`` (blocking until the publishes in flight

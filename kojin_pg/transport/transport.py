@@ -9,6 +9,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from queue import Empty
 from typing import Any
@@ -27,11 +28,15 @@ from .channel import Channel
 from .claimer import Ask, Claimer
 from .idle import IdleQueues
 from .leases import LeaseKeeper
+from .offers import Handoff, Offers
 from .options import broker_settings
 from .upkeep import upkeep_for
 from .wakeups import Wakeups
 
 log = logging.getLogger(__name__)
+
+#: What a claim round is asked for after a hand-off: no queue to claim, only offer again.
+OFFER_AGAIN: frozenset[str] = frozenset()
 
 
 class Transport(virtual.Transport):
@@ -140,8 +145,23 @@ class Transport(virtual.Transport):
     def wakeups(self) -> Wakeups:
         """NOTIFY announcements and local nudges (see :mod:`.wakeups`)."""
         return Wakeups(self.db, self.channel_name, enabled=self.settings.use_notify,
-                       on_connect=lambda conn: self.idle.forget(),
-                       on_pause=lambda: self.idle.forget())
+                       on_connect=self._on_listen, on_pause=self._on_listen_paused,
+                       private_channel=lambda: self.offers.notify_channel)
+
+    def _on_listen(self, conn: psycopg.Connection[Any]) -> None:
+        """A new LISTEN session: it holds no idle locks, and a new live lock for the offers."""
+        self.idle.forget()
+        self.offers.on_listen(conn)
+
+    def _on_listen_paused(self) -> None:
+        self.idle.forget()
+        self.offers.on_pause()
+
+    @cached_property
+    def offers(self) -> Offers:
+        """This process's offers of free slots to publishers (see :mod:`.offers`)."""
+        return Offers(self.consumer_db, self.queries, self.settings.schema,
+                      lambda: self.consumer_id, self.settings.visibility_timeout)
 
     @cached_property
     def idle(self) -> IdleQueues:
@@ -183,6 +203,7 @@ class Transport(virtual.Transport):
         finally:
             try:
                 self._stop_claims()
+                self._withdraw_offers()
                 if self.consumed:
                     upkeep_for(self).detach(self)
                 self.acks.close()
@@ -205,6 +226,17 @@ class Transport(virtual.Transport):
             self._claims_fd = None
         if self.claimer.stop(self.CLAIMS_STOP_TIMEOUT):
             self.leases_unknown = True
+
+    def _withdraw_offers(self) -> None:
+        """Closing, with the claim thread stopped: no publish may hand this consumer anything
+        from now on; what was handed off and not received is handed back with the rest."""
+        try:
+            if self.offers.close():
+                self.leases_unknown = True
+        except Exception as exc:  # they die with the LISTEN session; the sweep deletes them
+            self.leases_unknown = True
+            log.warning("kojin_pg: could not withdraw the offers of %s on close: %r",
+                        self.consumer_id, exc)
 
     def _after_abandoned_claim(self) -> None:
         """On the claim thread, when a claim that the close stopped waiting for has ended:
@@ -305,6 +337,7 @@ class Transport(virtual.Transport):
 
     def _on_notify(self) -> None:
         heard = self.wakeups.listener.take()
+        self._receive_handoffs()
         if heard is None:  # lost, or announcements missed: watch the new socket, look now
             if self._listen_fd is not None:
                 self._hub.remove_reader(self._listen_fd)
@@ -316,6 +349,33 @@ class Transport(virtual.Transport):
         if announced:
             self._drain_nowait(announced)
 
+    def _receive_handoffs(self) -> None:
+        """Deliver the messages publishers handed to this consumer's offers (see :mod:`.offers`),
+        then offer the slots that are still free again."""
+        texts = self.wakeups.listener.take_private()
+        if not texts:
+            return
+        back: list[int] = []
+        for text in texts:
+            try:
+                handoff = Handoff.parse(text)
+            except (ValueError, TypeError) as exc:  # not from a publish: nothing to deliver
+                log.warning("kojin_pg: ignored a malformed hand-off: %r", exc)
+                continue
+            channel = self.offers.received(handoff)
+            if (channel is None or self.closing or channel.closed
+                    or not channel._consumers):
+                back.append(handoff.message_id)  # offer forgotten: its lease may be gone
+                continue
+            due = channel.next_due  # the last claim's news, which a hand-off does not carry
+            with self.settling_leases():
+                delivered, _ = channel._deliverable(self, [handoff.as_claimed_row()])
+            channel.next_due = due
+            channel.deliver(delivered)
+        if back:
+            self._hand_back(back)
+        self._drain_nowait(OFFER_AGAIN)
+
     def _on_nudge(self) -> None:
         """A prefetch slot was freed (an ack): claim into it only if messages may be waiting
         unannounced; otherwise the next announcement claims, and the ack buffer's flusher
@@ -326,13 +386,13 @@ class Transport(virtual.Transport):
         if any(channel.more_ready for channel in list(self.channels)):
             self._drain_nowait()
 
-    def _drain_nowait(self, announced: set[str] | None = None) -> None:
+    def _drain_nowait(self, announced: AbstractSet[str] | None = None) -> None:
         """Ask the claim thread for what is ready now (on the ``announced`` queues only, if
         given); acks no claim takes are applied by the ack buffer's flusher."""
         if not self.closing:
             self.claimer.request(announced)
 
-    def _claim_plan(self, announced: set[str] | None) -> list[Ask]:
+    def _claim_plan(self, announced: AbstractSet[str] | None) -> list[Ask]:
         """The claims to make now: each consuming channel with free prefetch slots, for its
         queues (only the ``announced`` ones, if given)."""
         asks: list[Ask] = []
@@ -345,7 +405,7 @@ class Transport(virtual.Transport):
             queues = list(channel._active_queues)
             if announced is not None and not channel.more_ready:
                 queues = [q for q in queues if q in announced]
-            if queues:
+            if queues or announced == OFFER_AGAIN:  # no queues: only offer again
                 asks.append((channel, queues, channel.claim_size()))
         return asks
 
@@ -355,22 +415,35 @@ class Transport(virtual.Transport):
         since the round was planned: a closed channel has no connection to claim with).
 
         Short, with room left: the consumer is about to wait on ``queues``, so it says so (see
-        :mod:`.idle`) and claims what was published before; full: it has a backlog and says
-        that instead."""
+        :mod:`.idle`) and claims what was published before, then offers a free slot to the
+        next publish (see :mod:`.offers`); full: it has a backlog and says that instead. No
+        ``queues``: after a hand-off, only offer again (the consumer still waits: a publish
+        that finds no offer announces its message)."""
         if channel.closed:
             return []
-        claimed = channel._claim(queues, n)
-        if len(claimed) >= n:
-            self.idle.leave(queues)
+        release = lambda conn: self.release_orphans(conn, keep=[])  # noqa: E731
+        self.offers.recover(release)
+        n -= self.offers.withdraw(channel, release)  # hand-offs on their way fill slots too
+        if n <= 0:
+            return []  # they claim again when they arrive
+        claimed: list[tuple[dict[str, Any], str]] = []
+        if queues:
+            claimed = channel._claim(queues, n)
+            if len(claimed) >= n:
+                self.idle.leave(queues)
+                self._pass_on_backlog()
+                return claimed
+            due = channel.next_due
+            entered = self.idle.enter(queues) if self.settings.use_notify else []
             self._pass_on_backlog()
-            return claimed
-        due = channel.next_due
-        entered = self.idle.enter(queues) if self.settings.use_notify else []
-        self._pass_on_backlog()
-        if entered and not channel.closed:
-            claimed += channel._claim(entered, n - len(claimed))
-            if due is not None and (channel.next_due is None or due < channel.next_due):
-                channel.next_due = due
+            if entered and not channel.closed:
+                claimed += channel._claim(entered, n - len(claimed))
+                if due is not None and (channel.next_due is None or due < channel.next_due):
+                    channel.next_due = due
+        if (len(claimed) < n and self._listen_fd is not None and not self.closing
+                and not channel.closed):
+            # drained, with room: offer a slot to the next publish (the loop reads the channel)
+            self.offers.make(channel, sorted(channel._active_queues))
         return claimed
 
     def _pass_on_backlog(self) -> None:

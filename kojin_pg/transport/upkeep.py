@@ -125,6 +125,7 @@ def sweep(conn: psycopg.Connection[Any], transport: Transport) -> None:
             return
         grace = consumer_grace(s.sweep_interval)
         conn.execute(q.sweep_consumers, {"grace": grace}, prepare=False)
+        conn.execute(q.sweep_offers, {"offer_space": transport.offers.space}, prepare=False)
         conn.execute(q.sweep_queues, {"grace": grace}, prepare=False)
         for query in (q.sweep_expired_messages, q.sweep_orphan_messages):
             while True:

@@ -38,9 +38,11 @@ class Wakeups:
 
     def __init__(self, db: Database, channel: str, *, enabled: bool,
                  on_connect: Callable[[psycopg.Connection[Any]], None] | None = None,
-                 on_pause: Callable[[], None] | None = None) -> None:
+                 on_pause: Callable[[], None] | None = None,
+                 private_channel: Callable[[], str] | None = None) -> None:
         self.listener = Listener(db, channel, role="broker", enabled=enabled,
-                                 on_connect=on_connect, on_pause=on_pause)
+                                 on_connect=on_connect, on_pause=on_pause,
+                                 private_channel=private_channel)
         self._pipe: ProcessLocal[_Pipe] = ProcessLocal(_Pipe)
 
     def nudge(self) -> None:

@@ -9,20 +9,46 @@
 -- tombstone in queues) takes nothing, as on RabbitMQ; the queue's message TTL and the message's
 -- own expiration (seconds, or NULL) set expires_at. A scheduled message (due_at) wakes the
 -- queue's consumers only when it is the queue's new earliest, so they can set their timers.
+-- With handoff (a ready message small enough for a NOTIFY), the message first takes a live
+-- consumer's open offer of a free slot, if there is one (see kojin_pg/transport/offers.py): it
+-- is inserted leased to that consumer, and sent whole on the consumer's own channel. No offer is
+-- taken by a publish that will insert nothing (a deleted queue, or the same publish retried).
 WITH q AS (
     SELECT message_ttl, deleted_at FROM {schema}.queues WHERE name = %(queue)s
+), offer AS (
+    UPDATE {schema}.offers o SET token = NULL
+    FROM (
+        SELECT slot, token FROM {schema}.offers
+        WHERE %(handoff)s AND token IS NOT NULL AND %(queue)s = ANY(queues)
+          -- what the NOTIFY sends must stay under 8000 bytes, with the ids around it
+          AND octet_length(%(payload)s::text) + octet_length(%(queue)s) <= 7800
+          AND NOT EXISTS (SELECT 1 FROM q WHERE deleted_at IS NOT NULL)
+          AND NOT EXISTS (SELECT 1 FROM {schema}.messages WHERE publish_id = %(publish_id)s)
+          -- alive: its LISTEN session holds the exclusive lock, so a shared try fails
+          AND NOT pg_try_advisory_xact_lock_shared(%(offer_space)s, live_key)
+        LIMIT 1 FOR UPDATE SKIP LOCKED
+    ) taken
+    WHERE o.slot = taken.slot
+    RETURNING taken.token, o.consumer, o.notify_channel, o.lease
 ), sent AS (
     INSERT INTO {schema}.messages
-        (queue, priority, payload, visible_at, publish_id, expires_at, due_at, task_id, unique_key)
-    SELECT %(queue)s, %(priority)s, %(payload)s, coalesce(%(due_at)s, now()), %(publish_id)s,
+        (queue, priority, payload, visible_at, publish_id, expires_at, due_at, task_id, unique_key,
+         leased_by, delivery_count)
+    SELECT %(queue)s, %(priority)s, %(payload)s,
+           coalesce(now() + (SELECT lease FROM offer), %(due_at)s, now()), %(publish_id)s,
            least(now() + make_interval(secs => %(expiration)s), now() + (SELECT message_ttl FROM q)),
-           %(due_at)s, %(task_id)s, %(unique_key)s
+           %(due_at)s, %(task_id)s, %(unique_key)s,
+           (SELECT consumer FROM offer), (SELECT count(*) FROM offer)::int
     WHERE NOT EXISTS (SELECT 1 FROM q WHERE deleted_at IS NOT NULL)
     ON CONFLICT DO NOTHING
-    RETURNING queue, due_at
+    RETURNING id, queue, due_at, leased_by
 )
-SELECT pg_notify(%(channel)s, queue) FROM sent
-WHERE CASE WHEN NOT %(notify)s THEN false
+SELECT CASE WHEN leased_by IS NULL THEN pg_notify(%(channel)s, queue)
+            ELSE pg_notify((SELECT notify_channel FROM offer), jsonb_build_array(
+                (SELECT token FROM offer), id, queue, %(priority)s, %(payload)s)::text) END
+FROM sent
+WHERE CASE WHEN leased_by IS NOT NULL THEN true
+           WHEN NOT %(notify)s THEN false
            WHEN due_at IS NOT NULL AND EXISTS (
                SELECT 1 FROM {schema}.messages m
                WHERE m.queue = sent.queue AND m.due_at IS NOT NULL AND m.due_at <= sent.due_at)
@@ -67,6 +93,33 @@ FROM unnest(%(keys)s::int[]) AS k;
 -- name: leave_idle
 -- On a consumer's LISTEN session: it no longer waits on these queues (it has a backlog).
 SELECT count(pg_advisory_unlock_shared(%(idle_space)s, k)) FROM unnest(%(keys)s::int[]) AS k;
+
+-- name: make_offer
+-- A consumer with nothing left to claim offers a free prefetch slot of one of its channels on
+-- these queues to the publishers (see the publish, and kojin_pg/transport/offers.py); lease: its
+-- visibility timeout. The channel's row is made once, then updated.
+INSERT INTO {schema}.offers AS o (slot, token, consumer, queues, notify_channel, lease, live_key)
+VALUES (%(slot)s, %(token)s, %(consumer)s, %(queues)s, %(notify_channel)s,
+        make_interval(secs => %(lease)s), %(live_key)s)
+ON CONFLICT (slot) DO UPDATE SET token = excluded.token, queues = excluded.queues,
+                                 live_key = excluded.live_key;
+
+-- name: withdraw_offer
+-- Take back a channel's open offer before it claims; a row if it was still open (none: a
+-- publish took it). An offer a publish is taking is locked by it: this waits for its commit,
+-- so a message handed off with it is leased (and on its way) once this returns.
+UPDATE {schema}.offers SET token = NULL
+WHERE slot = %(slot)s AND token = %(token)s
+RETURNING 1;
+
+-- name: withdraw_all_offers
+-- Take back every offer of this consumer (it closes, or listens on a new session).
+DELETE FROM {schema}.offers WHERE consumer = %(consumer)s;
+
+-- name: hold_live_lock
+-- On a consumer's LISTEN session: its offers are good while this lock is held (see offers);
+-- false if another session holds it (the caller picks another key).
+SELECT pg_try_advisory_lock(%(offer_space)s, %(live_key)s);
 
 -- name: publish_fanout
 -- Enqueue a copy of the message for every queue bound to a fanout exchange; one NOTIFY each.
@@ -394,6 +447,10 @@ WHERE name = ANY(%(queues)s) AND expires IS NOT NULL;
 -- name: sweep_lock
 -- One sweeper at a time in the whole database (released at commit); false: another sweeps.
 SELECT pg_try_advisory_xact_lock(hashtext(%(lock)s));
+
+-- name: sweep_offers
+-- Forget offers whose consumer's LISTEN session is gone (nobody holds their live lock).
+DELETE FROM {schema}.offers WHERE pg_try_advisory_xact_lock_shared(%(offer_space)s, live_key);
 
 -- name: sweep_consumers
 -- Forget consumers that stopped saying they are alive (their process died).
