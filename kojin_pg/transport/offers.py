@@ -6,10 +6,12 @@ consumer on Celery's event loop whose claim came back short (its queues are drai
 has a free prefetch slot offers it: a token on its channel's row of the ``offers`` table
 (sql/0010_offers.sql), set on the claim thread. A publish to one of its queues takes the offer in
 its own statement (``publish``: the token is cleared under ``FOR UPDATE SKIP LOCKED``), inserts
-its message already
-leased to that consumer, and sends the message itself on the consumer's own NOTIFY channel; the
-consumer delivers it as it arrives (:meth:`Offers.received`), with no claim. Messages too large
-for a NOTIFY payload, scheduled ones and ones with a unique key take the ordinary path.
+its message already leased to that consumer, and sends the message itself on the consumer's own
+NOTIFY channel; the consumer delivers it as it arrives (:meth:`Offers.received`), with no claim,
+and then only offers again. Messages too large for a NOTIFY payload, scheduled ones and ones
+with a unique key take the ordinary path, and so does every publish while the consumer's offer
+is taken: the consumer still waits on its queues, so such a publish announces its message
+(see :mod:`.idle`), and no wake-up is lost.
 
 Why nothing is lost or delivered twice:
 
@@ -34,6 +36,7 @@ nothing: its lease runs out as a claimed message's does.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import threading
 import uuid
@@ -46,11 +49,12 @@ import psycopg
 
 from ..db import Database, ProcessLocal, Queries
 
+log = logging.getLogger(__name__)
+
 #: The largest encoded message handed off. A NOTIFY payload must stay under 8,000 bytes, with the
-#: offer's id, the message's id and its priority around the message; the publish checks the
+#: offer's token, the message's id, queue and priority around the message; the publish checks the
 #: message's exact size as PostgreSQL prints it (jsonb adds spaces), this only spares the check.
 HANDOFF_MAX_BYTES = 7_600
-
 
 #: Keys tried for the live lock on a new session before it makes no offers.
 LIVE_KEY_TRIES = 8
@@ -236,11 +240,12 @@ class Offers:
                 "slot": slot, "token": token, "consumer": self._consumer(), "queues": queues,
                 "notify_channel": s.notify_channel, "lease": self.lease_seconds,
                 "live_key": s.live_key}, "make offer")
-        except BaseException:
-            # it may have committed with its reply lost: recover before the next claim
+        except Exception as exc:
+            # an offer is only a shortcut: consuming goes on without it. It may have committed
+            # with its reply lost: recover before the next claim
             with s.lock:
                 s.recover = True
-            raise
+            log.warning("kojin_pg: could not offer a slot to publishers: %r", exc)
 
     def received(self, handoff: Handoff) -> Any | None:
         """The channel a hand-off is for (on the loop thread), or None if its offer is forgotten:
@@ -256,6 +261,8 @@ class Offers:
         s = self._state.pop()
         if s is None or not s.ever:
             return False
-        self.db.execute(self.queries.withdraw_all_offers, {"consumer": self._consumer()},
-                        "withdraw offers")
+        # not retried: closing should not wait out an outage for this; if it fails, the offers
+        # die with the LISTEN session, closed next, and the sweep deletes their rows
+        self.db.run(lambda conn: conn.execute(self.queries.withdraw_all_offers, {
+            "consumer": self._consumer()}), "withdraw offers", retry=False)
         return True
