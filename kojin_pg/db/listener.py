@@ -67,7 +67,7 @@ class _Session:
         #: session, or read by the sweeper (at most BACKLOG_MAX, see :meth:`keep`).
         self.backlog: set[str] = set()
         #: Payloads heard on the private channel and not handed out yet, in order (each one
-        #: counts: they are never merged, nor dropped for a miss).
+        #: counts: they are never merged, nor dropped for a miss; its senders bound them).
         self.private: list[str] = []
         #: Announcements may have been missed since the last wait.
         self.missed = False
@@ -81,14 +81,21 @@ class _Session:
         self.retry_at = 0.0
         self.backoff = BACKOFF_FIRST
 
-    def keep(self, payload: str, channel: str | None = None,
-             private: str | None = None) -> None:
-        """Keep a payload for the next waiter; past :data:`BACKLOG_MAX`, drop them all and
-        report a miss instead (the waiter then reads what it waits for). One of the
-        ``private`` channel is kept apart, in order."""
-        if private is not None and channel == private:
+    def is_private(self, channel: str) -> bool:
+        """Whether ``channel`` is this session's private channel."""
+        return self.private_name is not None and channel == self.private_name
+
+    def hear(self, channel: str, payload: str) -> None:
+        """Keep what was heard on ``channel`` for the next waiter (see :meth:`keep`); the
+        private channel's payloads are kept apart, in order."""
+        if self.is_private(channel):
             self.private.append(payload)
-            return
+        else:
+            self.keep(payload)
+
+    def keep(self, payload: str) -> None:
+        """Keep a payload for the next waiter; past :data:`BACKLOG_MAX`, drop them all and
+        report a miss instead (the waiter then reads what it waits for)."""
         self.backlog.add(payload)
         if len(self.backlog) > BACKLOG_MAX:
             self.backlog.clear()
@@ -143,8 +150,7 @@ class Listener:
                     s.conn = conn
                     s.private_name = (self.private_channel() if self.private_channel is not None
                                       else None)
-                    s.conn.add_notify_handler(
-                        lambda n: s.keep(n.payload, n.channel, s.private_name))
+                    s.conn.add_notify_handler(lambda n: s.hear(n.channel, n.payload))
                 s.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
                 if s.private_name is not None:
                     s.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(s.private_name)))
@@ -272,7 +278,7 @@ class Listener:
             pgconn.consume_input()
             heard, s.backlog = s.backlog, set()
             while (n := pgconn.notifies()) is not None:
-                if s.private_name is not None and n.relname.decode() == s.private_name:
+                if s.is_private(n.relname.decode()):
                     s.private.append(n.extra.decode())
                 else:
                     heard.add(n.extra.decode())
@@ -321,7 +327,7 @@ def _sweep(s: _Session, now: float, readable: bool) -> None:
                 pgconn = s.conn.pgconn
                 pgconn.consume_input()
                 while not s.overflowed and (n := pgconn.notifies()) is not None:
-                    s.keep(n.extra.decode(), n.relname.decode(), s.private_name)
+                    s.hear(n.relname.decode(), n.extra.decode())
             if s.overflowed or now - s.last_used >= IDLE_SECONDS:
                 s.conn.execute("UNLISTEN *")  # psycopg reads what was sent meanwhile
                 s.conn.execute("SELECT pg_advisory_unlock_all()")
