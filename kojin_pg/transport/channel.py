@@ -233,7 +233,8 @@ class Channel(virtual.Channel):
 
     def _claim_once(self, t: Transport, queues: list[str], n: int,
                     acks: list[int]) -> list[tuple[Any, ...]]:
-        """One claim statement's rows (see the ``claim`` query)."""
+        """One claim statement's rows (see the ``claim`` query); the time of the earliest
+        scheduled message of ``queues`` that it reports is kept in :attr:`next_due`."""
         s = t.settings
         params = {"acks": acks, "queues": queues, "n": n,
                   "max_deliveries": s.max_deliveries, "visibility_timeout": s.visibility_timeout,
@@ -248,7 +249,12 @@ class Channel(virtual.Channel):
                 t.release_orphans(conn, keep=acks)
             return conn.execute(t.queries.claim, params).fetchall()
 
-        return t.consumer_db.run(claim, "claim")
+        rows = t.consumer_db.run(claim, "claim")
+        self.next_due = None
+        for msg_id, *_, due_in in rows:
+            if msg_id is None:  # when the earliest scheduled message of these queues is due
+                self.next_due = time.monotonic() + max(0.0, due_in)
+        return rows
 
     def _settle(self, t: Transport, ids: list[int]) -> None:
         """Bury the dead and drop the revoked of the messages a claim left unsettled.
@@ -268,16 +274,15 @@ class Channel(virtual.Channel):
 
     def _deliverable(self, t: Transport, rows: list[tuple[Any, ...]]
                      ) -> tuple[list[tuple[dict[str, Any], str]], list[int]]:
-        """A claim's rows as ``(payload, queue)``, and the ids it left unsettled; undecodable
-        ones buried, the time of the earliest scheduled message kept in :attr:`next_due`.
-        ``t`` is the transport the claim ran on (the loop may close this channel meanwhile)."""
+        """A claim's rows (or a hand-off's) as ``(payload, queue)``, and the ids it left
+        unsettled; undecodable ones buried, the row of the earliest scheduled message skipped
+        (see :meth:`_claim_once`). ``t`` is the transport the claim ran on (the loop may close
+        this channel meanwhile)."""
         delivered = []
         unsettled: list[int] = []
         undecodable: list[tuple[int, str]] = []
-        self.next_due = None
-        for msg_id, queue, payload, count, unsettled_row, _priority, due_in in rows:
-            if msg_id is None:  # when the earliest scheduled message of these queues is due
-                self.next_due = time.monotonic() + max(0.0, due_in)
+        for msg_id, queue, payload, count, unsettled_row, _priority, _due_in in rows:
+            if msg_id is None:
                 continue
             if unsettled_row:
                 unsettled.append(msg_id)

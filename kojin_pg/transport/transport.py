@@ -367,10 +367,8 @@ class Transport(virtual.Transport):
                     or not channel._consumers):
                 back.append(handoff.message_id)  # offer forgotten: its lease may be gone
                 continue
-            due = channel.next_due  # the last claim's news, which a hand-off does not carry
             with self.settling_leases():
                 delivered, _ = channel._deliverable(self, [handoff.as_claimed_row()])
-            channel.next_due = due
             channel.deliver(delivered)
         if back:
             self._hand_back(back)
