@@ -94,7 +94,7 @@ class Channel(virtual.Channel):
         self._fetch(t.queries.publish, {
             "queue": check_queue_name(queue), "priority": self._get_message_priority(message),
             "payload": payload, "publish_id": uuid.uuid4(), **fields,
-            **t.idle.publish_params(queue, handoff=handoff, offer_space=t.offers.space),
+            **t.idle.publish_params(queue), "handoff": handoff, "offer_space": t.offers.space,
             "channel": t.channel_name, "notify": notify,
         }, "publish")
 

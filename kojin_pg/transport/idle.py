@@ -75,11 +75,9 @@ class IdleQueues:
         self.publishing_space = publishing_space(schema)
         self._state: ProcessLocal[_State] = ProcessLocal(_State)
 
-    def publish_params(self, queue: str, *, handoff: bool = False,
-                       offer_space: int = 0) -> dict[str, Any]:
-        """The parameters a publish to ``queue`` needs for its probe (and its hand-off)."""
-        return publish_params(self.idle_space, self.publishing_space, queue, handoff=handoff,
-                              offer_space=offer_space)
+    def publish_params(self, queue: str) -> dict[str, Any]:
+        """The parameters a publish to ``queue`` needs for its probe (no hand-off)."""
+        return publish_params(self.idle_space, self.publishing_space, queue)
 
     def enter(self, queues: Iterable[str]) -> list[str]:
         """Say that a consumer waits on ``queues`` (blocking until the publishes in flight

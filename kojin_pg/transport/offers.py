@@ -118,12 +118,15 @@ class Offers:
     """This process's offers of free prefetch slots to the publishers of one transport."""
 
     def __init__(self, db: Database, queries: Queries, schema: str, consumer: Callable[[], str],
-                 lease_seconds: float) -> None:
+                 lease_seconds: float,
+                 release_orphans: Callable[[psycopg.Connection[Any]], None]) -> None:
         self.db = db
         self.queries = queries
         self.space = offer_space(schema)
         self._consumer = consumer
         self.lease_seconds = lease_seconds
+        #: Hands back what this consumer leases and does not know of (see :meth:`recover`).
+        self._release_orphans = release_orphans
         self._state: ProcessLocal[_State] = ProcessLocal(_State)
 
     @property
@@ -146,25 +149,29 @@ class Offers:
             # this process makes from now on carry the new key
             s.live_key = _random_key()
         with s.lock:
-            self._new_generation(s)
+            if self._forget(s):
+                s.recover = True
             s.live = held  # not held: no offers on this session (publishes announce instead)
 
     def on_pause(self) -> None:
         """The LISTEN session gave back its locks (it idled): its offers are dead."""
         s = self._state.get()
         with s.lock:
-            self._new_generation(s)
+            if self._forget(s):
+                s.recover = True
             s.live = False
 
     @staticmethod
-    def _new_generation(s: _State) -> None:
+    def _forget(s: _State) -> bool:
+        """Start a new generation (under ``s.lock``): no offer made before counts as open or
+        on its way from now on; whether there was any."""
         s.generation += 1
-        if s.open or s.taken:
-            s.recover = True
+        had = bool(s.open or s.taken)
         s.open.clear()
         s.taken.clear()
+        return had
 
-    def recover(self, release_orphans: Callable[[psycopg.Connection[Any]], None]) -> None:
+    def recover(self) -> None:
         """On the claim thread, before a claim: if offers of an older session may have leased
         messages to this consumer that never arrived, withdraw them and hand those back."""
         s = self._state.get()
@@ -172,16 +179,13 @@ class Offers:
             if not s.recover:
                 return
             s.recover = False
-            # every offer is withdrawn below: none may count as on its way from now on
-            s.generation += 1
-            s.open.clear()
-            s.taken.clear()
-            s.slots.clear()  # their rows are deleted below
+            self._forget(s)  # every offer is withdrawn below
+            s.slots.clear()  # and their rows deleted
 
         def go(conn: psycopg.Connection[Any]) -> None:
             with conn.transaction():
                 conn.execute(self.queries.withdraw_all_offers, {"consumer": self._consumer()})
-            release_orphans(conn)
+            self._release_orphans(conn)
         try:
             # safe to repeat: withdrawing deletes what is still there, and release_orphans
             # hands back only what this consumer holds and does not know of
@@ -191,8 +195,7 @@ class Offers:
                 s.recover = True
             raise
 
-    def withdraw(self, channel: Any,
-                 release_orphans: Callable[[psycopg.Connection[Any]], None]) -> int:
+    def withdraw(self, channel: Any) -> int:
         """Take back ``channel``'s open offer before it claims; return how many of its
         hand-offs are on their way (taken, not arrived): they fill slots the claim must leave."""
         s = self._state.get()
@@ -212,7 +215,7 @@ class Offers:
                 # and hands back what they may have leased
                 with s.lock:
                     s.recover = True
-                self.recover(release_orphans)
+                self.recover()
                 return 0
             with s.lock:
                 # gone from open: its message arrived meanwhile; another generation: forgotten,

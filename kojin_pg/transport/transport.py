@@ -161,7 +161,8 @@ class Transport(virtual.Transport):
     def offers(self) -> Offers:
         """This process's offers of free slots to publishers (see :mod:`.offers`)."""
         return Offers(self.consumer_db, self.queries, self.settings.schema,
-                      lambda: self.consumer_id, self.settings.visibility_timeout)
+                      lambda: self.consumer_id, self.settings.visibility_timeout,
+                      lambda conn: self.release_orphans(conn, keep=[]))
 
     @cached_property
     def idle(self) -> IdleQueues:
@@ -419,9 +420,8 @@ class Transport(virtual.Transport):
         that finds no offer announces its message)."""
         if channel.closed:
             return []
-        release = lambda conn: self.release_orphans(conn, keep=[])  # noqa: E731
-        self.offers.recover(release)
-        n -= self.offers.withdraw(channel, release)  # hand-offs on their way fill slots too
+        self.offers.recover()
+        n -= self.offers.withdraw(channel)  # hand-offs on their way fill slots too
         if n <= 0:
             return []  # they claim again when they arrive
         claimed: list[tuple[dict[str, Any], str]] = []
