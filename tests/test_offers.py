@@ -9,6 +9,7 @@ session lost at the wrong moment, or a close). Every wait is bounded; nothing is
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import psycopg
@@ -32,11 +33,11 @@ from kojin_pg.transport.offers import HANDOFF_MAX_BYTES, offer_space
 pytestmark = pytest.mark.timeout(120)
 
 
-def offers_of(db_url: str, consumer: str) -> int:
-    """How many open offers ``consumer`` has."""
+def open_slots(db_url: str, consumer: str) -> int:
+    """How many slots ``consumer`` offers now."""
     with psycopg.connect(db_url) as pg:
-        return pg.execute("SELECT count(*) FROM kojin.offers WHERE consumer = %s"
-                          " AND token IS NOT NULL", (consumer,)).fetchone()[0]
+        return pg.execute("SELECT coalesce(sum(open_slots), 0) FROM kojin.offers"
+                          " WHERE consumer = %s AND token IS NOT NULL", (consumer,)).fetchone()[0]
 
 
 def offer_rows(db_url: str, consumer: str) -> int:
@@ -57,13 +58,15 @@ def events() -> Events:
     return Events()
 
 
-def idle_consumer(db_url: str, events: Events, q: Any, **kwargs: Any) -> LoopConsumer:
+def idle_consumer(db_url: str, events: Events, q: Any, *, ack: bool = True,
+                  **kwargs: Any) -> LoopConsumer:
     """A consumer of ``q`` on the Hub, run until it has offered a slot."""
     consumer = LoopConsumer(db_url, events, **kwargs)
-    consumer.consume(q)
+    consumer.consume(q, ack=ack)
     consumer.start()
-    assert run_loop_until(consumer.hub, lambda: offers_of(db_url, consumer.transport.consumer_id)
-                          == 1), "the idle consumer made no offer"
+    assert run_loop_until(consumer.hub, lambda: open_slots(db_url,
+                                                           consumer.transport.consumer_id)
+                          == consumer.channel.claim_size()), "the idle consumer made no offer"
 
     def round_over() -> bool:  # the round that offered has been delivered: the loop is idle
         s = consumer.transport.claimer._state.peek()
@@ -83,9 +86,9 @@ def test_an_idle_consumer_gets_a_publish_with_no_claim(db_url, events):
         assert leased(db_url, q) == [(me, 1)]
         assert run_loop_until(consumer.hub, lambda: consumer.got)
         assert consumer.got == [(q.name, {"i": 1})]
-        # the slot is offered again, and the ack rides on that round's claim
-        assert run_loop_until(consumer.hub, lambda: offers_of(db_url, me) == 1
-                              and rows(db_url, q) == [])
+        # the offer keeps its other slots open, and the ack buffer applies the ack
+        assert open_slots(db_url, me) == 99  # of the 100 the idle consumer offered
+        assert run_loop_until(consumer.hub, lambda: rows(db_url, q) == [])
     finally:
         consumer.close()
     assert offer_rows(db_url, me) == 0  # closing deleted its row
@@ -132,7 +135,7 @@ def test_hand_offs_never_overfill_the_prefetch_window(db_url, events):
     consumer.start()
     me = consumer.transport.consumer_id
     try:
-        assert run_loop_until(consumer.hub, lambda: offers_of(db_url, me) == 1)
+        assert run_loop_until(consumer.hub, lambda: open_slots(db_url, me) == 2)
         with Connection("kojin+" + db_url) as conn:
             producer = Producer(conn.channel(), exchange=q.exchange, routing_key=q.routing_key,
                                 serializer="json")
@@ -144,7 +147,7 @@ def test_hand_offs_never_overfill_the_prefetch_window(db_url, events):
         for _ in range(50):
             consumer.hub.run_once()
         assert len(consumer.got) == 2
-        assert offers_of(db_url, me) == 0
+        assert open_slots(db_url, me) == 0
         assert [by for by, _ in leased(db_url, q)] == [me, me, None, None, None]
         for expected in (4, 5):
             for message in held:
@@ -237,3 +240,117 @@ def test_a_claim_leaves_room_for_a_hand_off_on_its_way(db_url, events):
     finally:
         consumer.close()
     assert [b["i"] for _, b in consumer.got] == [1, 2]
+
+
+def test_a_hand_off_delivered_after_the_claim_was_planned_keeps_its_slot(db_url, events):
+    """The loop planned a claim for its one free slot; before the claim thread withdrew the
+    offer, a publish took it and the loop delivered the hand-off. The slot the plan counted is
+    taken now: the claim must take nothing, or the window would hold two."""
+    q = make_queue()
+    consumer = idle_consumer(db_url, events, q, prefetch=1, ack=False)
+    try:
+        [ask] = consumer.transport._claim_plan(None)  # on the loop: one slot free
+        publish(db_url, q, [{"i": 1}, {"i": 2}])
+        assert run_loop_until(consumer.hub, lambda: len(consumer.got) == 1)
+        # the planned claim, run now (what the claim thread does after the loop went on)
+        assert consumer.transport._claim_on_thread(*ask) == []
+        assert [by for by, _ in leased(db_url, q)] == [consumer.transport.consumer_id, None]
+    finally:
+        consumer.close()
+
+
+def offer_token(db_url: str, consumer: str) -> Any:
+    with psycopg.connect(db_url) as pg:
+        return pg.execute("SELECT token FROM kojin.offers WHERE consumer = %s",
+                          (consumer,)).fetchone()[0]
+
+
+def settle(consumer: LoopConsumer, turns: int = 50) -> None:
+    """Let the loop take and answer everything it was sent (rounds included)."""
+    for _ in range(turns):
+        consumer.hub.run_once()
+
+
+def test_one_offer_takes_as_many_publishes_as_the_consumer_has_free_slots(db_url, events):
+    """A drained consumer with four free slots offers all four at once: four publishes fill
+    them with no statement of the consumer's between them, and a fifth waits in the queue."""
+    q = make_queue()
+    held: list[Any] = []
+    consumer = idle_consumer(db_url, events, q, prefetch=4, ack=False)
+    consumer.consumers[q.name].callbacks = [lambda body, message: (consumer.got.append(body),
+                                                                   held.append(message))]
+    me = consumer.transport.consumer_id
+    try:
+        token = offer_token(db_url, me)
+        publish(db_url, q, [{"i": 0}])
+        assert run_loop_until(consumer.hub, lambda: len(consumer.got) == 1)
+        settle(consumer)
+        assert offer_token(db_url, me) == token  # the same offer, not made again
+        publish(db_url, q, [{"i": i} for i in range(1, 5)])  # the loop does not run meanwhile
+        assert [by for by, _ in leased(db_url, q)] == [me, me, me, me, None]
+        assert run_loop_until(consumer.hub, lambda: len(consumer.got) == 4)
+        settle(consumer)
+        assert len(consumer.got) == 4 and open_slots(db_url, me) == 0  # the window is full
+        for message in held:
+            message.ack()
+        assert run_loop_until(consumer.hub, lambda: len(consumer.got) == 5)
+        held[-1].ack()
+        assert run_loop_until(consumer.hub, lambda: rows(db_url, q) == [])
+    finally:
+        consumer.close()
+    assert sorted(body["i"] for body in consumer.got) == [0, 1, 2, 3, 4]
+
+
+def test_publishes_take_the_offers_of_idle_consumers_in_turn(db_url, events):
+    """Two idle consumers, four free slots each: four publishes go two to each, as blocked
+    BRPOPs are served in turn, not all to the first offer found."""
+    q = make_queue()
+    a = idle_consumer(db_url, events, q, prefetch=4, ack=False)
+    b = idle_consumer(db_url, events, q, prefetch=4, ack=False)
+    try:
+        publish(db_url, q, [{"i": i} for i in range(4)])
+        by = Counter(who for who, _ in leased(db_url, q))
+        assert by == {a.transport.consumer_id: 2, b.transport.consumer_id: 2}
+        assert run_loop_until(a.hub, lambda: len(a.got) == 2)
+        assert run_loop_until(b.hub, lambda: len(b.got) == 2)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_claim_cut_short_by_hand_offs_on_their_way_claims_when_they_arrive(db_url, events):
+    """A publish announced its message while another filled the consumer's one free slot (it
+    skipped the offer, locked by the other): the claim the announcement caused must leave the
+    slot to the hand-off on its way, so it claims nothing. The announcement is used up by then;
+    the consumer must still claim the message once the hand-off has arrived and been acked."""
+    q = make_queue()
+    consumer = idle_consumer(db_url, events, q, prefetch=1)
+    stall_key = 4344
+    with psycopg.connect(db_url, autocommit=True) as admin, psycopg.connect(db_url) as holder:
+        admin.execute(
+            "CREATE FUNCTION kojin.stall_handoff() RETURNS trigger LANGUAGE plpgsql AS $$ "
+            f"BEGIN PERFORM pg_advisory_xact_lock_shared({stall_key}); RETURN NULL; END $$")
+        admin.execute("CREATE TRIGGER stall_handoff AFTER INSERT ON kojin.messages FOR EACH ROW"
+                      " WHEN (NEW.leased_by IS NOT NULL) EXECUTE FUNCTION kojin.stall_handoff()")
+        holder.execute("SELECT pg_advisory_xact_lock(%s)", (stall_key,))
+
+        def blocked(what: str) -> bool:
+            return admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE cardinality(pg_blocking_pids(pid))"
+                " > 0 AND query LIKE %s", (what,)).fetchone()[0] == 1
+
+        try:
+            # the first publish fills the slot and stalls before its commit, holding the offer
+            with in_background(lambda: publish(db_url, q, [{"i": 1}]), _Release(holder)):
+                assert wait_until(lambda: blocked("%WITH q AS (%")), "the hand-off never waited"
+                publish(db_url, q, [{"i": 2}])  # skips the locked offer: announced
+                assert [by for by, _ in leased(db_url, q)] == [None]
+                # the announcement's claim withdraws the offer, waiting for the first publish
+                assert run_loop_until(consumer.hub, lambda: blocked("%open_slots = 0%"))
+                holder.commit()
+            assert run_loop_until(consumer.hub, lambda: len(consumer.got) == 2)
+            assert run_loop_until(consumer.hub, lambda: rows(db_url, q) == [])
+        finally:
+            admin.execute("DROP TRIGGER stall_handoff ON kojin.messages")
+            consumer.close()
+    assert [body["i"] for _, body in consumer.got] == [1, 2]

@@ -59,6 +59,10 @@ class Channel(virtual.Channel):
         #: Messages may be waiting that no announcement will tell of (the last claim came back
         #: full, or a wake-up found no free prefetch slot): a freed slot claims at once.
         self.more_ready = True
+        #: A claim took nothing, its slots filled by hand-offs on their way (see .offers), and
+        #: the wake-up that caused it is used up: claim once they have arrived. Set on the
+        #: claim thread, read and cleared on the loop.
+        self.claim_owed = False
 
     def _fetch(self, query: Any, params: dict[str, Any], what: str) -> list[tuple[Any, ...]]:
         """Run one publishing-side statement on the durable pool."""

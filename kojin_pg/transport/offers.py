@@ -1,33 +1,42 @@
-"""Hand-off at publish: an idle consumer offers a free slot, a publish fills it in its statement.
+"""Hand-off at publish: idle consumers offer free slots, publishes fill them in their statement.
 
 Woken by a NOTIFY, a consumer still had to claim what was announced: one more round trip
 between a publish and the task's start, which Redis's blocked ``BRPOP`` does not pay. So a
-consumer on Celery's event loop whose claim came back short (its queues are drained) and that
-has a free prefetch slot offers it: a token on its channel's row of the ``offers`` table
-(sql/0010_offers.sql), set on the claim thread. A publish to one of its queues takes the offer in
-its own statement (``publish``: the token is cleared under ``FOR UPDATE SKIP LOCKED``), inserts
-its message already leased to that consumer, and sends the message itself on the consumer's own
-NOTIFY channel; the consumer delivers it as it arrives (:meth:`Offers.received`), with no claim,
-and then only offers again. Messages too large for a NOTIFY payload, scheduled ones and ones
-with a unique key take the ordinary path, and so does every publish while the consumer's offer
-is taken: the consumer still waits on its queues, so such a publish announces its message
-(see :mod:`.idle`), and no wake-up is lost.
+consumer on Celery's event loop whose claim came back short (its queues are drained) offers its
+free prefetch slots: a token and a count of open slots on its channel's row of the ``offers``
+table (sql/0010_offers.sql, sql/0011_offer_slots.sql), set on the claim thread. A publish to one
+of its queues fills a slot in its own statement (``publish``: the count goes down under ``FOR
+UPDATE SKIP LOCKED``), inserts its message already leased to that consumer, and sends the
+message itself on the consumer's own NOTIFY channel; the consumer delivers it as it arrives
+(:meth:`Offers.received`), with no claim, and offers again only when every slot is filled. So a
+consumer that keeps its queues drained pays one offer statement per window of messages, not per
+message. Publishes fill the live offer served longest ago first: idle consumers are served in
+turn, as Redis serves blocked ``BRPOP`` calls.
 
-Why nothing is lost or delivered twice:
+Messages too large for a NOTIFY payload, scheduled ones and ones with a unique key take the
+ordinary path, and so does every publish that finds no open offer (or only ones that another
+publish has locked): the consumer still waits on its queues, so such a publish announces its
+message (see :mod:`.idle`), and no wake-up is lost.
+
+Why nothing is lost, delivered twice or delivered past the prefetch window:
 
 * **A dead consumer takes nothing.** An offer is good only while its consumer's LISTEN session
   holds the exclusive advisory lock ``(offer space, live_key)``; a publish skips an offer whose
   lock a shared try obtains. The sweep deletes such rows.
-* **The claim never overfills the prefetch window.** Before each claim the consumer withdraws
-  its channel's offer (``withdraw_offer`` waits for a publish taking it to commit); one found gone
-  was taken, and its message, leased to this consumer and on its way, counts against the claim's
-  size until it arrives.
+* **The window is never overfilled.** An offer has at most the slots its claim left free, and
+  before each claim the consumer withdraws it (``withdraw_offer`` waits for a publish filling a
+  slot to commit, and says how many were left open). The messages of the filled slots that have
+  not arrived, and those delivered since the claim was planned (:meth:`Offers.planned`), fill
+  slots the claim must leave; a claim left with none is owed, and made once they have arrived
+  (``Channel.claim_owed``).
 * **A handed-off message whose NOTIFY never arrives comes back.** NOTIFYs are lost only with the
   session that listens. Each new LISTEN session (or a paused one) starts a new *generation*:
   offers made before are forgotten, and the next claim round (:meth:`Offers.recover`) withdraws
   them all and hands back every lease this consumer holds but never received, as after a claim
-  whose reply was lost. A hand-off that arrives for a forgotten offer is handed back, not
-  delivered (its lease may be gone). Closing does the same.
+  whose reply was lost. A hand-off that arrives for a forgotten offer is not delivered: its
+  lease may have been handed back already (and the message claimed again, even by this
+  consumer), so only a recovery, which knows what this consumer holds, hands it back. Closing
+  does the same.
 
 Every handed-off message is leased from its insert, so a consumer that crashes with one loses
 nothing: its lease runs out as a claimed message's does.
@@ -91,6 +100,26 @@ class Handoff:
 
 
 @dataclass
+class _Offer:
+    """One offer this process made: whose, of how many slots, and what came of them."""
+
+    channel: Any
+    slots: int
+    #: Hand-offs that arrived with its token.
+    received: int = 0
+    #: Slots publishes filled, known once it is withdrawn (None: still open).
+    filled: int | None = None
+
+    def done(self) -> bool:
+        """Every message handed off with it has arrived: nothing more can come."""
+        return self.received >= (self.slots if self.filled is None else self.filled)
+
+    def on_its_way(self) -> int:
+        """Withdrawn: messages handed off with it that have not arrived yet."""
+        return 0 if self.filled is None else max(self.filled - self.received, 0)
+
+
+@dataclass
 class _State:
     """This process's offers: its live lock and channel, and what it has offered."""
 
@@ -103,10 +132,12 @@ class _State:
     live: bool = False
     #: Each consuming channel's row in the table: channel -> slot.
     slots: dict[Any, str] = field(default_factory=dict)
-    #: Offers made in this generation and not known taken: token -> the channel.
-    open: dict[str, Any] = field(default_factory=dict)
-    #: Offers found taken by a publish whose message has not arrived yet: token -> channel.
-    taken: dict[str, Any] = field(default_factory=dict)
+    #: Offers of this generation still open, or withdrawn with messages on their way: token ->
+    #: the offer. At most one per channel is open.
+    offers: dict[str, _Offer] = field(default_factory=dict)
+    #: Hand-offs each channel received (ever), and that count when its claim was planned.
+    arrived: dict[Any, int] = field(default_factory=dict)
+    planned: dict[Any, int] = field(default_factory=dict)
     #: Offers were made in an older generation: withdraw them all and hand back what they may
     #: have leased to this consumer before the next claim.
     recover: bool = False
@@ -166,9 +197,8 @@ class Offers:
         """Start a new generation (under ``s.lock``): no offer made before counts as open or
         on its way from now on; whether there was any."""
         s.generation += 1
-        had = bool(s.open or s.taken)
-        s.open.clear()
-        s.taken.clear()
+        had = bool(s.offers)
+        s.offers.clear()
         return had
 
     def recover(self) -> None:
@@ -195,67 +225,110 @@ class Offers:
                 s.recover = True
             raise
 
-    def withdraw(self, channel: Any) -> int:
-        """Take back ``channel``'s open offer before it claims; return how many of its
-        hand-offs are on their way (taken, not arrived): they fill slots the claim must leave."""
+    def planned(self, channel: Any) -> None:
+        """On the loop thread, as it plans a claim for ``channel`` from its free slots: hand-offs
+        delivered from now on fill slots that the plan counted free (see :meth:`withdraw`)."""
         s = self._state.get()
         with s.lock:
-            mine = [token for token, ch in s.open.items() if ch is channel]
+            s.planned[channel] = s.arrived.get(channel, 0)
+
+    def is_open(self, channel: Any) -> bool:
+        """``channel`` has an offer with slots publishes may still fill."""
+        s = self._state.get()
+        with s.lock:
+            return any(o.channel is channel and o.filled is None for o in s.offers.values())
+
+    def on_its_way(self, channel: Any) -> int:
+        """How many messages handed off to ``channel``'s withdrawn offers have not arrived."""
+        s = self._state.get()
+        with s.lock:
+            return sum(o.on_its_way() for o in s.offers.values() if o.channel is channel)
+
+    def withdraw(self, channel: Any) -> int:
+        """Take back ``channel``'s open offer before it claims; return how many of the slots
+        its claim was planned with hand-offs fill: those on their way (handed off, not arrived)
+        and those delivered since the plan (see :meth:`planned`)."""
+        s = self._state.get()
+        with s.lock:
+            mine = [token for token, o in s.offers.items()
+                    if o.channel is channel and o.filled is None]
             slot = s.slots.get(channel)
             generation = s.generation
         for token in mine:
             params = {"slot": slot, "token": token}
             try:
                 # Not retried: after a first try that committed, a retry would find the offer
-                # gone, as if a publish had taken it, and count a hand-off that never comes.
-                still = self.db.run(lambda conn, p=params: conn.execute(
+                # withdrawn, and could not tell how many of its slots publishes had filled.
+                left = self.db.run(lambda conn, p=params: conn.execute(
                     self.queries.withdraw_offer, p).fetchall(), "withdraw offer", retry=False)
             except Exception:
-                # forget every offer instead: recover() withdraws them all (safe to repeat)
-                # and hands back what they may have leased
-                with s.lock:
-                    s.recover = True
-                self.recover()
-                return 0
+                left = None
             with s.lock:
-                # gone from open: its message arrived meanwhile; another generation: forgotten,
-                # and recovered instead
-                if (s.open.pop(token, None) is not None and not still
-                        and s.generation == generation):
-                    s.taken[token] = channel
+                if s.generation != generation:
+                    break  # forgotten meanwhile, and recovered instead
+                offer = s.offers.get(token)
+                if left:
+                    if offer is not None:
+                        offer.filled = offer.slots - int(left[0][0])
+                        if offer.done():
+                            del s.offers[token]
+                    continue
+                # failed, or the row is gone: forget every offer instead; recover() withdraws
+                # them all (safe to repeat) and hands back what they may have leased
+                self._forget(s)
+                s.recover = True
+            self.recover()
+            break
         with s.lock:
-            return sum(1 for ch in s.taken.values() if ch is channel)
+            arrived = s.arrived.get(channel, 0)
+            since_plan = arrived - s.planned.pop(channel, arrived)
+            return since_plan + sum(o.on_its_way() for o in s.offers.values()
+                                    if o.channel is channel)
 
-    def make(self, channel: Any, queues: list[str]) -> None:
-        """Offer one free slot of ``channel`` on ``queues`` (on the claim thread, after a short
-        claim); nothing if the live lock is not held now."""
+    def make(self, channel: Any, queues: list[str], slots: int) -> None:
+        """Offer ``slots`` free slots of ``channel`` on ``queues`` (on the claim thread, after a
+        short claim); nothing if the live lock is not held now, or ``channel`` has an open
+        offer."""
         s = self._state.get()
         with s.lock:
-            if not s.live or any(ch is channel for ch in s.open.values()):
+            if (slots <= 0 or not s.live
+                    or any(o.channel is channel and o.filled is None for o in s.offers.values())):
                 return
             token = str(uuid.uuid4())
             slot = s.slots.setdefault(channel, str(uuid.uuid4()))
-            s.open[token] = channel
+            s.offers[token] = _Offer(channel, slots)
             s.ever = True
+        params = {"slot": slot, "token": token, "slots": slots, "consumer": self._consumer(),
+                  "queues": queues, "notify_channel": s.notify_channel,
+                  "lease": self.lease_seconds, "live_key": s.live_key}
         try:
-            # retried: the same slot and token again is the same offer
-            self.db.execute(self.queries.make_offer, {
-                "slot": slot, "token": token, "consumer": self._consumer(), "queues": queues,
-                "notify_channel": s.notify_channel, "lease": self.lease_seconds,
-                "live_key": s.live_key}, "make offer")
+            # Not retried: after a first try that committed, publishes may have filled slots,
+            # which a retry would open again.
+            self.db.run(lambda conn: conn.execute(self.queries.make_offer, params),
+                        "make offer", retry=False)
         except Exception as exc:
             # an offer is only a shortcut: consuming goes on without it. It may have committed
             # with its reply lost: recover before the next claim
             with s.lock:
                 s.recover = True
-            log.warning("kojin_pg: could not offer a slot to publishers: %r", exc)
+            log.warning("kojin_pg: could not offer slots to publishers: %r", exc)
 
-    def received(self, handoff: Handoff) -> Any | None:
-        """The channel a hand-off is for (on the loop thread), or None if its offer is forgotten:
-        then its message may have been handed back already, and is not to be delivered."""
+    def received(self, handoff: Handoff) -> tuple[Any | None, bool]:
+        """On the loop thread: the channel a hand-off is for, and whether that channel's offer
+        is used up by it (offer again). No channel if its offer is forgotten: the message may
+        have been handed back already and is not to be delivered; the next round's
+        :meth:`recover` hands it back if it is still leased here."""
         s = self._state.get()
         with s.lock:
-            return s.open.pop(handoff.token, None) or s.taken.pop(handoff.token, None)
+            offer = s.offers.get(handoff.token)
+            if offer is None:
+                s.recover = True  # recovering is safe to repeat, and covers this lease
+                return None, False
+            offer.received += 1
+            s.arrived[offer.channel] = s.arrived.get(offer.channel, 0) + 1
+            if offer.done():
+                del s.offers[handoff.token]
+            return offer.channel, offer.filled is None and offer.done()
 
     def close(self) -> bool:
         """Withdraw every offer of this consumer (the claim thread has stopped); whether

@@ -357,23 +357,38 @@ class Transport(virtual.Transport):
         if not texts:
             return
         back: list[int] = []
+        used_up = False
         for text in texts:
             try:
                 handoff = Handoff.parse(text)
             except (ValueError, TypeError) as exc:  # not from a publish: nothing to deliver
                 log.warning("kojin_pg: ignored a malformed hand-off: %r", exc)
                 continue
-            channel = self.offers.received(handoff)
-            if (channel is None or self.closing or channel.closed
-                    or not channel._consumers):
-                back.append(handoff.message_id)  # offer forgotten: its lease may be gone
+            channel, last = self.offers.received(handoff)
+            used_up = used_up or last
+            if channel is None:
+                continue  # its offer is forgotten: recovered on the claim thread
+            if self.closing or channel.closed or not channel._consumers:
+                back.append(handoff.message_id)
                 continue
             with self.settling_leases():
                 delivered, _ = channel._deliverable(self, [handoff.as_claimed_row()])
             channel.deliver(delivered)
         if back:
             self._hand_back(back)
-        self._drain_nowait(OFFER_AGAIN)
+        if self._claims_owed():
+            self._drain_nowait()
+        elif used_up:
+            self._drain_nowait(OFFER_AGAIN)
+
+    def _claims_owed(self) -> bool:
+        """Whether a channel owes a claim (see ``Channel.claim_owed``) whose hand-offs have all
+        arrived now; its debt is paid by the claim the caller asks for."""
+        owed = [channel for channel in list(self.channels)
+                if channel.claim_owed and self.offers.on_its_way(channel) == 0]
+        for channel in owed:
+            channel.claim_owed = False
+        return bool(owed)
 
     def _on_nudge(self) -> None:
         """A prefetch slot was freed (an ack): claim into it only if messages may be waiting
@@ -405,6 +420,7 @@ class Transport(virtual.Transport):
             if announced is not None and not channel.more_ready:
                 queues = [q for q in queues if q in announced]
             if queues or announced == OFFER_AGAIN:  # no queues: only offer again
+                self.offers.planned(channel)
                 asks.append((channel, queues, channel.claim_size()))
         return asks
 
@@ -414,16 +430,20 @@ class Transport(virtual.Transport):
         since the round was planned: a closed channel has no connection to claim with).
 
         Short, with room left: the consumer is about to wait on ``queues``, so it says so (see
-        :mod:`.idle`) and claims what was published before, then offers a free slot to the
-        next publish (see :mod:`.offers`); full: it has a backlog and says that instead. No
-        ``queues``: after a hand-off, only offer again (the consumer still waits: a publish
-        that finds no offer announces its message)."""
+        :mod:`.idle`) and claims what was published before, then offers its free slots to the
+        next publishes (see :mod:`.offers`); full: it has a backlog and says that instead. No
+        ``queues``: after its offer's slots were all filled, only offer again (the consumer
+        still waits: a publish that finds no offer announces its message)."""
         if channel.closed:
             return []
         self.offers.recover()
-        n -= self.offers.withdraw(channel)  # hand-offs on their way fill slots too
+        if not queues and self.offers.is_open(channel):
+            return []  # its offer still has open slots
+        n -= self.offers.withdraw(channel)  # hand-offs fill slots too
         if n <= 0:
-            return []  # they claim again when they arrive
+            if queues:
+                channel.claim_owed = True  # claimed when they have arrived
+            return []
         claimed: list[tuple[dict[str, Any], str]] = []
         if queues:
             claimed = channel._claim(queues, n)
@@ -440,8 +460,9 @@ class Transport(virtual.Transport):
                     channel.next_due = due
         if (len(claimed) < n and self._listen_fd is not None and not self.closing
                 and not channel.closed):
-            # drained, with room: offer a slot to the next publish (the loop reads the channel)
-            self.offers.make(channel, sorted(channel._active_queues))
+            # drained, with room: offer the free slots to the next publishes (the loop reads
+            # the channel)
+            self.offers.make(channel, sorted(channel._active_queues), n - len(claimed))
         return claimed
 
     def _pass_on_backlog(self) -> None:
@@ -467,7 +488,8 @@ class Transport(virtual.Transport):
             full = full or channel.more_ready
         if error is not None:
             raise error
-        if full:
+        owed = self._claims_owed()
+        if full or owed:
             self._drain_nowait()
         elif again:
             self._drain_nowait(announced)

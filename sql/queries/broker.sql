@@ -9,23 +9,27 @@
 -- tombstone in queues) takes nothing, as on RabbitMQ; the queue's message TTL and the message's
 -- own expiration (seconds, or NULL) set expires_at. A scheduled message (due_at) wakes the
 -- queue's consumers only when it is the queue's new earliest, so they can set their timers.
--- With handoff (a ready message small enough for a NOTIFY), the message first takes a live
--- consumer's open offer of a free slot, if there is one (see kojin_pg/transport/offers.py): it
--- is inserted leased to that consumer, and sent whole on the consumer's own channel. No offer is
+-- With handoff (a ready message small enough for a NOTIFY), the message first fills a slot of
+-- a live consumer's open offer, if there is one (see kojin_pg/transport/offers.py): it is
+-- inserted leased to that consumer, and sent whole on the consumer's own channel. No offer is
 -- taken by a publish that will insert nothing (a deleted queue, or the same publish retried).
 WITH q AS (
     SELECT message_ttl, deleted_at FROM {schema}.queues WHERE name = %(queue)s
 ), offer AS (
-    UPDATE {schema}.offers o SET token = NULL
+    UPDATE {schema}.offers o
+    SET open_slots = o.open_slots - 1, served_at = now(),
+        token = CASE WHEN o.open_slots > 1 THEN o.token END  -- the last slot: the offer is used up
     FROM (
         SELECT slot, token FROM {schema}.offers
-        WHERE %(handoff)s AND token IS NOT NULL AND %(queue)s = ANY(queues)
+        WHERE %(handoff)s AND token IS NOT NULL AND open_slots > 0 AND %(queue)s = ANY(queues)
           -- what the NOTIFY sends must stay under 8000 bytes, with the ids around it
           AND octet_length(%(payload)s::text) + octet_length(%(queue)s) <= 7800
           AND NOT EXISTS (SELECT 1 FROM q WHERE deleted_at IS NOT NULL)
           AND NOT EXISTS (SELECT 1 FROM {schema}.messages WHERE publish_id = %(publish_id)s)
           -- alive: its LISTEN session holds the exclusive lock, so a shared try fails
           AND NOT pg_try_advisory_xact_lock_shared(%(offer_space)s, live_key)
+        -- the consumer served longest ago first: idle consumers are served in turn
+        ORDER BY served_at
         LIMIT 1 FOR UPDATE SKIP LOCKED
     ) taken
     WHERE o.slot = taken.slot
@@ -95,22 +99,32 @@ FROM unnest(%(keys)s::int[]) AS k;
 SELECT count(pg_advisory_unlock_shared(%(idle_space)s, k)) FROM unnest(%(keys)s::int[]) AS k;
 
 -- name: make_offer
--- A consumer with nothing left to claim offers a free prefetch slot of one of its channels on
+-- A consumer with nothing left to claim offers free prefetch slots of one of its channels on
 -- these queues to the publishers (see the publish, and kojin_pg/transport/offers.py); lease: its
--- visibility timeout. The channel's row is made once, then updated.
-INSERT INTO {schema}.offers AS o (slot, token, consumer, queues, notify_channel, lease, live_key)
-VALUES (%(slot)s, %(token)s, %(consumer)s, %(queues)s, %(notify_channel)s,
+-- visibility timeout. The channel's row is made once, then updated; a new offer goes to the
+-- back of the line (served_at).
+INSERT INTO {schema}.offers AS o
+    (slot, token, open_slots, served_at, consumer, queues, notify_channel, lease, live_key)
+VALUES (%(slot)s, %(token)s, %(slots)s, now(), %(consumer)s, %(queues)s, %(notify_channel)s,
         make_interval(secs => %(lease)s), %(live_key)s)
-ON CONFLICT (slot) DO UPDATE SET token = excluded.token, queues = excluded.queues,
+ON CONFLICT (slot) DO UPDATE SET token = excluded.token, open_slots = excluded.open_slots,
+                                 served_at = excluded.served_at, queues = excluded.queues,
                                  live_key = excluded.live_key;
 
 -- name: withdraw_offer
--- Take back a channel's open offer before it claims; a row if it was still open (none: a
--- publish took it). An offer a publish is taking is locked by it: this waits for its commit,
--- so a message handed off with it is leased (and on its way) once this returns.
-UPDATE {schema}.offers SET token = NULL
-WHERE slot = %(slot)s AND token = %(token)s
-RETURNING 1;
+-- Take back a channel's offer before it claims, and say how many of its slots were still open
+-- (the others were filled by publishes). A publish filling a slot locks the row: this waits
+-- for its commit, so every message handed off with the offer is leased (and on its way) once
+-- this returns. A cleared token means every slot was filled: by publishes of this version,
+-- which count open_slots down to 0, or last by one of the version before migration 11, which
+-- cleared the token without counting its slot. No row: the row is gone (the sweep found the
+-- consumer's session dead).
+UPDATE {schema}.offers o SET token = NULL, open_slots = 0
+FROM (SELECT slot, token, open_slots FROM {schema}.offers
+      WHERE slot = %(slot)s FOR UPDATE) old
+WHERE o.slot = old.slot AND (old.token = %(token)s OR old.token IS NULL)
+RETURNING CASE WHEN old.token IS NULL THEN greatest(old.open_slots - 1, 0)
+               ELSE old.open_slots END;
 
 -- name: withdraw_all_offers
 -- Take back every offer of this consumer (it closes, or listens on a new session).
