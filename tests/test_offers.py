@@ -354,3 +354,28 @@ def test_a_claim_cut_short_by_hand_offs_on_their_way_claims_when_they_arrive(db_
             admin.execute("DROP TRIGGER stall_handoff ON kojin.messages")
             consumer.close()
     assert [body["i"] for _, body in consumer.got] == [1, 2]
+
+
+def test_a_listen_session_replaced_off_the_loop_is_watched_again(db_url, events):
+    """The LISTEN session died and the claim thread (a statement on it, then listening again)
+    replaced it before the loop read the dead socket: the loop's poller never hears of the old
+    socket again, nor of the new one. The new session makes offers live (its lock) and takes
+    the publishers' announcements; a loop that did not watch it would never hear a hand-off."""
+    q = make_queue()
+    consumer = idle_consumer(db_url, events, q)
+    listener = consumer.transport.wakeups.listener
+    try:
+        with psycopg.connect(db_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)",
+                          (listener._session.get().conn.info.backend_pid,))
+        # off the loop, as the claim thread's idle.enter() does: the statement finds the
+        # session dead and closes it, and the next use listens on a new one
+        assert not listener.run(lambda conn: conn.execute("SELECT 1"))
+        listener._session.get().retry_at = 0.0
+        assert listener.ensure()
+        publish(db_url, q, [{"i": 1}])
+        assert run_loop_until(consumer.hub, lambda: consumer.got)
+        assert run_loop_until(consumer.hub, lambda: rows(db_url, q) == [])
+    finally:
+        consumer.close()
+    assert consumer.got == [(q.name, {"i": 1})]

@@ -74,6 +74,9 @@ class _Session:
         #: More was heard than the backlog keeps: hearing more is of no use until a waiter
         #: comes (it reads what it waits for), so the sweeper pauses the session at once.
         self.overflowed = False
+        #: How many connections this process has listened on: an event loop that watches one
+        #: socket tells by it that another thread replaced the connection (see watched_session).
+        self.opened = 0
         #: The private channel's name on this session (see Listener.private_channel).
         self.private_name: str | None = None
         #: Told when the session is paused for idling (its advisory locks given back).
@@ -148,6 +151,7 @@ class Listener:
                         self._no_session()
                         return None
                     s.conn = conn
+                    s.opened += 1
                     s.private_name = (self.private_channel() if self.private_channel is not None
                                       else None)
                     s.conn.add_notify_handler(lambda n: s.hear(n.channel, n.payload))
@@ -222,6 +226,17 @@ class Listener:
             return None
         self._session.get().watched = True
         return conn.pgconn.socket
+
+    @property
+    def watched_session(self) -> int:
+        """Which connection :meth:`watch` would give now (0: none is open). Another thread may
+        find the session dead and listen on a new one (:meth:`run`); the old socket is closed
+        then, and a poller that watched it hears nothing of either, so an event loop compares
+        this with what it had when it began watching, and watches again when it differs."""
+        s = self._session.peek()
+        if s is None or s.conn is None or s.conn.closed:
+            return 0
+        return s.opened
 
     # -- hearing -----------------------------------------------------------------------------
 

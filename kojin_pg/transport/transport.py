@@ -77,6 +77,8 @@ class Transport(virtual.Transport):
         self.leases_unknown = False
         self._hub: Any = None
         self._listen_fd: int | None = None
+        #: Which LISTEN connection the loop watches (see Listener.watched_session).
+        self._listen_session = 0
         self._claims_fd: int | None = None
         #: The event loop's timer for the earliest scheduled message: (due, timer entry).
         self._due_timer: tuple[float, Any] | None = None
@@ -149,9 +151,11 @@ class Transport(virtual.Transport):
                        private_channel=lambda: self.offers.notify_channel)
 
     def _on_listen(self, conn: psycopg.Connection[Any]) -> None:
-        """A new LISTEN session: it holds no idle locks, and a new live lock for the offers."""
+        """A new LISTEN session: it holds no idle locks, and a new live lock for the offers; an
+        event loop must watch its socket (opened on another thread: a nudge tells the loop)."""
         self.idle.forget()
         self.offers.on_listen(conn)
+        self.wakeups.nudge()
 
     def _on_listen_paused(self) -> None:
         self.idle.forget()
@@ -320,8 +324,29 @@ class Transport(virtual.Transport):
         self._claims_fd = self.claimer.ready_fd()
         loop.add_reader(self._claims_fd, self._on_claimed)
         self._arm_listen()
-        loop.call_repeatedly(self.settings.polling_interval, self._drain_nowait)
+        loop.call_repeatedly(self.settings.polling_interval, self._on_poll)
         loop.call_soon(self._drain_nowait)
+
+    def _on_poll(self) -> None:
+        """The polling safety net: look now, and watch the LISTEN session again if it was
+        replaced or lost off the loop."""
+        self._watch_again_if_replaced()
+        self._drain_nowait()
+
+    def _watch_again_if_replaced(self) -> None:
+        """The claim thread found the watched LISTEN session dead (a statement on it failed)
+        and closed it, perhaps listening on a new one: the loop's poller hears nothing of the
+        closed socket, nor of a new one (which may have the same number), while the new
+        session holds the offers' live lock and takes the announcements. Watch it now."""
+        if (self._listen_fd is None
+                or self.wakeups.listener.watched_session == self._listen_session):
+            return
+        try:
+            self._hub.remove_reader(self._listen_fd)
+        except Exception:  # its socket is gone already
+            pass
+        self._listen_fd = None
+        self._arm_listen()
 
     def _arm_listen(self) -> None:
         listener = self.wakeups.listener
@@ -332,6 +357,7 @@ class Transport(virtual.Transport):
             self._hub.call_later(1.0, self._arm_listen)
             return
         self._listen_fd = fd
+        self._listen_session = listener.watched_session
         self._hub.add_reader(fd, self._on_notify)
         # a new session holds no idle locks: look now, and a short claim takes them again
         self._drain_nowait()
@@ -395,6 +421,7 @@ class Transport(virtual.Transport):
         unannounced; otherwise the next announcement claims, and the ack buffer's flusher
         applies the ack (a claim per ack costs the loop and the server for nothing)."""
         self.wakeups.clear_nudges()
+        self._watch_again_if_replaced()
         if self._listen_fd is not None and self.wakeups.listener.has_backlog():
             self._on_notify()  # announcements a statement on the LISTEN session read for us
         if any(channel.more_ready for channel in list(self.channels)):
