@@ -58,6 +58,20 @@ def events() -> Events:
     return Events()
 
 
+def stall_inserts(admin: psycopg.Connection[Any], holder: psycopg.Connection[Any], key: int,
+                  *, handed_off_only: bool = False) -> None:
+    """Make every insert into the messages (with ``handed_off_only``, a hand-off's only) wait
+    inside its statement until ``holder``, which takes the advisory lock ``key`` now, commits.
+    The caller drops the trigger ``stall_inserts`` when done."""
+    admin.execute(
+        "CREATE FUNCTION kojin.stall_inserts() RETURNS trigger LANGUAGE plpgsql AS $$ "
+        f"BEGIN PERFORM pg_advisory_xact_lock_shared({int(key)}); RETURN NULL; END $$")
+    admin.execute("CREATE TRIGGER stall_inserts AFTER INSERT ON kojin.messages FOR EACH ROW "
+                  + ("WHEN (NEW.leased_by IS NOT NULL) " if handed_off_only else "")
+                  + "EXECUTE FUNCTION kojin.stall_inserts()")
+    holder.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
+
+
 def idle_consumer(db_url: str, events: Events, q: Any, *, ack: bool = True,
                   **kwargs: Any) -> LoopConsumer:
     """A consumer of ``q`` on the Hub, run until it has offered a slot."""
@@ -173,12 +187,7 @@ def test_a_hand_off_whose_session_dies_comes_back(db_url, events):
     me = consumer.transport.consumer_id
     stall_key = 4343
     with psycopg.connect(db_url, autocommit=True) as admin, psycopg.connect(db_url) as holder:
-        admin.execute(
-            "CREATE FUNCTION kojin.stall_publish() RETURNS trigger LANGUAGE plpgsql AS $$ "
-            f"BEGIN PERFORM pg_advisory_xact_lock_shared({stall_key}); RETURN NULL; END $$")
-        admin.execute("CREATE TRIGGER stall_publish AFTER INSERT ON kojin.messages "
-                      "FOR EACH STATEMENT EXECUTE FUNCTION kojin.stall_publish()")
-        holder.execute("SELECT pg_advisory_xact_lock(%s)", (stall_key,))
+        stall_inserts(admin, holder, stall_key)
         listener_pid = consumer.transport.wakeups.listener._session.get().conn.info.backend_pid
 
         def control() -> None:
@@ -196,7 +205,7 @@ def test_a_hand_off_whose_session_dies_comes_back(db_url, events):
             assert run_loop_until(consumer.hub, lambda: consumer.got, bound=BOUND * 2)
             assert run_loop_until(consumer.hub, lambda: rows(db_url, q) == [])
         finally:
-            admin.execute("DROP TRIGGER stall_publish ON kojin.messages")
+            admin.execute("DROP TRIGGER stall_inserts ON kojin.messages")
             consumer.close()
     assert consumer.got == [(q.name, {"i": 2})]
 
@@ -327,12 +336,7 @@ def test_a_claim_cut_short_by_hand_offs_on_their_way_claims_when_they_arrive(db_
     consumer = idle_consumer(db_url, events, q, prefetch=1)
     stall_key = 4344
     with psycopg.connect(db_url, autocommit=True) as admin, psycopg.connect(db_url) as holder:
-        admin.execute(
-            "CREATE FUNCTION kojin.stall_handoff() RETURNS trigger LANGUAGE plpgsql AS $$ "
-            f"BEGIN PERFORM pg_advisory_xact_lock_shared({stall_key}); RETURN NULL; END $$")
-        admin.execute("CREATE TRIGGER stall_handoff AFTER INSERT ON kojin.messages FOR EACH ROW"
-                      " WHEN (NEW.leased_by IS NOT NULL) EXECUTE FUNCTION kojin.stall_handoff()")
-        holder.execute("SELECT pg_advisory_xact_lock(%s)", (stall_key,))
+        stall_inserts(admin, holder, stall_key, handed_off_only=True)
 
         def blocked(what: str) -> bool:
             return admin.execute(
@@ -351,7 +355,7 @@ def test_a_claim_cut_short_by_hand_offs_on_their_way_claims_when_they_arrive(db_
             assert run_loop_until(consumer.hub, lambda: len(consumer.got) == 2)
             assert run_loop_until(consumer.hub, lambda: rows(db_url, q) == [])
         finally:
-            admin.execute("DROP TRIGGER stall_handoff ON kojin.messages")
+            admin.execute("DROP TRIGGER stall_inserts ON kojin.messages")
             consumer.close()
     assert [body["i"] for _, body in consumer.got] == [1, 2]
 
