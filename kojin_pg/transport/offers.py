@@ -144,6 +144,15 @@ class _State:
     #: Offers were ever made by this process (closing then hands back what may be on its way).
     ever: bool = False
 
+    def open_tokens(self, channel: Any) -> list[str]:
+        """``channel``'s open offers (under ``lock``): at most one."""
+        return [token for token, o in self.offers.items()
+                if o.channel is channel and o.filled is None]
+
+    def on_its_way(self, channel: Any) -> int:
+        """Messages handed off to ``channel``'s withdrawn offers, not arrived (under ``lock``)."""
+        return sum(o.on_its_way() for o in self.offers.values() if o.channel is channel)
+
 
 class Offers:
     """This process's offers of free prefetch slots to the publishers of one transport."""
@@ -236,13 +245,13 @@ class Offers:
         """``channel`` has an offer with slots publishes may still fill."""
         s = self._state.get()
         with s.lock:
-            return any(o.channel is channel and o.filled is None for o in s.offers.values())
+            return bool(s.open_tokens(channel))
 
     def on_its_way(self, channel: Any) -> int:
         """How many messages handed off to ``channel``'s withdrawn offers have not arrived."""
         s = self._state.get()
         with s.lock:
-            return sum(o.on_its_way() for o in s.offers.values() if o.channel is channel)
+            return s.on_its_way(channel)
 
     def withdraw(self, channel: Any) -> int:
         """Take back ``channel``'s open offer before it claims; return how many of the slots
@@ -250,8 +259,7 @@ class Offers:
         and those delivered since the plan (see :meth:`planned`)."""
         s = self._state.get()
         with s.lock:
-            mine = [token for token, o in s.offers.items()
-                    if o.channel is channel and o.filled is None]
+            mine = s.open_tokens(channel)
             slot = s.slots.get(channel)
             generation = s.generation
         for token in mine:
@@ -282,8 +290,7 @@ class Offers:
         with s.lock:
             arrived = s.arrived.get(channel, 0)
             since_plan = arrived - s.planned.pop(channel, arrived)
-            return since_plan + sum(o.on_its_way() for o in s.offers.values()
-                                    if o.channel is channel)
+            return since_plan + s.on_its_way(channel)
 
     def make(self, channel: Any, queues: list[str], slots: int) -> None:
         """Offer ``slots`` free slots of ``channel`` on ``queues`` (on the claim thread, after a
@@ -291,8 +298,7 @@ class Offers:
         offer."""
         s = self._state.get()
         with s.lock:
-            if (slots <= 0 or not s.live
-                    or any(o.channel is channel and o.filled is None for o in s.offers.values())):
+            if slots <= 0 or not s.live or s.open_tokens(channel):
                 return
             token = str(uuid.uuid4())
             slot = s.slots.setdefault(channel, str(uuid.uuid4()))
