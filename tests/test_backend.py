@@ -664,6 +664,49 @@ def test_reading_ahead_without_notifications(make_app, monkeypatch):
     assert len(reads) <= 8, len(reads)
 
 
+def rows_read_from(plan: dict, table: str) -> int:
+    """How many rows of ``table`` a plan (EXPLAIN ANALYZE, FORMAT JSON) read, kept or not."""
+    read = 0
+    if plan.get("Relation Name") == table:
+        read += (plan.get("Actual Rows", 0) * plan.get("Actual Loops", 1)
+                 + plan.get("Rows Removed by Filter", 0)
+                 + plan.get("Rows Removed by Index Recheck", 0))
+    return read + sum(rows_read_from(child, table) for child in plan.get("Plans", []))
+
+
+@pytest.mark.parametrize("plan_cache_mode", ["force_custom_plan", "force_generic_plan"])
+def test_reads_by_task_id_read_those_rows_however_many_results_are_stored(
+        backend, db_url, plan_cache_mode):
+    """A read of results by task id (a get with what it reads ahead, get_many, one result)
+    looked them up by the primary key only while the planner's statistics said the results
+    table was large: on one that grew since it was last analyzed (new, or growing faster than
+    autovacuum analyzes it), the read ahead took every finished result through the status
+    index and kept the 64 it asked for, so each get cost as much as the table held (here 3,000
+    rows read for 65 asked; the server's CPU for it grew with the table). A session plans a
+    prepared statement in both ways (custom, then generic)."""
+    from kojin_pg.backend.readahead import KEPT_BYTES_MAX
+
+    stored = 3000
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("""INSERT INTO kojin.results (task_id, status, result, date_done, expires_at)
+                        SELECT 't' || i, 'SUCCESS', to_jsonb(i), now(), now() + interval '1 day'
+                        FROM generate_series(1, %s) AS i""", (stored,))
+        ids = [f"t{i}" for i in range(1, 66)]
+        conn.execute(sql.SQL("SET plan_cache_mode = {}").format(sql.Identifier(plan_cache_mode)))
+        q = backend.queries
+        reads = {
+            "wait_and_read": (q.wait_and_read, backend.result_consumer.slots.read_params(
+                ids[0], ids[1:], KEPT_BYTES_MAX)),
+            "get_results": (q.get_results, {"task_ids": ids}),
+            "get_result": (q.get_result, {"task_id": ids[0]}),
+        }
+        for name, (query, params) in reads.items():
+            (plan,), = conn.execute(sql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) ") + query,
+                                    params).fetchone()
+            read = rows_read_from(plan["Plan"], "results")
+            assert read <= len(ids), f"{name} read {read} rows of results for {len(ids)} ids"
+
+
 def test_what_is_remembered_for_reading_ahead_is_bounded():
     from kojin_pg.backend import readahead
 

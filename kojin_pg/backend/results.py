@@ -172,7 +172,7 @@ class PostgresBackend(AsyncBackendMixin, BaseBackend):
 
     def fetch_metas(self, task_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
         """The stored, unexpired metas of ``task_ids`` (one query), by task id."""
-        ids = list(task_ids)
+        ids = list(dict.fromkeys(task_ids))  # one lookup per id (see get_results)
         if not ids:
             return {}
         rows = self._fetchall(self.queries.get_results, {"task_ids": ids}, "get_results")

@@ -61,32 +61,46 @@ SELECT (SELECT count(pg_advisory_unlock_shared(%(wait_space)s, slot))
 -- Take and give back wait slots, then read one unexpired result (after the slots are taken
 -- and the stores in flight on them committed); with it, read ahead (see
 -- kojin_pg/backend/readahead.py) the unexpired results of the tasks in ahead that are final
--- and small (the columns that a read returns stored uncompressed in at most max_bytes).
+-- and small (the columns that a read returns stored uncompressed in at most max_bytes). The
+-- results ahead are looked up one by one by their key: as one scan, the planner may take every
+-- finished result through the status index when its statistics are stale (a table that grew
+-- since it was last analyzed), and the read then costs what the table holds. LIMIT 1 (the key
+-- is unique) keeps the lookup from being merged into such a scan.
 SELECT task_id, status, result, result_bytes, traceback, children, group_id, parent_id,
        name, args, kwargs, worker, retries, queue, date_done
 FROM {schema}.take_wait_slots_and_read(%(wait_space)s, %(writing_space)s, %(take)s::int[],
                                        %(release)s::int[], %(task_id)s)
 UNION ALL
-SELECT task_id, status, result, result_bytes, traceback, children, group_id, parent_id,
-       name, args, kwargs, worker, retries, queue, date_done
-FROM {schema}.results
-WHERE task_id = ANY(%(ahead)s::text[]) AND status IN ('SUCCESS', 'FAILURE', 'REVOKED')
-  AND (expires_at IS NULL OR expires_at > now())
-  AND coalesce(pg_column_size(result), 0) + coalesce(pg_column_size(result_bytes), 0)
-      + coalesce(pg_column_size(traceback), 0) + coalesce(pg_column_size(children), 0)
-      + coalesce(pg_column_size(args), 0) + coalesce(pg_column_size(kwargs), 0)
-      <= %(max_bytes)s
-  -- a compressed column is larger than its stored size says
-  AND num_nulls(pg_column_compression(result), pg_column_compression(result_bytes),
-                pg_column_compression(traceback), pg_column_compression(children),
-                pg_column_compression(args), pg_column_compression(kwargs)) = 6;
+SELECT r.task_id, r.status, r.result, r.result_bytes, r.traceback, r.children, r.group_id,
+       r.parent_id, r.name, r.args, r.kwargs, r.worker, r.retries, r.queue, r.date_done
+FROM unnest(%(ahead)s::text[]) AS ahead(task_id)
+CROSS JOIN LATERAL (
+    SELECT * FROM {schema}.results
+    WHERE task_id = ahead.task_id AND status IN ('SUCCESS', 'FAILURE', 'REVOKED')
+      AND (expires_at IS NULL OR expires_at > now())
+      AND coalesce(pg_column_size(result), 0) + coalesce(pg_column_size(result_bytes), 0)
+          + coalesce(pg_column_size(traceback), 0) + coalesce(pg_column_size(children), 0)
+          + coalesce(pg_column_size(args), 0) + coalesce(pg_column_size(kwargs), 0)
+          <= %(max_bytes)s
+      -- a compressed column is larger than its stored size says
+      AND num_nulls(pg_column_compression(result), pg_column_compression(result_bytes),
+                    pg_column_compression(traceback), pg_column_compression(children),
+                    pg_column_compression(args), pg_column_compression(kwargs)) = 6
+    LIMIT 1
+) r;
 
 -- name: get_results
--- The unexpired results of the given task ids (one round trip for one id or thousands).
-SELECT task_id, status, result, result_bytes, traceback, children, group_id, parent_id,
-       name, args, kwargs, worker, retries, queue, date_done
-FROM {schema}.results
-WHERE task_id = ANY(%(task_ids)s) AND (expires_at IS NULL OR expires_at > now());
+-- The unexpired results of the given task ids (one round trip for one id or thousands), each
+-- looked up by its key (see wait_and_read: as one scan, stale statistics may have it read the
+-- whole table through the expiry index).
+SELECT r.task_id, r.status, r.result, r.result_bytes, r.traceback, r.children, r.group_id,
+       r.parent_id, r.name, r.args, r.kwargs, r.worker, r.retries, r.queue, r.date_done
+FROM unnest(%(task_ids)s::text[]) AS wanted(task_id)
+CROSS JOIN LATERAL (
+    SELECT * FROM {schema}.results
+    WHERE task_id = wanted.task_id AND (expires_at IS NULL OR expires_at > now())
+    LIMIT 1
+) r;
 
 -- name: get_result
 -- The unexpired result of one task (an equality lookup plans and runs faster than ANY).
