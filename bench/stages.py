@@ -37,13 +37,15 @@ HERE = Path(__file__).resolve().parent
 #: (label, from stage, to stage), as stage_trace.py stamps them.
 INTERVALS = (
     ("delay()", "publish", "published"),
-    ("  publish statement", "statement", "statement_done"),
+    ("publish statement", "statement", "statement_done"),
     ("to the worker", "published", "received"),
     ("to the pool", "received", "started"),
     ("run + store", "started", "stored"),
     ("to the caller", "stored", "got"),
     ("round trip", "publish", "got"),
 )
+#: Stages within the one above them (printed indented).
+WITHIN = {"publish statement"}
 WARM_UP = 20
 
 
@@ -147,7 +149,8 @@ def print_table(results: dict) -> None:
         kojin, redis = stages["kojin"].get(label), stages.get("redis", {}).get(label)
         ratio = (f"{kojin['p50_ms'] / redis['p50_ms']:>17.2f}x"
                  if kojin and redis and redis["p50_ms"] > 0 else f"{'-':>18}")
-        print(f"{label:<22}" + "".join(cells) + ratio)
+        shown = "  " + label if label in WITHIN else label
+        print(f"{shown:<22}" + "".join(cells) + ratio)
 
 
 if __name__ == "__main__":
