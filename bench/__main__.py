@@ -3,6 +3,7 @@
 usage: python -m bench [all|backend|transport|e2e|scale|cost] [--repeat N] [--quick] [--stock]
        python -m bench scheduling [--quick]   (bench/scheduling.py; not part of ``all``)
        python -m bench stages [--quick]       (bench/stages.py; not part of ``all``)
+       python -m bench listeners [--stock] [--quick]   (bench/listeners.py; not part of ``all``)
 
 Servers: PostgreSQL from KOJIN_PG_URL, else a temporary embedded PostgreSQL 18, or with
 ``--stock`` a temporary cluster of the Debian apt PostgreSQL at its default settings
@@ -242,7 +243,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("what", nargs="?", default="all",
                         choices=["all", "backend", "transport", "e2e", "scale", "cost",
-                                 "scheduling", "stages"])
+                                 "scheduling", "stages", "listeners"])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="smaller N, one repeat")
     parser.add_argument("--stock", action="store_true",
@@ -256,6 +257,11 @@ def main() -> int:
         from bench.stages import main as stages_main
 
         return stages_main(["--quick"] if args.quick else [])
+    if args.what == "listeners":  # its own server, table and JSON (listeners.json)
+        from bench.listeners import main as listeners_main
+
+        return listeners_main((["--quick"] if args.quick else [])
+                              + (["--stock"] if args.stock else []))
     repeat = 1 if args.quick else args.repeat
     admin, server, redis_url, redis_proc = start_servers(args.stock)
     from bench.servers import describe

@@ -1,0 +1,151 @@
+"""What each listening process costs every notifying commit: PostgreSQL up to 18 wakes every
+session that LISTENs in the database at each commit that sent a NOTIFY, whatever the channel.
+
+usage: python -m bench.listeners [--stock] [--seconds N] [--quick]
+       python -m bench listeners [--stock] [--quick]
+
+kojin_pg holds one LISTEN session per consuming process (a worker's main process) and one per
+process waiting for results, each on channels of its own; a publish that hands its message to
+an idle consumer, and a result store that someone waits for, commit with a NOTIFY. This
+measures, with ``pgbench`` (one client, ``-M prepared``, ``synchronous_commit=off`` so that the
+disk does not hide the CPU), one-row INSERT commits per second and the server's CPU per commit
+(every process of the cluster, bench/server_cost.py's ``tree_cpu_seconds``), plain and with a
+NOTIFY of 900 bytes (a hand-off's size) on a channel nobody listens to, beside 0, 10, 40 and 80
+idle sessions that LISTEN on another channel. Repeats are taken in turns and the median kept.
+
+PostgreSQL 19 is to signal only the sessions that listen on the notified channel (commit
+282b1cde9d, "Optimize LISTEN/NOTIFY"); on it, the NOTIFY rows should stay flat.
+
+Writes bench/results/listeners.json (``--stock``: listeners_stock.json; ``--quick``:
+last_listeners_quick.json, not kept in git).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+
+HERE = Path(__file__).resolve().parent
+
+#: Within a stock server's max_connections (100) with the bench's own connections.
+LISTENERS = (0, 10, 40, 80)
+PAYLOAD_BYTES = 900
+SCRIPTS = {
+    "insert": "INSERT INTO bench_listeners VALUES (1, 'x');\n",
+    "insert + NOTIFY": ("INSERT INTO bench_listeners SELECT 1, 'x' FROM "
+                        f"pg_notify('bench_nobody', repeat('x', {PAYLOAD_BYTES}));\n"),
+}
+
+
+def pgbench_run(db: str, script: str, seconds: int, postmaster: int | None) -> dict[str, float]:
+    """One pgbench run of ``script``: commits/s, and the server's CPU per commit in µs."""
+    from bench.get_limit import pgbench_exe
+    from bench.server_cost import tree_cpu_seconds
+
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
+        f.write(script)
+    try:
+        cpu0 = tree_cpu_seconds(postmaster) if postmaster else None
+        out = subprocess.run([pgbench_exe(), "-n", "-f", f.name, "-c", "1", "-M", "prepared",
+                              "-T", str(seconds), db], capture_output=True, text=True,
+                             timeout=seconds + 120,
+                             env=dict(os.environ, PGOPTIONS="-c synchronous_commit=off"))
+        cpu1 = tree_cpu_seconds(postmaster) if postmaster else None
+    finally:
+        os.unlink(f.name)
+    tps = next((float(line.split()[2]) for line in out.stdout.splitlines()
+                if line.startswith("tps =")), None)
+    if tps is None:
+        raise RuntimeError(f"pgbench failed: {out.stderr[-1000:]}")
+    row = {"commits_per_s": round(tps, 1)}
+    if cpu0 is not None and cpu1 is not None:
+        row["server_cpu_us_per_commit"] = round(1e6 * (cpu1 - cpu0) / (tps * seconds), 1)
+    return row
+
+
+def measure(db: str, seconds: int, repeat: int) -> dict[str, dict[str, dict[str, float]]]:
+    """{listeners: {script: median row}} with ``listeners`` idle LISTEN sessions open."""
+    from bench.server_cost import postmaster_pid
+
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS bench_listeners (id bigint, v text)")
+        postmaster = postmaster_pid(conn)
+    idle: list[psycopg.Connection] = []
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    try:
+        for count in LISTENERS:
+            while len(idle) < count:
+                conn = psycopg.connect(db, autocommit=True)
+                conn.execute("LISTEN bench_other")
+                idle.append(conn)
+            runs: dict[str, list[dict[str, float]]] = {name: [] for name in SCRIPTS}
+            for _ in range(repeat):
+                for name, script in SCRIPTS.items():
+                    runs[name].append(pgbench_run(db, script, seconds, postmaster))
+            results[str(count)] = {name: median_row(rows) for name, rows in runs.items()}
+            print_row(count, results[str(count)])
+    finally:
+        for conn in idle:
+            conn.close()
+    return results
+
+
+def median_row(rows: list[dict[str, float]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows if key in r]
+        out[key] = statistics.median(values)
+        out[key + "_spread"] = [min(values), max(values)]
+    return out
+
+
+def print_row(count: int, row: dict[str, dict[str, float]]) -> None:
+    cells = []
+    for name, r in row.items():
+        cpu = r.get("server_cpu_us_per_commit")
+        cells.append(f"{name}: {r['commits_per_s']:>9,.0f}/s"
+                     + (f", {cpu:>7.1f} µs CPU" if cpu is not None else ""))
+    print(f"{count:>4} idle listeners   " + "   ".join(cells), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.listeners")
+    parser.add_argument("--stock", action="store_true",
+                        help="the Debian apt PostgreSQL at default settings (bench/servers.py)")
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="2 s runs, one repeat")
+    args = parser.parse_args(argv)
+    seconds, repeat = (2, 1) if args.quick else (args.seconds, args.repeat)
+    from bench.__main__ import make_db
+    from bench.servers import describe, destroy, start_postgres
+
+    admin, server = start_postgres(stock=args.stock)
+    try:
+        print("one client, synchronous_commit=off; beside N idle sessions that LISTEN "
+              "on another channel")
+        db = make_db(admin, "bench_" + uuid.uuid4().hex[:6])
+        results = {"date": time.strftime("%Y-%m-%d %H:%M"),
+                   "machine": f"{os.cpu_count()} cores, {sys.platform}",
+                   "postgres": describe(admin, server), "seconds": seconds, "repeat": repeat,
+                   "payload_bytes": PAYLOAD_BYTES, "by_listeners": measure(db, seconds, repeat)}
+    finally:
+        destroy(server)
+    name = ("last_listeners_quick.json" if args.quick
+            else "listeners_stock.json" if args.stock else "listeners.json")
+    (HERE / "results" / name).write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
