@@ -19,9 +19,11 @@ chords of 20 back to back and waiting for each, with ``result_expires`` 20 s and
   other one is running when the worker gets SIGTERM, so the warm shutdown waits for its parts.
 
 Every 30 s it samples row counts and total size of messages, results, groups, chords,
-chord_parts, bindings, queues, consumers and dead_letters, the number of distinct queues in
-messages, live (not deleted) queues, messages left in deleted queues, the database's
-connections, ``pg_notification_queue_usage()`` and the dead tuples of messages and results.
+chord_parts, bindings, queues, consumers, dead_letters and offers (one row per consuming
+channel: a worker's close deletes its own, the sweep those of a process that died), the
+number of distinct queues in messages, live (not deleted) queues, messages left in deleted
+queues, the database's connections, ``pg_notification_queue_usage()`` and the dead tuples of
+messages and results.
 ``queues.rows`` counts the tombstones of deleted queues too, which are kept for an hour
 (``upkeep.TOMBSTONE_SECONDS``): in a shorter run it climbs by design; judge ``queues.live``.
 Messages a consumer claimed just before it died stay leased until their visibility timeout.
@@ -94,7 +96,7 @@ IDLER = ("import time, soakapp\n"
          "time.sleep(10 ** 6)\n")
 
 TABLES = ("messages", "results", "groups", "chords", "chord_parts", "bindings", "queues",
-          "consumers", "dead_letters")
+          "consumers", "dead_letters", "offers")
 SAMPLE_EVERY, MONITOR_EVERY, PING_EVERY, RESTART_EVERY, CHORD_EVERY = 30, 60, 60, 120, 180
 PART_SECONDS, PARTS = 30, 3
 SHUTDOWN_SECONDS = 2 * PART_SECONDS  # a warm shutdown waits for running parts, no longer
