@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing
 import pickle
-import re
 import threading
 import time
 import uuid
@@ -15,6 +14,7 @@ from celery import states
 from celery.app.task import Context
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult, GroupResult
+from plans import execute_prepared
 from psycopg import sql
 
 from kojin_pg.backend.waiters import wait_slot
@@ -675,25 +675,6 @@ def rows_read_from(plan: dict, table: str) -> int:
     return read + sum(rows_read_from(child, table) for child in plan.get("Plans", []))
 
 
-def explain_prepared(conn: psycopg.Connection, query: sql.Composable,
-                     params: dict) -> dict:
-    """EXPLAIN ANALYZE of ``query`` run as a prepared statement (as our sessions run it after a
-    few executions), so that the session's plan_cache_mode picks its plan: an EXPLAIN of the
-    statement itself would always plan it for the values given."""
-    conn.prepare_threshold = 0
-    conn.execute(query, params).fetchall()  # prepared now, under a name of psycopg's
-    name, types = conn.execute(
-        "SELECT name, parameter_types::text[] FROM pg_prepared_statements"
-        " WHERE NOT from_sql ORDER BY prepare_time DESC LIMIT 1", prepare=False).fetchone()
-    order = list(dict.fromkeys(re.findall(r"%\((\w+)\)s", query.as_string(conn))))
-    values = sql.SQL(", ").join(
-        sql.SQL("{}::{}").format(sql.Literal(params[key]), sql.SQL(type_))
-        for key, type_ in zip(order, types, strict=True))
-    (plan,), = conn.execute(sql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE {}({})").format(
-        sql.Identifier(name), values)).fetchone()
-    return plan["Plan"]
-
-
 @pytest.mark.parametrize("plan_cache_mode", ["force_custom_plan", "force_generic_plan"])
 def test_reads_by_task_id_read_those_rows_however_many_results_are_stored(
         backend, db_url, plan_cache_mode):
@@ -720,8 +701,12 @@ def test_reads_by_task_id_read_those_rows_however_many_results_are_stored(
             "get_results": (q.get_results, {"task_ids": ids}),
             "get_result": (q.get_result, {"task_id": ids[0]}),
         }
+        conn.prepare_threshold = 0  # each read prepared at once, as a session does after a few
         for name, (query, params) in reads.items():
-            read = rows_read_from(explain_prepared(conn, query, params), "results")
+            conn.execute(query, params).fetchall()
+            (plan,), = conn.execute(sql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) ")
+                                    + execute_prepared(conn, query, params)).fetchone()
+            read = rows_read_from(plan["Plan"], "results")
             assert read <= len(ids), f"{name} read {read} rows of results for {len(ids)} ids"
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import multiprocessing
-import re
 import threading
 import time
 import uuid
@@ -11,6 +10,7 @@ import uuid
 import psycopg
 import pytest
 from kombu import Connection, Consumer, Exchange, Producer, Queue
+from plans import execute_prepared
 from psycopg import sql
 
 import kojin_pg  # noqa: F401  (registers the kojin+ URL scheme)
@@ -485,16 +485,8 @@ def test_consumer_plans_made_on_an_empty_table_never_scan_it(db_url):
                           "SELECT 'q_plan_other', '{}' FROM generate_series(1, 5000)")
         plans = {}
         for name, params in args.items():
-            head = statements[name].as_string(conn).split("%(")[0]
-            prepared, types = conn.execute(
-                "SELECT name, parameter_types::text[] FROM pg_prepared_statements "
-                "WHERE starts_with(statement, %s)", (head,)).fetchone()
-            values = sql.SQL(", ").join(
-                sql.SQL("{}::{}").format(sql.Literal(v), sql.SQL(t))
-                for v, t in zip(_first_use_order(statements[name], params), types,
-                                strict=True))
-            plans[name] = [row[0] for row in conn.execute(sql.SQL(
-                "EXPLAIN EXECUTE {}({})").format(sql.Identifier(prepared), values))]
+            plans[name] = [row[0] for row in conn.execute(
+                sql.SQL("EXPLAIN ") + execute_prepared(conn, statements[name], params))]
         return plans
 
     with Connection(kurl(db_url)) as conn:
@@ -504,12 +496,6 @@ def test_consumer_plans_made_on_an_empty_table_never_scan_it(db_url):
         assert any("Scan on messages" in line for line in plan), f"harness: {plan}"
         assert not any("Seq Scan on messages" in line for line in plan), \
             f"{name}:\n" + "\n".join(plan)
-
-
-def _first_use_order(query: sql.Composable, params: dict) -> list:
-    """``params``' values in the order psycopg numbers them ($1, $2, ...): first use."""
-    names = re.findall(r"%\((\w+)\)s", query.as_string(None))
-    return [params[n] for n in dict.fromkeys(names)]
 
 
 def test_corrupted_message_goes_to_dead_letters_and_does_not_block(db_url):
