@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -92,7 +91,7 @@ def measure(db: str, seconds: int, repeat: int) -> dict[str, dict[str, dict[str,
             for _ in range(repeat):
                 for name, script in SCRIPTS.items():
                     runs[name].append(pgbench_run(db, script, seconds, postmaster))
-            results[str(count)] = {name: median_row(rows) for name, rows in runs.items()}
+            results[str(count)] = {name: merged(rows) for name, rows in runs.items()}
             print_row(count, results[str(count)])
     finally:
         for conn in idle:
@@ -100,13 +99,13 @@ def measure(db: str, seconds: int, repeat: int) -> dict[str, dict[str, dict[str,
     return results
 
 
-def median_row(rows: list[dict[str, float]]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for key in rows[0]:
-        values = [r[key] for r in rows if key in r]
-        out[key] = statistics.median(values)
-        out[key + "_spread"] = [min(values), max(values)]
-    return out
+def merged(rows: list[dict[str, float]]) -> dict:
+    """The runs taken in turns as one row, the way the rest of the bench merges repeats
+    (median, ``_spread`` [min, max]; see bench/interleave.py)."""
+    from bench.__main__ import median_runs
+
+    runs = iter(rows)
+    return median_runs(len(rows), lambda: next(runs))
 
 
 def print_row(count: int, row: dict[str, dict[str, float]]) -> None:
