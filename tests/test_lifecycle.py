@@ -35,9 +35,11 @@ NOTIFY_BATCH = 10_000
 #: it after about 80,000 notifications and reaches 0.0012 at 200,000.
 USAGE_IN_PASSING = 3e-4
 #: Seconds the idle listener gets, once the flood is over, to read what it was sent and stop
-#: listening. Well under its IDLE_SECONDS (30): within this wait only its reading can drain the
-#: queue, not its pause for idling.
+#: listening. The idle processes below listen for an hour without a waiter (IDLE_SECONDS): within
+#: this wait only their reading can drain the queue, not their pause for idling.
 SETTLE_SECONDS = 10.0
+#: Set in the idle processes: their sweeper must read what they are sent, not pause them.
+KEEP_LISTENING = "import kojin_pg.db.listener; kojin_pg.db.listener.IDLE_SECONDS = 3600.0\n"
 
 
 def kurl(db_url: str) -> str:
@@ -70,7 +72,7 @@ def lease_threads() -> list[threading.Thread]:
 
 # -- item 1: an idle listener must not pin PostgreSQL's NOTIFY queue -------------------------
 
-IDLE_RESULT_WAITER = textwrap.dedent("""
+IDLE_RESULT_WAITER = KEEP_LISTENING + textwrap.dedent("""
     import sys
     from celery import Celery
     import kojin_pg
@@ -80,7 +82,7 @@ IDLE_RESULT_WAITER = textwrap.dedent("""
     sys.stdin.read()  # idle like a web server between requests, until the test lets go
 """)
 
-IDLE_BROKER_CONSUMER = textwrap.dedent("""
+IDLE_BROKER_CONSUMER = KEEP_LISTENING + textwrap.dedent("""
     import sys
     from kombu import Connection
     import kojin_pg
@@ -250,6 +252,7 @@ def test_an_idle_listener_flooded_past_its_backlog_stops_listening_at_once(db_ur
     from kojin_pg.db import Database, Listener
 
     monkeypatch.setattr(kojin_pg.db.listener, "BACKLOG_MAX", 50)
+    monkeypatch.setattr(kojin_pg.db.listener, "IDLE_SECONDS", 3600.0)  # the overflow pauses it
     db = Database(parse(db_url))
     listener = Listener(db, "kojin_test_flood", role="results")
     try:
@@ -258,7 +261,7 @@ def test_an_idle_listener_flooded_past_its_backlog_stops_listening_at_once(db_ur
         with psycopg.connect(db_url, autocommit=True) as conn:
             conn.execute("SELECT pg_notify('kojin_test_flood', g::text)"
                          " FROM generate_series(1, 200) AS g")
-        deadline = time.monotonic() + 10  # well within IDLE_SECONDS (30 s)
+        deadline = time.monotonic() + 10
         while listener.listening and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not listener.listening

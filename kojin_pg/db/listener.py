@@ -43,8 +43,10 @@ log = logging.getLogger(__name__)
 
 #: Seconds between reconnect attempts: the first, and the most.
 BACKOFF_FIRST, BACKOFF_MAX = 0.05, 2.0
-#: Seconds without a waiter after which a listening session is UNLISTENed.
-IDLE_SECONDS = 30.0
+#: Seconds without a waiter after which a listening session is UNLISTENed. Short: up to
+#: PostgreSQL 18 each listening session costs every notifying commit of the database server CPU
+#: (docs/scaling.rst), while listening again costs the next waiter one LISTEN and one read.
+IDLE_SECONDS = 2.0
 #: Payloads kept for the next waiter while nobody waits; past this, a miss is reported instead.
 BACKLOG_MAX = 10_000
 #: Seconds the sweeper sleeps on the idle sockets before looking at the sessions again.
