@@ -15,8 +15,10 @@ from celery import Celery
 import kojin_pg  # noqa: F401  (registers the kojin+ broker URL scheme)
 
 
-def make_app(url: str, broker_options: dict | None = None) -> Celery:
-    app = Celery("e2e_app", broker="kojin+" + url, backend="kojin+" + url,
+def make_app(url: str, broker_options: dict | None = None,
+             results_url: str | None = None) -> Celery:
+    """The app on the broker at ``url``, with its results there too unless ``results_url``."""
+    app = Celery("e2e_app", broker="kojin+" + url, backend="kojin+" + (results_url or url),
                  set_as_current=False)
     app.conf.update(
         broker_transport_options=broker_options or {},
@@ -96,6 +98,7 @@ def make_app(url: str, broker_options: dict | None = None) -> Celery:
 
 if os.environ.get("KOJIN_E2E_URL"):
     app = make_app(os.environ["KOJIN_E2E_URL"],
-                   json.loads(os.environ.get("KOJIN_E2E_BROKER_OPTIONS") or "{}"))
+                   json.loads(os.environ.get("KOJIN_E2E_BROKER_OPTIONS") or "{}"),
+                   os.environ.get("KOJIN_E2E_RESULTS_URL") or None)
     # settings a test gives its workers (e.g. a short result_expires)
     app.conf.update(json.loads(os.environ.get("KOJIN_E2E_CONF") or "{}"))

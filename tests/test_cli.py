@@ -138,6 +138,30 @@ def test_scheduled_list_cancel_and_revoke(capsys, db_url):
     fails(capsys, 1, "scheduled", "cancel", "999999", "--url", db_url)
 
 
+def test_revoke_records_revoked_in_the_results_database_given(capsys, db_url, pg_server):
+    """Results kept in another database (docs/scaling.rst): ``--results-url`` says where the
+    REVOKED results go; the broker's database gets none."""
+    from conftest import TEMPLATE, fresh_database
+
+    q = "sched_" + uuid.uuid4().hex[:6]
+    declare(db_url, q)
+    task_id = str(uuid.uuid4())
+    with psycopg.connect(db_url) as conn:
+        conn.execute(
+            "INSERT INTO kojin.messages (queue, payload, visible_at, due_at, task_id) VALUES "
+            "(%s, '{}', now() + interval '1 hour', now() + interval '1 hour', %s)",
+            (q, task_id))
+    with fresh_database(pg_server, TEMPLATE) as results_url:
+        out = json.loads(run(capsys, "revoke", task_id, "--results-url", results_url,
+                             "--url", db_url, "--json"))
+        assert out == {"deleted": 1, "flagged": 0, "recorded": 1}
+        with psycopg.connect(results_url) as conn:
+            assert conn.execute("SELECT status FROM kojin.results WHERE task_id = %s",
+                                (task_id,)).fetchall() == [("REVOKED",)]
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM kojin.results").fetchone()[0] == 0
+
+
 def test_queues_delete(capsys, db_url):
     name = "doomed_" + uuid.uuid4().hex[:6]
     declare(db_url, name)

@@ -15,8 +15,8 @@ HERE = Path(__file__).resolve().parent
 class Worker:
     def __init__(self, db_url: str, log: Path, pool: str, concurrency: int,
                  broker_options: dict, name: str, extra_args: tuple[str, ...] = (),
-                 conf: dict | None = None) -> None:
-        env = dict(os.environ, KOJIN_E2E_URL=db_url,
+                 conf: dict | None = None, results_url: str | None = None) -> None:
+        env = dict(os.environ, KOJIN_E2E_URL=db_url, KOJIN_E2E_RESULTS_URL=results_url or "",
                    KOJIN_E2E_BROKER_OPTIONS=json.dumps(broker_options),
                    KOJIN_E2E_CONF=json.dumps(conf or {}),
                    PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -52,9 +52,10 @@ def workers_fixture(db_url, tmp_path):
     started: list[Worker] = []
 
     def start(pool="threads", concurrency=4, broker_options=None, name=None, url=None,
-              extra_args=(), conf=None):
+              extra_args=(), conf=None, results_url=None):
         w = Worker(url or db_url, tmp_path / f"worker{len(started)}.log", pool, concurrency,
-                   broker_options or {}, name or f"w{len(started)}", tuple(extra_args), conf)
+                   broker_options or {}, name or f"w{len(started)}", tuple(extra_args), conf,
+                   results_url)
         started.append(w)
         return w
 

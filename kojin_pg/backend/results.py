@@ -35,6 +35,14 @@ log = logging.getLogger(__name__)
 _EXTENDED = ("name", "args", "kwargs", "worker", "retries", "queue")
 
 
+def results_settings(app: Any, url: str) -> config.Settings:
+    """The settings of ``app``'s kojin_pg result backend at ``url`` (with its transport
+    options)."""
+    options = dict(app.conf.get("result_backend_transport_options") or {})
+    options.pop("result_chord_ordered", None)  # a Redis option; ours always keeps order
+    return config.parse(config.plain_url(url), options)
+
+
 class PostgresBackend(AsyncBackendMixin, BaseBackend):
     """Celery result backend storing results, groups and chord counters in PostgreSQL."""
 
@@ -51,9 +59,7 @@ class PostgresBackend(AsyncBackendMixin, BaseBackend):
                 "'kojin+postgresql://user:password@host/dbname' (or set KOJIN_PG_URL)"
             )
         self.url = url = config.plain_url(url)
-        options = dict(app.conf.get("result_backend_transport_options") or {})
-        options.pop("result_chord_ordered", None)  # a Redis option; ours always keeps order
-        self.settings = config.parse(url, options)
+        self.settings = results_settings(app, url)
         self.db = Database(self.settings, role="kojin_pg.backend")
         self.queries = Queries("backend", self.settings.schema)
         self.channel = results_channel(self.settings.schema)

@@ -8,7 +8,7 @@ from dataclasses import asdict
 
 from ..db import Queries
 from ..errors import KojinError
-from ..transport.revoke import revoke_tasks
+from ..transport.revoke import RevokedResults, revoke_tasks
 from .common import EXIT_OK, database, print_json, print_table
 
 
@@ -32,7 +32,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def _revoke(args: argparse.Namespace, task_ids: list[str]) -> int:
     with database(args) as (db, settings):
-        done = revoke_tasks(db, Queries("broker", settings.schema), settings.schema, task_ids)
+        results = RevokedResults(settings, [args.results_url] if args.results_url else None)
+        try:
+            done = revoke_tasks(db, Queries("broker", settings.schema), settings.schema,
+                                task_ids, results)
+        finally:
+            results.close()
     if args.json:
         print_json(asdict(done))
     else:
@@ -59,6 +64,10 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     return _revoke(args, list(args.task_ids))
 
 
+RESULTS_URL_HELP = ("the result backend's URL, when it is not the broker's database and "
+                    "schema: the REVOKED results are written there (default: the broker's)")
+
+
 def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
     """Register ``scheduled`` (``list``, ``cancel``) and ``revoke``."""
     p = sub.add_parser("scheduled", parents=[parent], help="tasks scheduled for later",
@@ -74,6 +83,7 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
                            description="Cancel scheduled messages by id (from 'scheduled "
                            "list'): their tasks are revoked and their results read REVOKED.")
     a.add_argument("ids", nargs="+", type=int, metavar="ID", help="message id")
+    a.add_argument("--results-url", help=RESULTS_URL_HELP)
     a.set_defaults(func=cmd_cancel)
     p = sub.add_parser("revoke", parents=[parent], help="revoke tasks durably",
                        description="Revoke tasks by id: queued and scheduled messages are "
@@ -81,4 +91,5 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
                        "they are never delivered again. Running tasks are the workers' "
                        "business: use 'celery control revoke --terminate' for those.")
     p.add_argument("task_ids", nargs="+", metavar="TASK_ID")
+    p.add_argument("--results-url", help=RESULTS_URL_HELP)
     p.set_defaults(func=cmd_revoke)

@@ -108,7 +108,7 @@ class Channel(virtual.Channel):
         revoked = revoked_in_broadcast(message)
         if revoked:  # Celery's revoke command: make it durable first (see .revoke)
             t.ensure_ready()
-            revoke_tasks(t.db, t.queries, t.settings.schema, revoked)
+            revoke_tasks(t.db, t.queries, t.settings.schema, revoked, t.revoked_results)
         self._fetch(t.queries.publish_fanout, {
             "exchange": check_queue_name(exchange),
             "priority": self._get_message_priority(message), "payload": self._encode(message),
@@ -268,13 +268,18 @@ class Channel(virtual.Channel):
         that committed finds nothing, and the dead letter's insert ignores an id already
         there."""
         s = t.settings
+        in_broker, elsewhere = t.revoked_results.places()
         rows = t.consumer_db.fetchall(t.queries.settle, {
             "ids": ids, "max_deliveries": s.max_deliveries,
             "revoked_result": REVOKED_RESULT_JSON, "result_expires": REVOKED_RESULT_EXPIRES,
-            "results_channel": results_channel(s.schema)}, "settle")
-        for msg_id, queue, count in rows:
-            log_event(log, logging.WARNING, DEAD_LETTER, message_id=msg_id, queue=queue,
-                      reason="max_deliveries", deliveries=count)
+            "results_channel": results_channel(s.schema), "store_results": in_broker}, "settle")
+        dropped = [task_id for msg_id, _, _, task_id in rows if msg_id is None]
+        if dropped and elsewhere:
+            t.revoked_results.store(elsewhere, dropped)
+        for msg_id, queue, count, _ in rows:
+            if msg_id is not None:
+                log_event(log, logging.WARNING, DEAD_LETTER, message_id=msg_id, queue=queue,
+                          reason="max_deliveries", deliveries=count)
 
     def _deliverable(self, t: Transport, rows: list[tuple[Any, ...]]
                      ) -> tuple[list[tuple[dict[str, Any], str]], list[int]]:

@@ -3,23 +3,35 @@
 Celery's ``AsyncResult.revoke()`` broadcasts a ``revoke`` command to the workers, which keep
 revoked ids in memory (lost when they restart). When that broadcast passes through this
 transport, :func:`revoke_tasks` also deletes the task's queued and scheduled messages and
-records ``REVOKED`` as its result (in kojin_pg's results table of the broker's schema, waking
-whoever waits for it), and flags a message leased right now so that, if its worker dies, nobody
-runs it later. A task already running is the workers' business, as before (``terminate=True``
-keeps working). ``kojin-pg revoke TASK_ID`` does the same without a broadcast.
+records ``REVOKED`` as its result (waking whoever waits for it), and flags a message leased
+right now so that, if its worker dies, nobody runs it later. A task already running is the
+workers' business, as before (``terminate=True`` keeps working). ``kojin-pg revoke TASK_ID``
+does the same without a broadcast.
+
+The result goes where the callers read results (:class:`RevokedResults`): in the broker's own
+statement when that is the broker's database and schema; in the result backend's database when
+a Celery app of this process has its broker here and its kojin_pg results elsewhere (another
+database, server or schema); nowhere when that app's results are not kojin_pg's (Celery's
+workers record the revoke there themselves, from 5.5 on).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
-from .. import codec
+from .. import codec, config
 from ..db import Database, Queries
 from ..db.channels import results_channel
+from ..db.schema import ensure_schema
+from .options import broker_settings
 from .scheduling import REVOKED_RESULT
+
+log = logging.getLogger(__name__)
 
 #: Seconds a REVOKED result written by the broker is kept (Celery's default result_expires).
 REVOKED_RESULT_EXPIRES = 86400.0
@@ -35,13 +47,147 @@ class Revoked:
     recorded: int
 
 
-def revoke_tasks(db: Database, queries: Queries, schema: str, task_ids: list[str]) -> Revoked:
-    """Revoke ``task_ids`` in the broker (one statement; repeating it changes nothing more)."""
+def database_of(settings: config.Settings) -> tuple[object, ...]:
+    """What tells two kojin_pg settings apart as places for rows: server(s), port(s), database
+    and schema. Two spellings of one database may differ here; then a result is written by one
+    more statement than needed, never to the wrong place."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    params = conninfo_to_dict(settings.conninfo)
+    return (params.get("host"), params.get("hostaddr"), params.get("port"),
+            params.get("dbname"), settings.schema)
+
+
+class RevokedResults:
+    """Where the REVOKED results of one broker's revokes go, and the pools that write them
+    outside the broker's database (closed by :meth:`close`, with the transport)."""
+
+    def __init__(self, broker: config.Settings, results_urls: list[str] | None = None) -> None:
+        self.broker = broker
+        #: Given (``kojin-pg revoke --results-url``): these, and not the broker's own table.
+        self.results_urls = results_urls
+        self._lock = threading.Lock()
+        self._pools: dict[tuple[object, ...], Database] = {}
+
+    def places(self) -> tuple[bool, list[config.Settings]]:
+        """Whether the broker's own results table is read, and the other kojin_pg results
+        databases to write to. Without a Celery app of this process on this broker (a bare
+        kombu user, the CLI), the broker's own table."""
+        if self.results_urls is not None:
+            return False, [config.parse(config.plain_url(url)) for url in self.results_urls]
+        here = database_of(self.broker)
+        apps = [app for app in _celery_apps() if _uses_broker(app, here)]
+        if not apps:
+            return True, []
+        from ..backend.results import results_settings
+
+        in_broker, elsewhere = False, {}
+        for app in apps:
+            url = app.conf.get("result_backend")
+            if not isinstance(url, str) or not url.startswith("kojin"):
+                continue  # not kojin_pg's results: Celery's workers record the revoke there
+            settings = results_settings(app, url)
+            place = database_of(settings)
+            if place == here:
+                in_broker = True
+            else:
+                elsewhere[place] = settings
+        return in_broker, list(elsewhere.values())
+
+    def store(self, places: list[config.Settings], task_ids: list[str]) -> int:
+        """Record ``task_ids`` as REVOKED in the results databases ``places``; how many
+        results became REVOKED. Safe to repeat (a finished or revoked result is left alone),
+        so the pool's retries after a lost connection may run it again. The revoke itself
+        (the messages are gone) has committed by now: a results database that stays out of
+        reach is logged, and the broadcast still goes to the workers (which record the revoke
+        themselves from Celery 5.5 on)."""
+        stored = 0
+        for settings in places:
+            try:
+                row = self._pool(settings).fetchone(
+                    Queries("backend", settings.schema).store_revoked, {
+                        "task_ids": task_ids, "revoked_result": REVOKED_RESULT_JSON,
+                        "result_expires": REVOKED_RESULT_EXPIRES,
+                        "results_channel": results_channel(settings.schema)}, "store_revoked")
+            except Exception as exc:
+                log.warning("kojin_pg: revoked %d tasks, but could not record them as REVOKED "
+                            "in the results at %s (%s): their results do not say so",
+                            len(task_ids), settings.safe_url, type(exc).__name__)
+                continue
+            stored += int(row[0]) if row else 0
+        return stored
+
+    def _pool(self, settings: config.Settings) -> Database:
+        with self._lock:
+            place = database_of(settings)
+            if place not in self._pools:
+                pool = Database(settings, role="kojin_pg.revoke")
+                try:
+                    ensure_schema(pool)
+                except BaseException:
+                    pool.close()
+                    raise
+                self._pools[place] = pool
+            return self._pools[place]
+
+    def close(self) -> None:
+        """Close the pools of the results databases written to."""
+        with self._lock:
+            pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            pool.close()
+
+
+def _celery_apps() -> list[Any]:
+    """The configured Celery apps of this process."""
+    try:
+        from celery._state import _get_active_apps
+    except ImportError:  # pragma: no cover - every supported Celery has it
+        return []
+    return [app for app in list(_get_active_apps()) if getattr(app, "configured", False)]
+
+
+def _uses_broker(app: Any, here: tuple[object, ...]) -> bool:
+    """Whether ``app``'s broker (any URL of a failover list) is the broker at ``here``."""
+    urls = app.conf.get("broker_url")
+    if isinstance(urls, str):
+        urls = urls.split(";")
+    if not isinstance(urls, (list, tuple)):
+        return False
+    options = app.conf.get("broker_transport_options") or {}
+    for url in urls:
+        if isinstance(url, str) and url.strip().startswith("kojin"):
+            try:
+                if database_of(broker_settings(url.strip(), options)) == here:
+                    return True
+            except (config.ConfigurationError, ValueError) as exc:
+                log.debug("kojin_pg: broker URL of app %r not understood: %r", app.main, exc)
+    return False
+
+
+def revoke_tasks(db: Database, queries: Queries, schema: str, task_ids: list[str],
+                 results: RevokedResults | None = None) -> Revoked:
+    """Revoke ``task_ids`` in the broker (one statement; repeating it changes nothing more),
+    and record them as REVOKED where ``results`` says the results are read (by default, where
+    this process's Celery apps on this broker read them)."""
+    if results is None:
+        results = RevokedResults(db.settings)
+        try:
+            return revoke_tasks(db, queries, schema, task_ids, results)
+        finally:
+            results.close()
+    in_broker, elsewhere = results.places()
     row = db.fetchone(queries.revoke, {
         "task_ids": task_ids, "revoked_result": REVOKED_RESULT_JSON,
         "result_expires": REVOKED_RESULT_EXPIRES, "results_channel": results_channel(schema),
+        "store_results": in_broker,
     }, "revoke")
-    return Revoked(*(int(v) for v in row)) if row else Revoked(0, 0, 0)
+    if not row:
+        return Revoked(0, 0, 0)
+    deleted, flagged, recorded, gone = row
+    if elsewhere and gone:
+        recorded += results.store(elsewhere, list(gone))
+    return Revoked(int(deleted), int(flagged), int(recorded))
 
 
 def revoked_in_broadcast(message: dict[str, Any]) -> list[str]:

@@ -30,6 +30,7 @@ from .idle import IdleQueues
 from .leases import LeaseKeeper
 from .offers import Handoff, Offers
 from .options import broker_settings
+from .revoke import RevokedResults
 from .upkeep import upkeep_for
 from .wakeups import Wakeups
 
@@ -162,6 +163,11 @@ class Transport(virtual.Transport):
         self.offers.on_pause()
 
     @cached_property
+    def revoked_results(self) -> RevokedResults:
+        """Where this broker's revokes record REVOKED results (see :mod:`.revoke`)."""
+        return RevokedResults(self.settings)
+
+    @cached_property
     def offers(self) -> Offers:
         """This process's offers of free slots to publishers (see :mod:`.offers`)."""
         return Offers(self.consumer_db, self.queries, self.settings.schema,
@@ -219,6 +225,8 @@ class Transport(virtual.Transport):
                 self.wakeups.close()
                 self.db.close()
                 self.consumer_db.close()
+                if "revoked_results" in self.__dict__:
+                    self.revoked_results.close()
 
     def _stop_claims(self) -> None:
         """Stop the claim thread before the leases are handed back, so no claim commits after

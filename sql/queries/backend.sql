@@ -237,3 +237,19 @@ WITH doomed AS (
     RETURNING 1
 )
 SELECT count(*) FROM doomed;
+
+-- name: store_revoked
+-- The broker revoked these tasks (their messages are gone, see revoke in broker.sql) and the
+-- results are kept here, in another database or schema: they become REVOKED, unless finished,
+-- and whoever waits for them is woken. Repeating it changes nothing more.
+WITH stored AS (
+    INSERT INTO {schema}.results AS r (task_id, status, result, date_done, expires_at)
+    SELECT DISTINCT task_id, 'REVOKED', %(revoked_result)s::jsonb, now(),
+           now() + make_interval(secs => %(result_expires)s)
+    FROM unnest(%(task_ids)s::text[]) AS task_id
+    ON CONFLICT (task_id) DO UPDATE SET status = 'REVOKED', result = excluded.result,
+        date_done = excluded.date_done, expires_at = excluded.expires_at
+    WHERE r.status NOT IN ('SUCCESS', 'FAILURE', 'REVOKED')
+    RETURNING pg_notify(%(results_channel)s, r.task_id)
+)
+SELECT count(*) FROM stored;

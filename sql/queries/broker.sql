@@ -224,7 +224,9 @@ ORDER BY unsettled, priority DESC, id;
 
 -- name: settle
 -- The messages a claim left unsettled: one delivered max_deliveries times goes to the dead
--- letters (returned), one revoked is dropped (its result becomes REVOKED). Each is taken again
+-- letters (returned as id, queue, count), one revoked is dropped (with store_results its result
+-- becomes REVOKED here; without, its task id is returned for the results kept elsewhere, as
+-- NULL, NULL, NULL, task_id). Each is taken again
 -- under its row lock, as a claim would take it (deliverable now, nobody else's lease), so one
 -- that another consumer settled or leased meanwhile is left alone.
 WITH picked AS (
@@ -252,13 +254,15 @@ WITH picked AS (
     INSERT INTO {schema}.results AS r (task_id, status, result, date_done, expires_at)
     SELECT task_id, 'REVOKED', %(revoked_result)s, now(),
            now() + make_interval(secs => %(result_expires)s)
-    FROM dropped WHERE task_id IS NOT NULL
+    FROM dropped WHERE task_id IS NOT NULL AND %(store_results)s
     ON CONFLICT (task_id) DO UPDATE SET status = 'REVOKED', result = excluded.result,
         date_done = excluded.date_done, expires_at = excluded.expires_at
     WHERE r.status NOT IN ('SUCCESS', 'FAILURE', 'REVOKED')
     RETURNING pg_notify(%(results_channel)s, r.task_id)  -- wakes whoever waits for it
 )
-SELECT id, queue, delivery_count FROM dead;
+SELECT id, queue, delivery_count, NULL::text FROM dead
+UNION ALL
+SELECT NULL, NULL, NULL, task_id FROM dropped WHERE task_id IS NOT NULL AND NOT %(store_results)s;
 
 -- name: ack
 -- Acknowledged messages are done: delete them.
@@ -540,9 +544,11 @@ SELECT task_id, inserted,
 FROM sent;
 
 -- name: revoke
--- Revoke tasks durably: queued and scheduled messages of these task ids are deleted and their
--- results become REVOKED (waiters are woken); one leased right now is flagged, so whoever
--- claims it again drops it. Returns how many messages were deleted and flagged.
+-- Revoke tasks durably: queued and scheduled messages of these task ids are deleted and, with
+-- store_results (the results are read from this schema), their results become REVOKED
+-- (waiters are woken); one leased right now is flagged, so whoever claims it again drops it.
+-- Returns how many messages were deleted and flagged, how many results were stored, and the
+-- task ids of the deleted messages (for results kept elsewhere: store_revoked in backend.sql).
 WITH gone AS (
     DELETE FROM {schema}.messages
     WHERE task_id = ANY(%(task_ids)s::text[]) AND (leased_by IS NULL OR visible_at <= now())
@@ -555,14 +561,15 @@ WITH gone AS (
     INSERT INTO {schema}.results AS r (task_id, status, result, date_done, expires_at)
     SELECT DISTINCT task_id, 'REVOKED', %(revoked_result)s::jsonb, now(),
            now() + make_interval(secs => %(result_expires)s)
-    FROM gone
+    FROM gone WHERE %(store_results)s
     ON CONFLICT (task_id) DO UPDATE SET status = 'REVOKED', result = excluded.result,
         date_done = excluded.date_done, expires_at = excluded.expires_at
     WHERE r.status NOT IN ('SUCCESS', 'FAILURE', 'REVOKED')
     RETURNING pg_notify(%(results_channel)s, r.task_id)  -- wakes whoever waits for it
 )
 SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM flagged),
-       (SELECT count(*) FROM stored);
+       (SELECT count(*) FROM stored),
+       ARRAY(SELECT DISTINCT task_id FROM gone WHERE task_id IS NOT NULL);
 
 -- name: scheduled_list
 -- Scheduled messages, soonest first, optionally of one queue.
