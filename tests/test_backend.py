@@ -552,10 +552,16 @@ def test_a_process_that_stopped_waiting_stops_listening_within_seconds(app, back
     while listener.listening and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not listener.listening, "a process nobody waits in still listens 10 s on"
-    t = tid()  # the next wait listens again, and its wake-up works
+    # the next wait listens again and is woken by its result's NOTIFY, not by a poll: after a
+    # pause the first wait hears that it may have missed some, reads, and waits on the socket
+    polls: list[float] = []
+    poll = backend.result_consumer._poll
+    backend.result_consumer._poll = lambda wait: (polls.append(wait), poll(wait))[1]
+    t = tid()
     threading.Timer(0.3, backend.mark_as_done, (t, 2)).start()
     assert AsyncResult(t, app=app).get(timeout=10) == 2
     assert listener.listening
+    assert polls == [], "a wait after the pause polled instead of waiting for its NOTIFY"
 
 
 def test_a_get_of_a_stored_result_never_waits_on_the_socket(backend, monkeypatch):

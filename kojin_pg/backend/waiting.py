@@ -183,7 +183,12 @@ class ResultConsumer(BaseResultConsumer):
             self.sync_slots()
             heard = self.listener.wait(wait)
             if heard is None:
-                self._poll(wait)  # not listening: read what we wait for, then nap
+                if self.listener.ensure():
+                    # listening again (after a pause or a reconnect), and some may have been
+                    # missed: read them; from now on announcements wake the next wait
+                    self._deliver(self._awaited())
+                else:
+                    self._poll(wait)  # not listening: read what we wait for, then nap
                 return
             if heard:
                 self._deliver_heard(heard, self._awaited())
@@ -235,6 +240,8 @@ class ResultConsumer(BaseResultConsumer):
                 while (left := deadline - time.monotonic()) > 0:
                     heard = self.listener.wait(left)
                     if heard is None:
+                        if self.listener.ensure():
+                            return  # listening again, some may have been missed: read now
                         break  # not listening: nap below, then the caller reads
                     # announcements for other waiters of this process reach them too
                     ids, results = split_heard(heard)
