@@ -160,6 +160,21 @@ def test_revoke_records_revoked_in_the_results_database_given(capsys, db_url, pg
                                 (task_id,)).fetchall() == [("REVOKED",)]
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT count(*) FROM kojin.results").fetchone()[0] == 0
+    # a results URL without kojin_pg's schema is an error before anything is revoked, and no
+    # schema is made there
+    other = str(uuid.uuid4())
+    with psycopg.connect(db_url) as conn:
+        conn.execute(
+            "INSERT INTO kojin.messages (queue, payload, visible_at, due_at, task_id) VALUES "
+            "(%s, '{}', now() + interval '1 hour', now() + interval '1 hour', %s)", (q, other))
+    with fresh_database(pg_server, None) as empty_url:
+        fails(capsys, 1, "revoke", other, "--results-url", empty_url, "--url", db_url)
+        with psycopg.connect(empty_url) as conn:
+            assert conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = 'kojin'"
+                                ).fetchone()[0] == 0
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM kojin.messages WHERE task_id = %s",
+                            (other,)).fetchone()[0] == 1
 
 
 def test_queues_delete(capsys, db_url):

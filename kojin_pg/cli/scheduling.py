@@ -32,7 +32,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def _revoke(args: argparse.Namespace, task_ids: list[str]) -> int:
     with database(args) as (db, settings):
-        results = RevokedResults(settings, [args.results_url] if args.results_url else None)
+        results = RevokedResults(settings, [args.results_url] if args.results_url else None,
+                                 strict=True)
         try:
             done = revoke_tasks(db, Queries("broker", settings.schema), settings.schema,
                                 task_ids, results)

@@ -273,6 +273,9 @@ class Channel(virtual.Channel):
             "ids": ids, "max_deliveries": s.max_deliveries,
             "revoked_result": REVOKED_RESULT_JSON, "result_expires": REVOKED_RESULT_EXPIRES,
             "results_channel": results_channel(s.schema), "store_results": in_broker}, "settle")
+        # For results kept elsewhere, a retry after a lost commit reply finds the revoked
+        # messages gone and returns no task id: that narrow case leaves their results
+        # unrecorded here (Celery's workers, from 5.5 on, record the revoke they were sent).
         dropped = [task_id for msg_id, _, _, task_id in rows if msg_id is None]
         if dropped and elsewhere:
             t.revoked_results.store(elsewhere, dropped)

@@ -24,7 +24,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from .. import codec, config
+from .. import codec, config, conninfo
 from ..db import Database, Queries
 from ..db.channels import results_channel
 from ..db.schema import ensure_schema
@@ -48,24 +48,29 @@ class Revoked:
 
 
 def database_of(settings: config.Settings) -> tuple[object, ...]:
-    """What tells two kojin_pg settings apart as places for rows: server(s), port(s), database
-    and schema. Two spellings of one database may differ here; then a result is written by one
-    more statement than needed, never to the wrong place."""
+    """What tells two kojin_pg settings apart as places for rows: every connection parameter
+    but the password, and the schema. Two spellings of one database differ here (then a result
+    is written by one more statement than needed); two databases never compare equal, not even
+    through a service file, defaults or environment variables, since the spellings differ."""
     from psycopg.conninfo import conninfo_to_dict
 
     params = conninfo_to_dict(settings.conninfo)
-    return (params.get("host"), params.get("hostaddr"), params.get("port"),
-            params.get("dbname"), settings.schema)
+    params.pop("password", None)
+    return (tuple(sorted((k, str(v)) for k, v in params.items())), settings.schema)
 
 
 class RevokedResults:
     """Where the REVOKED results of one broker's revokes go, and the pools that write them
     outside the broker's database (closed by :meth:`close`, with the transport)."""
 
-    def __init__(self, broker: config.Settings, results_urls: list[str] | None = None) -> None:
+    def __init__(self, broker: config.Settings, results_urls: list[str] | None = None,
+                 *, strict: bool = False) -> None:
         self.broker = broker
-        #: Given (``kojin-pg revoke --results-url``): these, and not the broker's own table.
+        #: Given (``kojin-pg revoke --results-url``): these, in the broker's schema unless the
+        #: URL says otherwise, and not the broker's own table; never migrated here.
         self.results_urls = results_urls
+        #: Raise when a results database cannot be written to (the CLI), instead of logging.
+        self.strict = strict
         self._lock = threading.Lock()
         self._pools: dict[tuple[object, ...], Database] = {}
 
@@ -74,7 +79,7 @@ class RevokedResults:
         databases to write to. Without a Celery app of this process on this broker (a bare
         kombu user, the CLI), the broker's own table."""
         if self.results_urls is not None:
-            return False, [config.parse(config.plain_url(url)) for url in self.results_urls]
+            return False, [_given_results(url, self.broker.schema) for url in self.results_urls]
         here = database_of(self.broker)
         apps = [app for app in _celery_apps() if _uses_broker(app, here)]
         if not apps:
@@ -86,7 +91,12 @@ class RevokedResults:
             url = app.conf.get("result_backend")
             if not isinstance(url, str) or not url.startswith("kojin"):
                 continue  # not kojin_pg's results: Celery's workers record the revoke there
-            settings = results_settings(app, url)
+            try:
+                settings = results_settings(app, url)
+            except config.ConfigurationError as exc:  # its backend fails the same way
+                log.warning("kojin_pg: the result backend of app %r is misconfigured, and a "
+                            "revoke cannot record REVOKED there: %s", app.main, exc)
+                continue
             place = database_of(settings)
             if place == here:
                 in_broker = True
@@ -110,6 +120,8 @@ class RevokedResults:
                         "result_expires": REVOKED_RESULT_EXPIRES,
                         "results_channel": results_channel(settings.schema)}, "store_revoked")
             except Exception as exc:
+                if self.strict:
+                    raise
                 log.warning("kojin_pg: revoked %d tasks, but could not record them as REVOKED "
                             "in the results at %s (%s): their results do not say so",
                             len(task_ids), settings.safe_url, type(exc).__name__)
@@ -118,17 +130,22 @@ class RevokedResults:
         return stored
 
     def _pool(self, settings: config.Settings) -> Database:
+        place = database_of(settings)
         with self._lock:
-            place = database_of(settings)
-            if place not in self._pools:
-                pool = Database(settings, role="kojin_pg.revoke")
-                try:
-                    ensure_schema(pool)
-                except BaseException:
-                    pool.close()
-                    raise
-                self._pools[place] = pool
-            return self._pools[place]
+            pool = self._pools.get(place)
+            if pool is not None:
+                return pool
+        pool = Database(settings, role="kojin_pg.revoke")
+        try:
+            ensure_schema(pool, retry=False)  # outside the lock: the server may be slow
+        except BaseException:
+            pool.close()
+            raise
+        with self._lock:
+            kept = self._pools.setdefault(place, pool)
+        if kept is not pool:  # another thread was first
+            pool.close()
+        return kept
 
     def close(self) -> None:
         """Close the pools of the results databases written to."""
@@ -136,6 +153,17 @@ class RevokedResults:
             pools, self._pools = list(self._pools.values()), {}
         for pool in pools:
             pool.close()
+
+
+def _given_results(url: str, schema: str) -> config.Settings:
+    """The settings of a results database named on the command line: the broker's schema
+    unless the URL names one; never migrated from here (a wrong URL is an error, not a new
+    schema)."""
+    text = config.plain_url(url.strip())
+    options: dict[str, Any] = {"auto_migrate": False}
+    if "schema" not in {param.key for param in conninfo.split(text).params}:
+        options["schema"] = schema
+    return config.parse(text, options)
 
 
 def _celery_apps() -> list[Any]:
@@ -177,6 +205,12 @@ def revoke_tasks(db: Database, queries: Queries, schema: str, task_ids: list[str
         finally:
             results.close()
     in_broker, elsewhere = results.places()
+    if results.strict:
+        for settings in elsewhere:  # a results database out of reach fails before any delete
+            results._pool(settings)
+    # The statement is retried after a lost connection; a retry after a commit deletes nothing
+    # more, so for results kept elsewhere it returns every task id asked for but the leased
+    # ones it flags (see revoke in broker.sql): deleted now or before, or never queued.
     row = db.fetchone(queries.revoke, {
         "task_ids": task_ids, "revoked_result": REVOKED_RESULT_JSON,
         "result_expires": REVOKED_RESULT_EXPIRES, "results_channel": results_channel(schema),

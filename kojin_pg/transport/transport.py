@@ -260,6 +260,8 @@ class Transport(virtual.Transport):
         finally:
             self.leases.stop()
             self.consumer_db.close()
+            if "revoked_results" in self.__dict__:  # a settle of the claim may have reopened
+                self.revoked_results.close()
 
     def _release_unknown_leases(self) -> None:
         """Closing: hand back whatever this consumer still leases. The channels have handed back

@@ -547,8 +547,10 @@ FROM sent;
 -- Revoke tasks durably: queued and scheduled messages of these task ids are deleted and, with
 -- store_results (the results are read from this schema), their results become REVOKED
 -- (waiters are woken); one leased right now is flagged, so whoever claims it again drops it.
--- Returns how many messages were deleted and flagged, how many results were stored, and the
--- task ids of the deleted messages (for results kept elsewhere: store_revoked in backend.sql).
+-- Returns how many messages were deleted and flagged, how many results were stored, and for
+-- results kept elsewhere (store_revoked in backend.sql) the task ids asked for but those leased
+-- now: deleted now, or by a first run of this statement whose reply was lost, or never queued
+-- (Celery's workers also record a revoke of a task they do not know as REVOKED).
 WITH gone AS (
     DELETE FROM {schema}.messages
     WHERE task_id = ANY(%(task_ids)s::text[]) AND (leased_by IS NULL OR visible_at <= now())
@@ -569,7 +571,7 @@ WITH gone AS (
 )
 SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM flagged),
        (SELECT count(*) FROM stored),
-       ARRAY(SELECT DISTINCT task_id FROM gone WHERE task_id IS NOT NULL);
+       ARRAY(SELECT unnest(%(task_ids)s::text[]) EXCEPT SELECT task_id FROM flagged);
 
 -- name: scheduled_list
 -- Scheduled messages, soonest first, optionally of one queue.
