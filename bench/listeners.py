@@ -11,7 +11,15 @@ measures, with ``pgbench`` (one client, ``-M prepared``, ``synchronous_commit=of
 disk does not hide the CPU), one-row INSERT commits per second and the server's CPU per commit
 (every process of the cluster, bench/server_cost.py's ``tree_cpu_seconds``), plain and with a
 NOTIFY of 900 bytes (a hand-off's size) on a channel nobody listens to, beside 0, 10, 40 and 80
-idle sessions that LISTEN on another channel. Repeats are taken in turns and the median kept.
+idle sessions that LISTEN on another channel: in the same database, and in another database of
+the same server; then beside 40 processes that each waited for a result through kojin_pg's
+result backend 5 s before (a web tier between requests: each stopped listening once nobody in it
+waited for 2 s). Repeats are taken in turns and the median kept.
+
+Up to PostgreSQL 18 a notifying commit signals every listener of its own database that has not
+read to the queue's head, and a listener of another database only once it is several queue
+pages behind (``SignalBackends`` in ``async.c``); the "another database" rows measure what that
+leaves of the cost, for a broker and a result backend kept in two databases of one server.
 
 PostgreSQL 19 is to signal only the sessions that listen on the notified channel (commit
 282b1cde9d, "Optimize LISTEN/NOTIFY"); on it, the NOTIFY rows should stay flat.
@@ -72,8 +80,10 @@ def pgbench_run(db: str, script: str, seconds: int, postmaster: int | None) -> d
     return row
 
 
-def measure(db: str, seconds: int, repeat: int) -> dict[str, dict[str, dict[str, float]]]:
-    """{listeners: {script: median row}} with ``listeners`` idle LISTEN sessions open."""
+def measure(db: str, listen_db: str, seconds: int,
+            repeat: int) -> dict[str, dict[str, dict[str, float]]]:
+    """{listeners: {script: median row}} with ``listeners`` idle LISTEN sessions open on
+    ``listen_db`` while pgbench commits on ``db``."""
     from bench.server_cost import postmaster_pid
 
     with psycopg.connect(db, autocommit=True) as conn:
@@ -84,7 +94,7 @@ def measure(db: str, seconds: int, repeat: int) -> dict[str, dict[str, dict[str,
     try:
         for count in LISTENERS:
             while len(idle) < count:
-                conn = psycopg.connect(db, autocommit=True)
+                conn = psycopg.connect(listen_db, autocommit=True)
                 conn.execute("LISTEN bench_other")
                 idle.append(conn)
             runs: dict[str, list[dict[str, float]]] = {name: [] for name in SCRIPTS}
@@ -99,6 +109,55 @@ def measure(db: str, seconds: int, repeat: int) -> dict[str, dict[str, dict[str,
     return results
 
 
+#: A web process between requests: it waited for one result, then idles until told to end.
+IDLE_CALLER = """
+import sys, uuid
+from celery import Celery
+app = Celery("idle_caller", backend="kojin+" + sys.argv[1], broker="memory://",
+             set_as_current=False)
+task_id = str(uuid.uuid4())
+app.backend.mark_as_done(task_id, 1)
+print(app.AsyncResult(task_id).get(timeout=60), flush=True)
+sys.stdin.read()
+"""
+IDLE_CALLERS = 40
+#: Seconds between the callers' last wait and the measurement.
+CALLERS_IDLE_FOR = 5.0
+
+
+def measure_idle_callers(db: str, seconds: int, repeat: int) -> dict[str, dict[str, float]]:
+    """{script: median row} beside :data:`IDLE_CALLERS` processes that each waited for a
+    result (kojin_pg's result backend) :data:`CALLERS_IDLE_FOR` seconds before: what a web
+    tier between requests costs the notifying commits."""
+    from bench.server_cost import postmaster_pid
+    from kojin_pg.db import schema
+
+    with psycopg.connect(db, autocommit=True) as conn:
+        schema.migrate(conn, "kojin")
+        postmaster = postmaster_pid(conn)
+    callers = [subprocess.Popen([sys.executable, "-c", IDLE_CALLER, db], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+               for _ in range(IDLE_CALLERS)]
+    try:
+        for caller in callers:
+            if caller.stdout is None or caller.stdout.readline().strip() != "1":
+                raise RuntimeError("an idle caller did not get its result")
+        time.sleep(CALLERS_IDLE_FOR)
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in SCRIPTS}
+        for _ in range(repeat):
+            for name, script in SCRIPTS.items():
+                runs[name].append(pgbench_run(db, script, seconds, postmaster))
+        row = {name: merged(rows) for name, rows in runs.items()}
+    finally:
+        for caller in callers:
+            if caller.stdin is not None:
+                caller.stdin.close()
+        for caller in callers:
+            caller.wait(30)
+    print_row(IDLE_CALLERS, row, "idle callers")
+    return row
+
+
 def merged(rows: list[dict[str, float]]) -> dict:
     """The runs taken in turns as one row, the way the rest of the bench merges repeats
     (median, ``_spread`` [min, max]; see bench/interleave.py)."""
@@ -108,13 +167,13 @@ def merged(rows: list[dict[str, float]]) -> dict:
     return median_runs(len(rows), lambda: next(runs))
 
 
-def print_row(count: int, row: dict[str, dict[str, float]]) -> None:
+def print_row(count: int, row: dict[str, dict[str, float]], what: str = "idle listeners") -> None:
     cells = []
     for name, r in row.items():
         cpu = r.get("server_cpu_us_per_commit")
         cells.append(f"{name}: {r['commits_per_s']:>9,.0f}/s"
                      + (f", {cpu:>7.1f} µs CPU" if cpu is not None else ""))
-    print(f"{count:>4} idle listeners   " + "   ".join(cells), flush=True)
+    print(f"{count:>4} {what:<16}" + "   ".join(cells), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,13 +190,21 @@ def main(argv: list[str] | None = None) -> int:
 
     admin, server = start_postgres(stock=args.stock)
     try:
-        print("one client, synchronous_commit=off; beside N idle sessions that LISTEN "
-              "on another channel")
         db = make_db(admin, "bench_" + uuid.uuid4().hex[:6])
-        results = {"date": time.strftime("%Y-%m-%d %H:%M"),
-                   "machine": f"{os.cpu_count()} cores, {sys.platform}",
-                   "postgres": describe(admin, server), "seconds": seconds, "repeat": repeat,
-                   "payload_bytes": PAYLOAD_BYTES, "by_listeners": measure(db, seconds, repeat)}
+        other = make_db(admin, "bench_" + uuid.uuid4().hex[:6])
+        results: dict = {"date": time.strftime("%Y-%m-%d %H:%M"),
+                         "machine": f"{os.cpu_count()} cores, {sys.platform}",
+                         "postgres": describe(admin, server), "seconds": seconds,
+                         "repeat": repeat, "payload_bytes": PAYLOAD_BYTES}
+        for key, listen_db, where in (("by_listeners", db, "the same database"),
+                                      ("by_listeners_other_db", other, "another database")):
+            print(f"one client, synchronous_commit=off; beside N idle sessions that LISTEN "
+                  f"on another channel, in {where}")
+            results[key] = measure(db, listen_db, seconds, repeat)
+        print(f"beside {IDLE_CALLERS} processes that waited for a result "
+              f"{CALLERS_IDLE_FOR:.0f} s before (kojin_pg's result backend, as in a web tier)")
+        results["idle_callers"] = {"processes": IDLE_CALLERS, "idle_for_s": CALLERS_IDLE_FOR,
+                                   **measure_idle_callers(db, seconds, repeat)}
     finally:
         destroy(server)
     name = ("last_listeners_quick.json" if args.quick
