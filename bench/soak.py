@@ -11,7 +11,7 @@ chords of 20 back to back and waiting for each, with ``result_expires`` 20 s and
   SIGINT (clean exit) and SIGKILL (its queue is left to ``x-expires``);
 - every minute ``celery inspect ping`` (a broadcast; its reply queue comes and goes);
 - a process that waited for one result (``AsyncResult.get()``) and then idles for the whole run,
-  holding its LISTEN connection;
+  holding its LISTEN connection (which stops listening 2 s after the wait);
 - every two minutes the worker is stopped with SIGTERM (warm shutdown) and started again under a
   new node name; the restart counts once the new node answers a ping;
 - every three minutes (first at 110 s) a chord of three parts of 30 s each, longer than
@@ -25,15 +25,21 @@ number of distinct queues in messages, live (not deleted) queues, messages left 
 queues, the database's connections, ``pg_notification_queue_usage()`` and the dead tuples of
 messages and results.
 ``queues.rows`` counts the tombstones of deleted queues too, which are kept for an hour
-(``upkeep.TOMBSTONE_SECONDS``): in a shorter run it climbs by design; judge ``queues.live``.
-Messages a consumer claimed just before it died stay leased until their visibility timeout.
+(``upkeep.TOMBSTONE_SECONDS``): in a shorter run it climbs by design, so it is shown and not
+judged; ``queues.live`` is judged, and ``queues.overdue`` (tombstones older than an hour and a
+minute: the sweep must have removed them) must stay 0. Messages a consumer claimed just before
+it died stay leased until their visibility timeout.
 
 At the end it prints a table with a verdict per quantity. The second-half growth factor is the
 mean of the last quarter of the samples over the mean of the third quarter; a quantity is
-*bounded* if that factor is at most 1.25 or if the last quarter never exceeds the first half's
-maximum by more than a little noise (10 rows, 1 MiB): a swing, not a climb. Then: long chord
-bodies fired vs sent (each exactly once), worker restarts, monitors and pings that succeeded,
-producer errors, the maximum NOTIFY queue usage (it must stay 0), and how often autovacuum
+*bounded* if that factor is at most 1.25 or if the last quarter's median does not exceed the
+first half's maximum by more than a little noise (10 rows, 1 MiB): a swing, not a climb (a
+climb lifts the median; one sample taken just after a worker restart does not).
+``notify_usage`` is bounded if it never reaches :data:`NOTIFY_USAGE_IN_PASSING`: a listener a
+few milliseconds behind holds a page of the queue for a moment, a session that stopped reading
+pins it, and at this load it then passes that mark within seconds and never comes back.
+Then: long chord bodies fired vs sent (each exactly once), worker restarts, monitors and pings
+that succeeded, producer errors, the maximum NOTIFY queue usage, and how often autovacuum
 visited messages and results during the run (not a verdict: dead tuples that vacuum does not
 remove show in the ``.dead`` rows). ``--json`` prints each
 sample and the summary as JSON lines instead. Worker logs stay in the printed work directory.
@@ -47,6 +53,7 @@ import collections
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,6 +66,7 @@ import psycopg
 
 from bench.processes import stop_group
 from bench.servers import destroy, start_postgres
+from kojin_pg.transport.upkeep import TOMBSTONE_SECONDS
 
 APP = textwrap.dedent("""
     import os
@@ -98,6 +106,11 @@ IDLER = ("import time, soakapp\n"
 TABLES = ("messages", "results", "groups", "chords", "chord_parts", "bindings", "queues",
           "consumers", "dead_letters", "offers")
 SAMPLE_EVERY, MONITOR_EVERY, PING_EVERY, RESTART_EVERY, CHORD_EVERY = 30, 60, 60, 120, 180
+#: pg_notification_queue_usage() a listener that keeps up never reaches: about 100 of the
+#: queue's 8 KB pages (tests/test_lifecycle.py's USAGE_IN_PASSING is the same order).
+NOTIFY_USAGE_IN_PASSING = 1e-4
+#: Quantities shown and not judged (see the module's docstring).
+NOT_JUDGED = frozenset({"queues.rows"})
 PART_SECONDS, PARTS = 30, 3
 SHUTDOWN_SECONDS = 2 * PART_SECONDS  # a warm shutdown waits for running parts, no longer
 
@@ -120,6 +133,9 @@ def sample(url: str) -> dict[str, float]:
         # consumer that died mid-claim) wait for their visibility timeout
         s["queues.live"] = conn.execute(
             "SELECT count(*) FROM kojin.queues WHERE deleted_at IS NULL").fetchone()[0]
+        s["queues.overdue"] = conn.execute(
+            "SELECT count(*) FROM kojin.queues WHERE deleted_at < now() - make_interval("
+            "secs => %s)", (TOMBSTONE_SECONDS + 60,)).fetchone()[0]
         s["messages.in_deleted_queues"] = conn.execute(
             "SELECT count(*) FROM kojin.messages m JOIN kojin.queues q ON q.name = m.queue "
             "WHERE q.deleted_at IS NOT NULL").fetchone()[0]
@@ -148,9 +164,14 @@ def verdicts(samples: list[dict[str, float]]) -> dict[str, dict]:
         m3, m4 = sum(q3) / max(len(q3), 1), sum(q4) / len(q4)
         factor = m4 / m3 if m3 else (1.0 if m4 == 0 else None)  # None: from nothing
         slack = 1 << 20 if key.endswith(".bytes") else 10  # noise, not growth
-        bounded = (factor is not None and factor <= 1.25) or max(q4) <= max(first) + slack
+        bounded = ((factor is not None and factor <= 1.25)
+                   or statistics.median(q4) <= max(first) + slack)
         if key == "notify_usage":
+            bounded = max(xs) < NOTIFY_USAGE_IN_PASSING
+        elif key == "queues.overdue":
             bounded = max(xs) == 0
+        elif key in NOT_JUDGED:
+            bounded = None
         out[key] = {"first_half_max": max(first), "second_half_max": max(xs[n // 2:]),
                     "last": xs[-1], "growth": factor and round(factor, 2), "bounded": bounded}
     return out
@@ -384,11 +405,14 @@ class Soak:
 def ok(summary: dict) -> bool:
     """Whether every verdict holds."""
     chords = summary["long_chords"]
-    return (all(q["bounded"] for q in summary["quantities"].values())
+    return (all(q["bounded"] is not False for q in summary["quantities"].values())
             and chords["fired_once"] == chords["sent"]
             and summary["worker_restarts"] == summary["worker_starts"] - 1
-            and summary["notify_usage_max"] == 0 and summary["idler_waited"]
+            and summary["idler_waited"]
             and not summary["errors"])
+
+
+VERDICT_WORDS = {True: "bounded", False: "NOT BOUNDED", None: "(not judged)"}
 
 
 def report(summary: dict) -> None:
@@ -399,7 +423,7 @@ def report(summary: dict) -> None:
     for key, q in summary["quantities"].items():
         growth = "-" if q["growth"] is None else q["growth"]
         print(f"{key:<22}{q['first_half_max']:>14g}{q['second_half_max']:>14g}{q['last']:>12g}"
-              f"{growth:>8}  {'bounded' if q['bounded'] else 'NOT BOUNDED'}")
+              f"{growth:>8}  {VERDICT_WORDS[q['bounded']]}")
     c = summary["long_chords"]
     print(f"long chords: {c['sent']} sent, {c['fired_once']} fired exactly once, "
           f"never: {c['never']}, more than once: {c['more_than_once']}")
