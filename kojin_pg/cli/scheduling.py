@@ -8,7 +8,8 @@ from dataclasses import asdict
 
 from ..db import Queries
 from ..errors import KojinError
-from ..transport.revoke import RevokedResults, revoke_tasks
+from ..transport.revoke import revoke_tasks
+from ..transport.revoked_results import RevokedResults
 from .common import EXIT_OK, database, print_json, print_table
 
 

@@ -27,7 +27,8 @@ from .messages import (
 )
 from .offers import HANDOFF_MAX_BYTES
 from .qos import QoS
-from .revoke import REVOKED_RESULT_EXPIRES, REVOKED_RESULT_JSON, revoke_tasks, revoked_in_broadcast
+from .revoke import revoke_tasks, revoked_in_broadcast
+from .revoked_results import REVOKED_RESULT_EXPIRES, REVOKED_RESULT_JSON
 from .routing import Bindings
 
 if TYPE_CHECKING:

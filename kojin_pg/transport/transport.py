@@ -30,7 +30,7 @@ from .idle import IdleQueues
 from .leases import LeaseKeeper
 from .offers import Handoff, Offers
 from .options import broker_settings
-from .revoke import RevokedResults
+from .revoked_results import RevokedResults
 from .upkeep import upkeep_for
 from .wakeups import Wakeups
 
