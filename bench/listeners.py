@@ -97,11 +97,7 @@ def measure(db: str, listen_db: str, seconds: int,
                 conn = psycopg.connect(listen_db, autocommit=True)
                 conn.execute("LISTEN bench_other")
                 idle.append(conn)
-            runs: dict[str, list[dict[str, float]]] = {name: [] for name in SCRIPTS}
-            for _ in range(repeat):
-                for name, script in SCRIPTS.items():
-                    runs[name].append(pgbench_run(db, script, seconds, postmaster))
-            results[str(count)] = {name: merged(rows) for name, rows in runs.items()}
+            results[str(count)] = scripts_in_turns(db, seconds, repeat, postmaster)
             print_row(count, results[str(count)])
     finally:
         for conn in idle:
@@ -143,11 +139,7 @@ def measure_idle_callers(db: str, seconds: int, repeat: int) -> dict[str, dict[s
             if caller.stdout is None or caller.stdout.readline().strip() != "1":
                 raise RuntimeError("an idle caller did not get its result")
         time.sleep(CALLERS_IDLE_FOR)
-        runs: dict[str, list[dict[str, float]]] = {name: [] for name in SCRIPTS}
-        for _ in range(repeat):
-            for name, script in SCRIPTS.items():
-                runs[name].append(pgbench_run(db, script, seconds, postmaster))
-        row = {name: merged(rows) for name, rows in runs.items()}
+        row = scripts_in_turns(db, seconds, repeat, postmaster)
     finally:
         for caller in callers:
             if caller.stdin is not None:
@@ -156,6 +148,16 @@ def measure_idle_callers(db: str, seconds: int, repeat: int) -> dict[str, dict[s
             caller.wait(30)
     print_row(IDLE_CALLERS, row, "idle callers")
     return row
+
+
+def scripts_in_turns(db: str, seconds: int, repeat: int,
+                     postmaster: int | None) -> dict[str, dict[str, float]]:
+    """{script: median row}: every script of :data:`SCRIPTS` ``repeat`` times, in turns."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in SCRIPTS}
+    for _ in range(repeat):
+        for name, script in SCRIPTS.items():
+            runs[name].append(pgbench_run(db, script, seconds, postmaster))
+    return {name: merged(rows) for name, rows in runs.items()}
 
 
 def merged(rows: list[dict[str, float]]) -> dict:
