@@ -90,6 +90,10 @@ def test_a_revoked_message_a_claim_meets_is_revoked_in_the_results_database(db_u
                 c.execute("UPDATE kojin.messages SET revoked = true, task_id = %s "
                           "WHERE queue = %s", (task_id, name))
             assert channel._claim([name], 5) == []
+            # a revoke is rare: it holds no connection to the results database afterwards,
+            # however long this process lives (a pool would keep one for good)
+            assert count(results_url, "SELECT count(*) FROM pg_stat_activity WHERE "
+                                      "application_name = 'kojin_pg.revoke'") == 0
         with psycopg.connect(results_url) as c:
             assert c.execute("SELECT status FROM kojin.results WHERE task_id = %s",
                              (task_id,)).fetchall() == [("REVOKED",)]

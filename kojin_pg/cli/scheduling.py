@@ -35,11 +35,8 @@ def _revoke(args: argparse.Namespace, task_ids: list[str]) -> int:
     with database(args) as (db, settings):
         results = RevokedResults(settings, [args.results_url] if args.results_url else None,
                                  strict=True)
-        try:
-            done = revoke_tasks(db, Queries("broker", settings.schema), settings.schema,
-                                task_ids, results)
-        finally:
-            results.close()
+        done = revoke_tasks(db, Queries("broker", settings.schema), settings.schema, task_ids,
+                            results)
     if args.json:
         print_json(asdict(done))
     else:

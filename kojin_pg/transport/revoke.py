@@ -42,10 +42,6 @@ def revoke_tasks(db: Database, queries: Queries, schema: str, task_ids: list[str
     this process's Celery apps on this broker read them)."""
     if results is None:
         results = RevokedResults(db.settings)
-        try:
-            return revoke_tasks(db, queries, schema, task_ids, results)
-        finally:
-            results.close()
     in_broker, elsewhere = results.places()
     if results.strict:
         results.check(elsewhere)  # a results database out of reach fails before any delete

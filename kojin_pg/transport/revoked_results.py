@@ -13,8 +13,10 @@ broker's own table, as before.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from .. import codec, config, conninfo
@@ -44,8 +46,10 @@ def database_of(settings: config.Settings) -> tuple[object, ...]:
 
 
 class RevokedResults:
-    """Where the REVOKED results of one broker's revokes go, and the pools that write them
-    outside the broker's database (closed by :meth:`close`, with the transport)."""
+    """Where the REVOKED results of one broker's revokes go. A write outside the broker's
+    database connects, writes and disconnects: revokes are rare, and a pool kept for them
+    would hold a connection to the results database for the life of every process that
+    ever revoked."""
 
     def __init__(self, broker: config.Settings, results_urls: list[str] | None = None,
                  *, strict: bool = False) -> None:
@@ -55,8 +59,6 @@ class RevokedResults:
         self.results_urls = results_urls
         #: Raise when a results database cannot be written to (the CLI), instead of logging.
         self.strict = strict
-        self._lock = threading.Lock()
-        self._pools: dict[tuple[object, ...], Database] = {}
 
     def places(self) -> tuple[bool, list[config.Settings]]:
         """Whether the broker's own results table is read, and the other kojin_pg results
@@ -91,15 +93,15 @@ class RevokedResults:
     def store(self, places: list[config.Settings], task_ids: list[str]) -> int:
         """Record ``task_ids`` as REVOKED in the results databases ``places``; how many
         results became REVOKED. Safe to repeat (a finished or revoked result is left alone),
-        so the pool's retries after a lost connection may run it again. The revoke itself
-        (the messages are gone) has committed by now: a results database that stays out of
-        reach is logged, and the broadcast still goes to the workers (which record the revoke
+        so the retries after a lost connection may run it again. The revoke itself (the
+        messages are gone) has committed by now: a results database that stays out of reach
+        is logged, and the broadcast still goes to the workers (which record the revoke
         themselves from Celery 5.5 on)."""
         stored = 0
         for settings in places:
             try:
-                row = self._pool(settings).fetchone(
-                    Queries("backend", settings.schema).store_revoked, {
+                with _connected(settings) as db:
+                    row = db.fetchone(Queries("backend", settings.schema).store_revoked, {
                         "task_ids": task_ids, "revoked_result": REVOKED_RESULT_JSON,
                         "result_expires": REVOKED_RESULT_EXPIRES,
                         "results_channel": results_channel(settings.schema)}, "store_revoked")
@@ -114,35 +116,23 @@ class RevokedResults:
         return stored
 
     def check(self, places: list[config.Settings]) -> None:
-        """Connect to the results databases ``places`` now (checking their schema), raising
+        """Connect to the results databases ``places`` now and check their schema, raising
         what fails."""
         for settings in places:
-            self._pool(settings)
+            with _connected(settings):
+                pass
 
-    def _pool(self, settings: config.Settings) -> Database:
-        place = database_of(settings)
-        with self._lock:
-            pool = self._pools.get(place)
-            if pool is not None:
-                return pool
-        pool = Database(settings, role="kojin_pg.revoke")
-        try:
-            ensure_schema(pool, retry=False)  # outside the lock: the server may be slow
-        except BaseException:
-            pool.close()
-            raise
-        with self._lock:
-            kept = self._pools.setdefault(place, pool)
-        if kept is not pool:  # another thread was first
-            pool.close()
-        return kept
 
-    def close(self) -> None:
-        """Close the pools of the results databases written to."""
-        with self._lock:
-            pools, self._pools = list(self._pools.values()), {}
-        for pool in pools:
-            pool.close()
+@contextmanager
+def _connected(settings: config.Settings) -> Iterator[Database]:
+    """One connection to a results database, its schema checked, closed afterwards."""
+    db = Database(dataclasses.replace(settings, pool_min_size=1, pool_max_size=1),
+                  role="kojin_pg.revoke")
+    try:
+        ensure_schema(db, retry=False)
+        yield db
+    finally:
+        db.close()
 
 
 def _given_results(url: str, schema: str) -> config.Settings:

@@ -225,8 +225,6 @@ class Transport(virtual.Transport):
                 self.wakeups.close()
                 self.db.close()
                 self.consumer_db.close()
-                if "revoked_results" in self.__dict__:
-                    self.revoked_results.close()
 
     def _stop_claims(self) -> None:
         """Stop the claim thread before the leases are handed back, so no claim commits after
@@ -260,8 +258,6 @@ class Transport(virtual.Transport):
         finally:
             self.leases.stop()
             self.consumer_db.close()
-            if "revoked_results" in self.__dict__:  # a settle of the claim may have reopened
-                self.revoked_results.close()
 
     def _release_unknown_leases(self) -> None:
         """Closing: hand back whatever this consumer still leases. The channels have handed back
