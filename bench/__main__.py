@@ -122,7 +122,7 @@ def make_pgmq_db(admin_url: str) -> str | None:
 
 def pgbench_insert_rate(url: str, clients: int, seconds: int = 10) -> float:
     """pgbench: committed single-row INSERTs per second, the physical limit of the server."""
-    from kojin_pg.dev.embedded import _bin_dir
+    from bench.get_limit import pgbench_tps
 
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS pgbench_insert (id bigint, v text)")
@@ -130,13 +130,8 @@ def pgbench_insert_rate(url: str, clients: int, seconds: int = 10) -> float:
         script = Path(d) / "insert.sql"
         script.write_text("\\set id random(1, 1000000000)\n"
                           "INSERT INTO pgbench_insert VALUES (:id, 'x');\n")
-        out = subprocess.run([str(_bin_dir() / "pgbench"), "-n", "-f", str(script), "-c",
-                              str(clients), "-j", str(min(clients, 2)), "-T", str(seconds), url],
-                             capture_output=True, text=True, timeout=seconds + 120)
-    for line in out.stdout.splitlines():
-        if line.startswith("tps ="):
-            return float(line.split()[2])
-    raise RuntimeError(f"pgbench failed: {out.stderr[-1000:]}")
+        return pgbench_tps(url, ["-f", str(script), "-c", str(clients),
+                                 "-j", str(min(clients, 2))], seconds)
 
 
 def draw_chart(results: dict, path: Path) -> None:

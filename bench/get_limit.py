@@ -51,15 +51,20 @@ def pgbench_init(db: str, scale: int = 1) -> None:
         raise RuntimeError(f"pgbench -i failed: {out.stderr[-1000:]}")
 
 
-def pgbench_select(db: str, seconds: int) -> dict[str, float]:
-    """One ``pgbench -S -c1 -M prepared -T seconds`` run: ``{"tps": ...}``."""
-    out = subprocess.run([pgbench_exe(), "-n", "-S", "-c", "1", "-M", "prepared", "-T",
-                          str(seconds), db], capture_output=True, text=True,
-                         timeout=seconds + 120)
+def pgbench_tps(db: str, args: list[str], seconds: int,
+                env: dict[str, str] | None = None) -> float:
+    """Transactions per second of one ``pgbench -n ARGS -T seconds`` run on ``db``."""
+    out = subprocess.run([pgbench_exe(), "-n", *args, "-T", str(seconds), db],
+                         capture_output=True, text=True, timeout=seconds + 120, env=env)
     for line in out.stdout.splitlines():
         if line.startswith("tps ="):
-            return {"tps": float(line.split()[2])}
-    raise RuntimeError(f"pgbench -S failed: {out.stderr[-1000:]}")
+            return float(line.split()[2])
+    raise RuntimeError(f"pgbench {' '.join(args)} failed: {out.stderr[-1000:]}")
+
+
+def pgbench_select(db: str, seconds: int) -> dict[str, float]:
+    """One ``pgbench -S -c1 -M prepared -T seconds`` run: ``{"tps": ...}``."""
+    return {"tps": pgbench_tps(db, ["-S", "-c", "1", "-M", "prepared"], seconds)}
 
 
 def psycopg_select(db: str, seconds: int) -> dict[str, float]:

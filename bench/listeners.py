@@ -56,24 +56,18 @@ SCRIPTS = {
 
 def pgbench_run(db: str, script: str, seconds: int, postmaster: int | None) -> dict[str, float]:
     """One pgbench run of ``script``: commits/s, and the server's CPU per commit in µs."""
-    from bench.get_limit import pgbench_exe
+    from bench.get_limit import pgbench_tps
     from bench.server_cost import tree_cpu_seconds
 
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
         f.write(script)
     try:
         cpu0 = tree_cpu_seconds(postmaster) if postmaster else None
-        out = subprocess.run([pgbench_exe(), "-n", "-f", f.name, "-c", "1", "-M", "prepared",
-                              "-T", str(seconds), db], capture_output=True, text=True,
-                             timeout=seconds + 120,
-                             env=dict(os.environ, PGOPTIONS="-c synchronous_commit=off"))
+        tps = pgbench_tps(db, ["-f", f.name, "-c", "1", "-M", "prepared"], seconds,
+                          env=dict(os.environ, PGOPTIONS="-c synchronous_commit=off"))
         cpu1 = tree_cpu_seconds(postmaster) if postmaster else None
     finally:
         os.unlink(f.name)
-    tps = next((float(line.split()[2]) for line in out.stdout.splitlines()
-                if line.startswith("tps =")), None)
-    if tps is None:
-        raise RuntimeError(f"pgbench failed: {out.stderr[-1000:]}")
     row = {"commits_per_s": round(tps, 1)}
     if cpu0 is not None and cpu1 is not None:
         row["server_cpu_us_per_commit"] = round(1e6 * (cpu1 - cpu0) / (tps * seconds), 1)
