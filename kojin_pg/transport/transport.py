@@ -164,7 +164,7 @@ class Transport(virtual.Transport):
 
     @cached_property
     def revoked_results(self) -> RevokedResults:
-        """Where this broker's revokes record REVOKED results (see :mod:`.revoke`)."""
+        """Where this broker's revokes record REVOKED results (see :mod:`.revoked_results`)."""
         return RevokedResults(self.settings)
 
     @cached_property
