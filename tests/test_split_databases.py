@@ -18,7 +18,10 @@ from celery import Celery, chord, group
 from conftest import TEMPLATE, fresh_database
 from e2e_app import make_app
 from kombu import Connection, Exchange, Queue
+from netproxy import PgProxy
 from workers import wait_ready
+
+from kojin_pg.db import Queries
 
 pytestmark = pytest.mark.e2e
 
@@ -69,6 +72,27 @@ def test_tasks_chords_and_revoke_with_results_in_another_database(split_app, wor
     assert count(db_url, "SELECT count(*) FROM kojin.results") == 0
 
 
+def publish_revoked(db_url: str, channel, name: str) -> str:
+    """Publish one message to a new queue ``name`` on ``channel`` and flag it revoked in
+    ``db_url`` (the broker's database), as a revoke flags a message that was leased when it
+    came; its task id."""
+    queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
+    task_id = str(uuid.uuid4())
+    queue(channel).declare()
+    channel.connection.client.Producer(channel).publish(
+        {"n": 1}, exchange=queue.exchange, routing_key=name, serializer="json")
+    with psycopg.connect(db_url) as c:
+        c.execute("UPDATE kojin.messages SET revoked = true, task_id = %s WHERE queue = %s",
+                  (task_id, name))
+    return task_id
+
+
+def result_states(url: str, task_id: str) -> list[tuple[str]]:
+    with psycopg.connect(url) as c:
+        return c.execute("SELECT status FROM kojin.results WHERE task_id = %s",
+                         (task_id,)).fetchall()
+
+
 def test_a_revoked_message_a_claim_meets_is_revoked_in_the_results_database(db_url,
                                                                             results_url):
     """A message leased when it was revoked is flagged, and the claim that meets it again drops
@@ -78,26 +102,45 @@ def test_a_revoked_message_a_claim_meets_is_revoked_in_the_results_database(db_u
                  set_as_current=False)
     assert app.conf.broker_url  # read: configured, as the app of a worker or a caller is
     name = "split_" + uuid.uuid4().hex[:8]
-    queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
-    task_id = str(uuid.uuid4())
     try:
         with Connection("kojin+" + db_url) as conn:
             channel = conn.channel()
-            queue(channel).declare()
-            conn.Producer(channel).publish({"n": 1}, exchange=queue.exchange, routing_key=name,
-                                           serializer="json")
-            with psycopg.connect(db_url) as c:
-                c.execute("UPDATE kojin.messages SET revoked = true, task_id = %s "
-                          "WHERE queue = %s", (task_id, name))
+            task_id = publish_revoked(db_url, channel, name)
             assert channel._claim([name], 5) == []
             # a revoke is rare: it holds no connection to the results database afterwards,
             # however long this process lives (a pool would keep one for good)
             assert count(results_url, "SELECT count(*) FROM pg_stat_activity WHERE "
                                       "application_name = 'kojin_pg.revoke'") == 0
-        with psycopg.connect(results_url) as c:
-            assert c.execute("SELECT status FROM kojin.results WHERE task_id = %s",
-                             (task_id,)).fetchall() == [("REVOKED",)]
+        assert result_states(results_url, task_id) == [("REVOKED",)]
         assert count(db_url, "SELECT count(*) FROM kojin.results") == 0
         assert count(db_url, "SELECT count(*) FROM kojin.messages") == 0
     finally:
         app.close()
+
+
+def test_a_revoked_message_whose_settle_reply_is_lost_is_revoked_in_the_results_database(
+        db_url, results_url):
+    """Cut: the worker's connection to the broker, after the server committed the statement
+    that drops the revoked message a claim met and before its reply reaches the worker. The
+    statement is retried on a new connection and finds the message gone; the REVOKED result
+    must still reach the results database, or its callers wait for it forever."""
+    with PgProxy.for_url(db_url) as proxy:
+        broker_url = "kojin+" + proxy.url(db_url)
+        app = Celery("split_settle_cut", broker=broker_url, backend="kojin+" + results_url,
+                     set_as_current=False)
+        assert app.conf.broker_url
+        name = "split_" + uuid.uuid4().hex[:8]
+        try:
+            with Connection(broker_url) as conn:
+                channel = conn.channel()
+                task_id = publish_revoked(db_url, channel, name)
+                proxy.cut_after_reply(
+                    Queries("broker", "kojin").get("settle").as_string(None)
+                    .splitlines()[0].encode())
+                assert channel._claim([name], 5) == []
+                if not proxy.wait_cut(0):
+                    pytest.fail("harness: the settle statement was not cut")
+            assert count(db_url, "SELECT count(*) FROM kojin.messages") == 0
+            assert result_states(results_url, task_id) == [("REVOKED",)]
+        finally:
+            app.close()

@@ -270,20 +270,19 @@ class Channel(virtual.Channel):
         there."""
         s = t.settings
         in_broker, elsewhere = t.revoked_results.places()
+        if elsewhere:
+            # before the statement that drops them (see revoked_task_ids); a read, safe to retry
+            revoked = [task_id for (task_id,) in t.consumer_db.fetchall(
+                t.queries.revoked_task_ids, {"ids": ids}, "revoked_task_ids")]
+            if revoked:
+                t.revoked_results.store(elsewhere, revoked)
         rows = t.consumer_db.fetchall(t.queries.settle, {
             "ids": ids, "max_deliveries": s.max_deliveries,
             "revoked_result": REVOKED_RESULT_JSON, "result_expires": REVOKED_RESULT_EXPIRES,
             "results_channel": results_channel(s.schema), "store_results": in_broker}, "settle")
-        # For results kept elsewhere, a retry after a lost commit reply finds the revoked
-        # messages gone and returns no task id: that narrow case leaves their results
-        # unrecorded here (Celery's workers, from 5.5 on, record the revoke they were sent).
-        dropped = [task_id for msg_id, _, _, task_id in rows if msg_id is None]
-        if dropped and elsewhere:
-            t.revoked_results.store(elsewhere, dropped)
-        for msg_id, queue, count, _ in rows:
-            if msg_id is not None:
-                log_event(log, logging.WARNING, DEAD_LETTER, message_id=msg_id, queue=queue,
-                          reason="max_deliveries", deliveries=count)
+        for msg_id, queue, count in rows:
+            log_event(log, logging.WARNING, DEAD_LETTER, message_id=msg_id, queue=queue,
+                      reason="max_deliveries", deliveries=count)
 
     def _deliverable(self, t: Transport, rows: list[tuple[Any, ...]]
                      ) -> tuple[list[tuple[dict[str, Any], str]], list[int]]:

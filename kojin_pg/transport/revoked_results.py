@@ -93,10 +93,10 @@ class RevokedResults:
     def store(self, places: list[config.Settings], task_ids: list[str]) -> int:
         """Record ``task_ids`` as REVOKED in the results databases ``places``; how many
         results became REVOKED. Safe to repeat (a finished or revoked result is left alone),
-        so the retries after a lost connection may run it again. The revoke itself (the
-        messages are gone) has committed by now: a results database that stays out of reach
-        is logged, and the broadcast still goes to the workers (which record the revoke
-        themselves from Celery 5.5 on)."""
+        so the retries after a lost connection may run it again. The revoke itself has
+        committed by now (its messages are gone, or flagged for the claim that meets them): a
+        results database that stays out of reach is logged, and the broadcast still goes to
+        the workers (which record the revoke themselves from Celery 5.5 on)."""
         stored = 0
         for settings in places:
             try:

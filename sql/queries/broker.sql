@@ -225,10 +225,9 @@ ORDER BY unsettled, priority DESC, id;
 -- name: settle
 -- The messages a claim left unsettled: one delivered max_deliveries times goes to the dead
 -- letters (returned as id, queue, count), one revoked is dropped (with store_results its result
--- becomes REVOKED here; without, its task id is returned for the results kept elsewhere, as
--- NULL, NULL, NULL, task_id). Each is taken again
--- under its row lock, as a claim would take it (deliverable now, nobody else's lease), so one
--- that another consumer settled or leased meanwhile is left alone.
+-- becomes REVOKED here; results kept elsewhere were recorded before, see revoked_task_ids).
+-- Each is taken again under its row lock, as a claim would take it (deliverable now, nobody
+-- else's lease), so one that another consumer settled or leased meanwhile is left alone.
 WITH picked AS (
     SELECT id, delivery_count, revoked FROM {schema}.messages
     WHERE id = ANY(%(ids)s::bigint[]) AND visible_at <= now()
@@ -260,9 +259,15 @@ WITH picked AS (
     WHERE r.status NOT IN ('SUCCESS', 'FAILURE', 'REVOKED')
     RETURNING pg_notify(%(results_channel)s, r.task_id)  -- wakes whoever waits for it
 )
-SELECT id, queue, delivery_count, NULL::text FROM dead
-UNION ALL
-SELECT NULL, NULL, NULL, task_id FROM dropped WHERE task_id IS NOT NULL AND NOT %(store_results)s;
+SELECT id, queue, delivery_count FROM dead;
+
+-- name: revoked_task_ids
+-- The task ids of the revoked ones among messages a claim left unsettled, for results kept
+-- in another database: recorded there before settle drops the messages (a revoked message is
+-- never delivered, whoever drops it), so that a settle retried after a lost commit reply,
+-- which finds them gone, cannot leave them unrecorded.
+SELECT DISTINCT task_id FROM {schema}.messages
+WHERE id = ANY(%(ids)s::bigint[]) AND revoked AND task_id IS NOT NULL;
 
 -- name: ack
 -- Acknowledged messages are done: delete them.
