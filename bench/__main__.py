@@ -4,6 +4,7 @@ usage: python -m bench [all|backend|transport|e2e|scale|cost] [--repeat N] [--qu
        python -m bench scheduling [--quick]   (bench/scheduling.py; not part of ``all``)
        python -m bench stages [--quick]       (bench/stages.py; not part of ``all``)
        python -m bench listeners [--stock] [--quick]   (bench/listeners.py; not part of ``all``)
+       python -m bench instances [--stock] [--quick]   (bench/instances.py; not part of ``all``)
 
 Servers: PostgreSQL from KOJIN_PG_URL, else a temporary embedded PostgreSQL 18, or with
 ``--stock`` a temporary cluster of the Debian apt PostgreSQL at its default settings
@@ -238,7 +239,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("what", nargs="?", default="all",
                         choices=["all", "backend", "transport", "e2e", "scale", "cost",
-                                 "scheduling", "stages", "listeners"])
+                                 "scheduling", "stages", "listeners", "instances"])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="smaller N, one repeat")
     parser.add_argument("--stock", action="store_true",
@@ -257,6 +258,12 @@ def main() -> int:
 
         return listeners_main((["--quick"] if args.quick else [])
                               + (["--stock"] if args.stock else []))
+    if args.what == "instances":  # its own servers, table and JSON (instances.json)
+        from bench.instances import main as instances_main
+
+        return instances_main((["--quick"] if args.quick else [])
+                              + (["--stock"] if args.stock else [])
+                              + ["--repeat", str(args.repeat)])
     repeat = 1 if args.quick else args.repeat
     admin, server, redis_url, redis_proc = start_servers(args.stock)
     from bench.servers import describe
