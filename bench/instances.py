@@ -17,6 +17,12 @@ published and their results read, then a chord of 100) against ``BENCH_WORKERS``
 - ``kojin apart``: the results in another database of the same server;
 - ``redis``: the same workload on Redis (broker and backend), for reference.
 
+Then where the time goes: the same instances and systems, measured by
+``python -m bench.instances cpu`` (a subprocess per run): with every instance up and warm, N
+tasks published and their results read, and the CPU time spent meanwhile per task by the
+producer (``time.process_time``), by the workers (their process trees) and by the server (the
+postmaster's tree, or redis-server), as bench/server_cost.py measures them.
+
 Runs are taken in turns (:mod:`bench.interleave`), median of ``--repeat`` (3) with its spread.
 Writes bench/results/instances.json (``--stock``: instances_stock.json; ``--quick``:
 last_instances_quick.json, not kept in git).
@@ -25,13 +31,20 @@ last_instances_quick.json, not kept in git).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
+import signal
+import subprocess
 import sys
+import tempfile
+import textwrap
 import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+import psycopg
 
 from bench.spread import spread, value, verdict
 
@@ -63,6 +76,124 @@ def measure(db: str, results_db: str, redis_url: str | None, repeat: int, n_task
                 "e2e.py", [redis_url, redis_url, n_tasks, "100"], env=env)
         rows.update(interleaved_runs(repeat, runs, median_runs))
     return rows
+
+
+APP = textwrap.dedent("""
+    {imports}
+    from celery import Celery
+    app = Celery("instancesapp", broker={broker!r}, backend={backend!r})
+    app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
+                    worker_prefetch_multiplier=16, broker_connection_retry_on_startup=True,
+                    result_expires=3600, worker_hijack_root_logger=False)
+
+    @app.task
+    def noop(x=None):
+        return x
+""")
+
+
+def cpu_run(broker: str, backend: str, imports: str, server_pid: int, count: int,
+            n: int) -> dict[str, float]:
+    """Start ``count`` worker instances, wait for every one and warm up; then publish ``n``
+    tasks, read their results and return tasks/s and the CPU ms per task of the producer
+    (this process), the workers and the server (the process tree of ``server_pid``)."""
+    from bench.processes import stop_group
+    from bench.server_cost import tree_cpu_seconds
+
+    d = tempfile.mkdtemp(prefix="bench_instances_")
+    with open(os.path.join(d, "instancesapp.py"), "w") as f:
+        f.write(APP.format(imports=imports, broker=broker, backend=backend))
+    sys.path.insert(0, d)
+    mod = importlib.import_module("instancesapp")
+    env = dict(os.environ, PYTHONPATH=d)
+    workers = [subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "instancesapp", "worker", "-P",
+         WORKER_ENV["BENCH_POOL"], "-c", WORKER_ENV["BENCH_CONC"], "-l", "warning",
+         "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"w{i}@%h"],
+        env=env, cwd=d, start_new_session=True, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL) for i in range(count)]
+    try:
+        mod.noop.delay(0).get(timeout=60)
+        deadline = time.monotonic() + 30 + 5 * count
+        while len(mod.app.control.ping(timeout=1.0)) < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not all {count} workers answered a ping")
+        for i in range(200):  # every instance has served, its pools are warm
+            mod.noop.delay(i).get(timeout=30)
+
+        def workers_cpu() -> float:
+            return sum(tree_cpu_seconds(w.pid) or 0.0 for w in workers)
+
+        w0, s0, p0 = workers_cpu(), tree_cpu_seconds(server_pid), time.process_time()
+        t0 = time.perf_counter()
+        results = [mod.noop.delay(i) for i in range(n)]
+        for r in results:
+            r.get(timeout=300)
+        elapsed = time.perf_counter() - t0
+        w1, s1, p1 = workers_cpu(), tree_cpu_seconds(server_pid), time.process_time()
+        if s0 is None or s1 is None:
+            raise RuntimeError("the server's CPU time cannot be read here")
+        return {"throughput": round(n / elapsed, 1),
+                "producer_cpu_ms": round(1000 * (p1 - p0) / n, 3),
+                "workers_cpu_ms": round(1000 * (w1 - w0) / n, 3),
+                "server_cpu_ms": round(1000 * (s1 - s0) / n, 3)}
+    finally:
+        mod.app.close()
+        for w in workers:
+            if w.poll() is None:
+                os.killpg(w.pid, signal.SIGTERM)
+        for w in workers:
+            stop_group(w, 30)
+
+
+def measure_cpu(db: str, results_db: str, redis: tuple[str, int] | None, postmaster: int,
+                repeat: int, n_tasks: str, counts: tuple[int, ...]) -> dict[str, Any]:
+    """:func:`cpu_run` for every count and system, each in a subprocess of its own, in turns;
+    ``{"kojin x6": row, ...}``."""
+    from bench.__main__ import median_runs
+    from bench.interleave import interleaved_runs
+
+    def run(broker: str, backend: str, imports: str, pid: int, count: int) -> dict:
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.instances", "cpu", broker, backend, imports,
+             str(pid), str(count), n_tasks], capture_output=True, text=True, timeout=900,
+            cwd=HERE.parent)
+        if out.returncode != 0:
+            raise RuntimeError(f"instances cpu {broker.split(':')[0]} x{count} failed:\n"
+                               f"{out.stderr[-3000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    rows: dict[str, Any] = {}
+    kojin = "import kojin_pg"
+    for count in counts:
+        runs = {
+            f"kojin x{count}": lambda c=count: run("kojin+" + db, "kojin+" + db, kojin,
+                                                   postmaster, c),
+            f"kojin apart x{count}": lambda c=count: run("kojin+" + db, "kojin+" + results_db,
+                                                         kojin, postmaster, c),
+        }
+        if redis:
+            runs[f"redis x{count}"] = lambda c=count: run(redis[0], redis[0], "", redis[1], c)
+        rows.update(interleaved_runs(repeat, runs, median_runs))
+    return rows
+
+
+def print_cpu_table(rows: dict[str, Any], counts: tuple[int, ...], repeat: int) -> None:
+    print(f"\n== CPU ms per task while every instance is up (median of {repeat})")
+    print(f"{'instances':<10}{'system':<13}{'tasks/s':>22}{'producer':>10}{'workers':>10}"
+          f"{'server':>10}{'total':>10}")
+    for count in counts:
+        for system in ("kojin", "kojin apart", "redis"):
+            row = rows.get(f"{system} x{count}")
+            if not row:
+                continue
+            if "error" in row:
+                print(f"{count:<10}{system:<13}  failed: {row['error'].splitlines()[-1][:80]}")
+                continue
+            parts = [value(row, k) or 0.0 for k in ("producer_cpu_ms", "workers_cpu_ms",
+                                                     "server_cpu_ms")]
+            print(f"{count:<10}{system:<13}{cell(row, 'throughput', 0):>22}"
+                  + "".join(f"{p:>10.2f}" for p in parts) + f"{sum(parts):>10.2f}")
 
 
 def cell(row: dict[str, Any], metric: str, digits: int) -> str:
@@ -111,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true",
                         help="1 and 6 instances, 500 tasks, one repeat")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["cpu"]:  # one run of measure_cpu, in a process of its own
+        broker, backend, imports, pid, count, n = argv[1:7]
+        print(json.dumps(cpu_run(broker, backend, imports, int(pid), int(count), int(n))))
+        return 0
     args = parser.parse_args(argv)
     repeat, n_tasks, counts = ((1, "500", COUNTS[:2]) if args.quick
                                else (args.repeat, "3000", COUNTS))
@@ -128,6 +264,16 @@ def main(argv: list[str] | None = None) -> int:
             "worker": "celery worker -P threads -c 2, per instance"}
         results["rows"] = measure(db, results_db, redis_url, repeat, n_tasks, counts)
         print_table(results["rows"], counts, repeat)
+        from bench.server_cost import postmaster_pid
+        with psycopg.connect(db) as conn:
+            postmaster = postmaster_pid(conn)
+        if postmaster is not None:
+            redis = (redis_url, redis_proc.pid) if redis_url and redis_proc else None
+            results["cpu_per_task"] = measure_cpu(db, results_db, redis, postmaster, repeat,
+                                                  n_tasks, counts)
+            print_cpu_table(results["cpu_per_task"], counts, repeat)
+        else:
+            print("(the server's CPU cannot be read here: no CPU table)")
     finally:
         stop_servers(server, redis_proc)
     name = ("last_instances_quick.json" if args.quick
