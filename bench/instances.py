@@ -34,6 +34,7 @@ import argparse
 import importlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,6 +145,8 @@ def cpu_run(broker: str, backend: str, imports: str, server_pid: int, count: int
                 os.killpg(w.pid, signal.SIGTERM)
         for w in workers:
             stop_group(w, 30)
+        sys.path.remove(d)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def measure_cpu(db: str, results_db: str, redis: tuple[str, int] | None, postmaster: int,

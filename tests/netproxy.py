@@ -31,6 +31,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from kojin_pg.db import Queries
+
+
+def marker(group: str, name: str) -> bytes:
+    """The first line of a kojin_pg query as the client sends it (its ``--`` comment)."""
+    text = Queries(group, "kojin").get(name).as_string(None)
+    return text.splitlines()[0].encode()
+
+
 #: Bounds: connections accepted over the proxy's life, seconds a pump waits on a quiet socket.
 MAX_CONNECTIONS = 200
 IDLE_POLL = 0.2

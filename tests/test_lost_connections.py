@@ -20,20 +20,13 @@ import pytest
 from celery import Celery, states
 from celery.app.task import Context
 from kombu import Connection, Consumer, Exchange, Producer, Queue
-from netproxy import PgProxy
+from netproxy import PgProxy, marker
 
 import kojin_pg  # noqa: F401  (registers the kojin+ URL scheme)
-from kojin_pg.db import Queries
 
 pytestmark = pytest.mark.timeout(60)
 
 CUT_WAIT = 15  # seconds a harness step may take before the test reports a broken harness
-
-
-def marker(group: str, name: str) -> bytes:
-    """The first line of a kojin_pg query as the client sends it (its ``--`` comment)."""
-    text = Queries(group, "kojin").get(name).as_string(None)
-    return text.splitlines()[0].encode()
 
 
 @pytest.fixture

@@ -18,10 +18,8 @@ from celery import Celery, chord, group
 from conftest import TEMPLATE, fresh_database
 from e2e_app import make_app
 from kombu import Connection, Exchange, Queue
-from netproxy import PgProxy
+from netproxy import PgProxy, marker
 from workers import wait_ready
-
-from kojin_pg.db import Queries
 
 pytestmark = pytest.mark.e2e
 
@@ -134,9 +132,7 @@ def test_a_revoked_message_whose_settle_reply_is_lost_is_revoked_in_the_results_
             with Connection(broker_url) as conn:
                 channel = conn.channel()
                 task_id = publish_revoked(db_url, channel, name)
-                proxy.cut_after_reply(
-                    Queries("broker", "kojin").get("settle").as_string(None)
-                    .splitlines()[0].encode())
+                proxy.cut_after_reply(marker("broker", "settle"))
                 assert channel._claim([name], 5) == []
                 if not proxy.wait_cut(0):
                     pytest.fail("harness: the settle statement was not cut")
