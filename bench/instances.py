@@ -42,6 +42,7 @@ import tempfile
 import textwrap
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -183,18 +184,29 @@ def measure_cpu(db: str, results_db: str, redis: tuple[str, int] | None, postmas
     return rows
 
 
+SYSTEMS = ("kojin", "kojin apart", "redis")
+
+
+def measured_rows(rows: dict[str, Any], count: int) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The rows of ``count`` instances that have figures, as ``(system, row)``; a failed one is
+    printed as such and skipped."""
+    for system in SYSTEMS:
+        row = rows.get(f"{system} x{count}")
+        if not row:
+            continue
+        if "error" in row:
+            print(f"{count:<10}{system:<13}  failed: {row['error'].splitlines()[-1][:80]}")
+            continue
+        yield system, row
+
+
 def print_cpu_table(rows: dict[str, Any], counts: tuple[int, ...], repeat: int) -> None:
+    """Tasks/s and CPU ms per task of the producer, the workers and the server, per count."""
     print(f"\n== CPU ms per task while every instance is up (median of {repeat})")
     print(f"{'instances':<10}{'system':<13}{'tasks/s':>22}{'producer':>10}{'workers':>10}"
           f"{'server':>10}{'total':>10}")
     for count in counts:
-        for system in ("kojin", "kojin apart", "redis"):
-            row = rows.get(f"{system} x{count}")
-            if not row:
-                continue
-            if "error" in row:
-                print(f"{count:<10}{system:<13}  failed: {row['error'].splitlines()[-1][:80]}")
-                continue
+        for system, row in measured_rows(rows, count):
             parts = [value(row, k) or 0.0 for k in ("producer_cpu_ms", "workers_cpu_ms",
                                                      "server_cpu_ms")]
             print(f"{count:<10}{system:<13}{cell(row, 'throughput', 0):>22}"
@@ -217,18 +229,11 @@ def print_table(rows: dict[str, Any], counts: tuple[int, ...], repeat: int) -> N
     print(f"{'instances':<10}{'system':<13}{'tasks/s':>22}{'p50 ms':>20}{'p99 ms':>20}"
           f"{'chord-100 s':>22}")
     for count in counts:
-        for system in ("kojin", "kojin apart", "redis"):
-            row = rows.get(f"{system} x{count}")
-            if not row:
-                continue
-            if "error" in row:
-                print(f"{count:<10}{system:<13}  failed: {row['error'].splitlines()[-1][:80]}")
-                continue
+        for system, row in measured_rows(rows, count):
             print(f"{count:<10}{system:<13}{cell(row, 'throughput', 0):>22}"
                   f"{cell(row, 'p50_ms', 2):>20}{cell(row, 'p99_ms', 2):>20}"
                   f"{cell(row, 'chord100_s', 3):>22}")
-        one, apart, redis = (rows.get(f"{s} x{count}") for s in ("kojin", "kojin apart",
-                                                                 "redis"))
+        one, apart, redis = (rows.get(f"{s} x{count}") for s in SYSTEMS)
         for name, row, base in (("apart / one database", apart, one),
                                 ("one database / redis", one, redis),
                                 ("apart / redis", apart, redis)):
