@@ -39,7 +39,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 import uuid
 from collections.abc import Iterator
@@ -82,31 +81,18 @@ def measure(db: str, results_db: str, redis_url: str | None, repeat: int, n_task
     return rows
 
 
-APP = textwrap.dedent("""
-    {imports}
-    from celery import Celery
-    app = Celery("instancesapp", broker={broker!r}, backend={backend!r})
-    app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
-                    worker_prefetch_multiplier=16, broker_connection_retry_on_startup=True,
-                    result_expires=3600, worker_hijack_root_logger=False)
-
-    @app.task
-    def noop(x=None):
-        return x
-""")
-
-
 def cpu_run(broker: str, backend: str, imports: str, server_pid: int, count: int,
             n: int) -> dict[str, float]:
     """Start ``count`` worker instances, wait for every one and warm up; then publish ``n``
     tasks, read their results and return tasks/s and the CPU ms per task of the producer
     (this process), the workers and the server (the process tree of ``server_pid``)."""
     from bench.processes import stop_group
-    from bench.server_cost import tree_cpu_seconds
+    from bench.server_cost import APP, tree_cpu_seconds
 
     d = tempfile.mkdtemp(prefix="bench_instances_")
     with open(os.path.join(d, "instancesapp.py"), "w") as f:
-        f.write(APP.format(imports=imports, broker=broker, backend=backend))
+        f.write(APP.format(name="instancesapp", imports=imports, broker=broker,
+                           backend=backend))
     sys.path.insert(0, d)
     mod = importlib.import_module("instancesapp")
     env = dict(os.environ, PYTHONPATH=d)

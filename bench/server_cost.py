@@ -77,10 +77,13 @@ TOP = 10
 #: PostgreSQL flushes an idle backend's pending statistics within a second
 FLUSH_S = 1.5
 
+#: The Celery app of a bench's client and workers (also bench/instances.py's): ``name`` (its
+#: module's), ``imports`` (``import kojin_pg`` registers the kojin+ transport), ``broker``,
+#: ``backend``.
 APP = textwrap.dedent("""
-    import kojin_pg  # noqa: F401  (registers the kojin+ transport)
+    {imports}
     from celery import Celery
-    app = Celery("costapp", broker={url!r}, backend={url!r})
+    app = Celery({name!r}, broker={broker!r}, backend={backend!r})
     app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
                     worker_prefetch_multiplier=16, broker_connection_retry_on_startup=True,
                     result_expires=3600, worker_hijack_root_logger=False)
@@ -146,7 +149,8 @@ def client(url: str, n: int) -> None:
     Talks to the parent in JSON lines on stdout; reads commands from stdin (closed: stop)."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # still stop the worker (finally)
     d = tempfile.mkdtemp(prefix="bench_cost_")
-    Path(d, "costapp.py").write_text(APP.format(url=url))
+    Path(d, "costapp.py").write_text(APP.format(name="costapp", imports="import kojin_pg",
+                                                broker=url, backend=url))
     sys.path.insert(0, d)
     env = dict(os.environ, PYTHONPATH=d + os.pathsep + os.environ.get("PYTHONPATH", ""))
     worker = subprocess.Popen(
