@@ -195,6 +195,16 @@ def run_script(script: str, args: list[str], env: dict[str, str] | None = None,
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def save_results(stem: str, results: dict, quick: bool = False, stock: bool = False) -> Path:
+    """Write a bench's own results as bench/results/<stem>.json (``stock``: <stem>_stock.json;
+    ``quick``: last_<stem>_quick.json, which .gitignore keeps out of git); its path."""
+    name = (f"last_{stem}_quick.json" if quick else f"{stem}_stock.json" if stock
+            else f"{stem}.json")
+    path = HERE / "results" / name
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    return path
+
+
 def median_runs(repeat: int, fn) -> dict:
     try:
         runs = [fn() for _ in range(repeat)]

@@ -272,9 +272,9 @@ def main(argv: list[str] | None = None) -> int:
             print("(the server's CPU cannot be read here: no CPU table)")
     finally:
         stop_servers(server, redis_proc)
-    name = ("last_instances_quick.json" if args.quick
-            else "instances_stock.json" if args.stock else "instances.json")
-    (HERE / "results" / name).write_text(json.dumps(results, indent=1) + "\n")
+    from bench.__main__ import save_results
+
+    save_results("instances", results, quick=args.quick, stock=args.stock)
     return 0
 
 

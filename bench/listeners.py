@@ -31,18 +31,14 @@ last_listeners_quick.json, not kept in git).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from pathlib import Path
 
 import psycopg
-
-HERE = Path(__file__).resolve().parent
 
 #: Within a stock server's max_connections (100) with the bench's own connections.
 LISTENERS = (0, 10, 40, 80)
@@ -203,9 +199,9 @@ def main(argv: list[str] | None = None) -> int:
                                    **measure_idle_callers(db, seconds, repeat)}
     finally:
         destroy(server)
-    name = ("last_listeners_quick.json" if args.quick
-            else "listeners_stock.json" if args.stock else "listeners.json")
-    (HERE / "results" / name).write_text(json.dumps(results, indent=1) + "\n")
+    from bench.__main__ import save_results
+
+    save_results("listeners", results, quick=args.quick, stock=args.stock)
     return 0
 
 

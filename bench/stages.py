@@ -22,7 +22,6 @@ Writes bench/results/stages.json (``--quick``: last_stages_quick.json, not kept 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -129,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop_servers(server, redis_proc)
     print_table(results)
-    name = "last_stages_quick.json" if args.quick else "stages.json"
-    (HERE / "results" / name).write_text(json.dumps(results, indent=1) + "\n")
+    from bench.__main__ import save_results
+
+    save_results("stages", results, quick=args.quick)
     return 0
 
 
