@@ -41,7 +41,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,29 +57,54 @@ HERE = Path(__file__).resolve().parent
 #: server's 100 with the producer's; 16 did not, and a worker's result store then failed.
 COUNTS = (1, 6, 12)
 WORKER_ENV = {"BENCH_POOL": "threads", "BENCH_CONC": "2"}
+SYSTEMS = ("kojin", "kojin apart", "redis")
 
 
-def measure(db: str, results_db: str, redis_url: str | None, repeat: int, n_tasks: str,
-            counts: tuple[int, ...]) -> dict[str, Any]:
-    """Every count for every system, in turns; ``{"kojin x6": row, ...}``."""
-    from bench.__main__ import median_runs, run_script
+@dataclass(frozen=True)
+class Setup:
+    """One system compared: its broker and result backend URLs, what the app imports, and the
+    pid of its server (for the CPU part; None when it cannot be read)."""
+
+    broker: str
+    backend: str
+    imports: str
+    server_pid: int | None
+
+
+def setups(db: str, results_db: str, redis_url: str | None, postmaster: int | None,
+           redis_pid: int | None) -> dict[str, Setup]:
+    """``{name: setup}`` in :data:`SYSTEMS` order: one database, apart, Redis if there is one."""
+    kojin = "import kojin_pg"
+    out = {"kojin": Setup("kojin+" + db, "kojin+" + db, kojin, postmaster),
+           "kojin apart": Setup("kojin+" + db, "kojin+" + results_db, kojin, postmaster)}
+    if redis_url:
+        out["redis"] = Setup(redis_url, redis_url, "", redis_pid)
+    return out
+
+
+def in_turns(systems: dict[str, Setup], counts: tuple[int, ...], repeat: int,
+             run: Callable[[Setup, int], dict]) -> dict[str, Any]:
+    """``run(setup, count)`` for every count and system, the systems in turns;
+    ``{"kojin x6": row, ...}``."""
+    from bench.__main__ import median_runs
     from bench.interleave import interleaved_runs
 
     rows: dict[str, Any] = {}
     for count in counts:
-        env = {**WORKER_ENV, "BENCH_WORKERS": str(count)}
-        kojin_env = {"BENCH_IMPORT": "import kojin_pg", **env}
-        runs = {
-            f"kojin x{count}": lambda env=kojin_env: run_script(
-                "e2e.py", ["kojin+" + db, "kojin+" + db, n_tasks, "100"], env=env),
-            f"kojin apart x{count}": lambda env=kojin_env: run_script(
-                "e2e.py", ["kojin+" + db, "kojin+" + results_db, n_tasks, "100"], env=env),
-        }
-        if redis_url:
-            runs[f"redis x{count}"] = lambda env=env: run_script(
-                "e2e.py", [redis_url, redis_url, n_tasks, "100"], env=env)
+        runs = {f"{name} x{count}": (lambda setup=setup, count=count: run(setup, count))
+                for name, setup in systems.items()}
         rows.update(interleaved_runs(repeat, runs, median_runs))
     return rows
+
+
+def e2e_run(setup: Setup, count: int, n_tasks: str) -> dict:
+    """bench/e2e.py against ``count`` instances."""
+    from bench.__main__ import run_script
+
+    env = {**WORKER_ENV, "BENCH_WORKERS": str(count)}
+    if setup.imports:
+        env["BENCH_IMPORT"] = setup.imports
+    return run_script("e2e.py", [setup.broker, setup.backend, n_tasks, "100"], env=env)
 
 
 def cpu_run(broker: str, backend: str, imports: str, server_pid: int, count: int,
@@ -138,39 +164,18 @@ def cpu_run(broker: str, backend: str, imports: str, server_pid: int, count: int
         shutil.rmtree(d, ignore_errors=True)
 
 
-def measure_cpu(db: str, results_db: str, redis: tuple[str, int] | None, postmaster: int,
-                repeat: int, n_tasks: str, counts: tuple[int, ...]) -> dict[str, Any]:
-    """:func:`cpu_run` for every count and system, each in a subprocess of its own, in turns;
-    ``{"kojin x6": row, ...}``."""
-    from bench.__main__ import median_runs
-    from bench.interleave import interleaved_runs
-
-    def run(broker: str, backend: str, imports: str, pid: int, count: int) -> dict:
-        out = subprocess.run(
-            [sys.executable, "-m", "bench.instances", "cpu", broker, backend, imports,
-             str(pid), str(count), n_tasks], capture_output=True, text=True, timeout=900,
-            cwd=HERE.parent)
-        if out.returncode != 0:
-            raise RuntimeError(f"instances cpu {broker.split(':')[0]} x{count} failed:\n"
-                               f"{out.stderr[-3000:]}")
-        return json.loads(out.stdout.strip().splitlines()[-1])
-
-    rows: dict[str, Any] = {}
-    kojin = "import kojin_pg"
-    for count in counts:
-        runs = {
-            f"kojin x{count}": lambda c=count: run("kojin+" + db, "kojin+" + db, kojin,
-                                                   postmaster, c),
-            f"kojin apart x{count}": lambda c=count: run("kojin+" + db, "kojin+" + results_db,
-                                                         kojin, postmaster, c),
-        }
-        if redis:
-            runs[f"redis x{count}"] = lambda c=count: run(redis[0], redis[0], "", redis[1], c)
-        rows.update(interleaved_runs(repeat, runs, median_runs))
-    return rows
-
-
-SYSTEMS = ("kojin", "kojin apart", "redis")
+def cpu_run_in_subprocess(setup: Setup, count: int, n_tasks: str) -> dict:
+    """:func:`cpu_run` in a subprocess of its own (``python -m bench.instances cpu``)."""
+    if setup.server_pid is None:
+        raise RuntimeError("the server's CPU time cannot be read here")
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.instances", "cpu", setup.broker, setup.backend,
+         setup.imports, str(setup.server_pid), str(count), n_tasks], capture_output=True,
+        text=True, timeout=900, cwd=HERE.parent)
+    if out.returncode != 0:
+        raise RuntimeError(f"instances cpu {setup.broker.split(':')[0]} x{count} failed:\n"
+                           f"{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def measured_rows(rows: dict[str, Any], count: int) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -258,15 +263,18 @@ def main(argv: list[str] | None = None) -> int:
             "machine": f"{os.cpu_count()} cores, {sys.platform}",
             "postgres": describe(admin, server), "repeat": repeat, "tasks": int(n_tasks),
             "worker": "celery worker -P threads -c 2, per instance"}
-        results["rows"] = measure(db, results_db, redis_url, repeat, n_tasks, counts)
-        print_table(results["rows"], counts, repeat)
         from bench.server_cost import postmaster_pid
         with psycopg.connect(db) as conn:
             postmaster = postmaster_pid(conn)
+        systems = setups(db, results_db, redis_url, postmaster,
+                         redis_proc.pid if redis_proc else None)
+        results["rows"] = in_turns(systems, counts, repeat,
+                                   lambda setup, count: e2e_run(setup, count, n_tasks))
+        print_table(results["rows"], counts, repeat)
         if postmaster is not None:
-            redis = (redis_url, redis_proc.pid) if redis_url and redis_proc else None
-            results["cpu_per_task"] = measure_cpu(db, results_db, redis, postmaster, repeat,
-                                                  n_tasks, counts)
+            results["cpu_per_task"] = in_turns(
+                systems, counts, repeat,
+                lambda setup, count: cpu_run_in_subprocess(setup, count, n_tasks))
             print_cpu_table(results["cpu_per_task"], counts, repeat)
         else:
             print("(the server's CPU cannot be read here: no CPU table)")
