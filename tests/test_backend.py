@@ -276,6 +276,67 @@ def test_many_threads_waiting_at_once(app, backend):
     assert out == {t: i for i, t in enumerate(ids)}
 
 
+def test_the_threads_of_a_process_share_one_listening_session_and_one_pool(app, db_url):
+    # Celery gives each thread a backend instance of its own unless the backend says it is
+    # thread-safe (and threads that first ask at the same moment each build one even then): 8
+    # threads waiting for results held 8 listening sessions, each woken by every notifying
+    # commit of the database, and 8 pools that never closed, 16 connections in all.
+    ids: list[str] = []
+    while len(ids) < 8:  # one wait slot each, so that pg_locks shows every wait
+        t = tid()
+        if wait_slot(t) not in {wait_slot(i) for i in ids}:
+            ids.append(t)
+    out: dict[str, object] = {}
+    shared: set[tuple[int, int]] = set()
+
+    def wait(t):
+        result = AsyncResult(t, app=app)
+        shared.add((id(result.backend.result_consumer), id(result.backend.db)))
+        out[t] = result.get(timeout=30)
+
+    threads = [threading.Thread(target=wait, args=(t,)) for t in ids]
+    for th in threads:
+        th.start()
+    wait_locks = ("SELECT count(*), count(DISTINCT pid) FROM pg_locks WHERE locktype = 'advisory'"
+                  " AND granted AND mode = 'ShareLock' AND database = (SELECT oid FROM"
+                  " pg_database WHERE datname = current_database())")
+    with psycopg.connect(db_url, autocommit=True) as pg:
+        deadline = time.monotonic() + 30
+        while (held := pg.execute(wait_locks).fetchone())[0] < len(ids):
+            assert time.monotonic() < deadline, "the threads never took their wait slots"
+            time.sleep(0.05)
+    for i, t in enumerate(ids):
+        app.backend.mark_as_done(t, i)
+    for th in threads:
+        th.join(30)
+    assert out == {t: i for i, t in enumerate(ids)}
+    assert held == (len(ids), 1)  # every wait on one listening session
+    assert len(shared) == 1
+
+
+def test_threads_waiting_for_the_same_task_all_get_its_result(app):
+    # The threads share one backend: Celery before 5.7 registers only the first of several
+    # result objects waiting for one task id, and the others waited out their timeouts.
+    t = tid()
+    out: list[object] = []
+    waiting = threading.Barrier(5)
+
+    def wait():
+        result = AsyncResult(t, app=app)
+        waiting.wait()
+        out.append(result.get(timeout=30))
+
+    threads = [threading.Thread(target=wait) for _ in range(4)]
+    for th in threads:
+        th.start()
+    waiting.wait()
+    time.sleep(0.2)  # let them register before the result is stored
+    app.backend.mark_as_done(t, "done")
+    for th in threads:
+        th.join(40)
+    assert out == ["done"] * 4
+
+
 def _child_uses_backend(app, t, q):
     try:
         app.backend.mark_as_done(t, "from child")

@@ -26,9 +26,10 @@ from ..errors import PayloadError
 from .announce import announced_meta, announcement
 from .chords import Chords
 from .expiry import delete_expired
+from .shared import Shared, shared_state
 from .values import ValueCodec
 from .waiters import wait_slot, wait_space, writing_space
-from .waiting import ResultConsumer
+from .waiting import CELERY_KEEPS_EVERY_WAITER, ResultConsumer
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,9 @@ class PostgresBackend(AsyncBackendMixin, BaseBackend):
 
     def __init__(self, app: Any, url: str | None = None, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
+        # One instance for all the threads of a process (Celery's result_backend_thread_safe,
+        # whatever it says): everything here is safe to share (see .shared).
+        self.thread_safe = True
         url = url or app.conf.get("result_backend") or os.environ.get("KOJIN_PG_URL")
         if not url or "://" not in url:
             raise ImproperlyConfigured(
@@ -60,17 +64,29 @@ class PostgresBackend(AsyncBackendMixin, BaseBackend):
             )
         self.url = url = config.plain_url(url)
         self.settings = results_settings(app, url)
-        self.db = Database(self.settings, role="kojin_pg.backend")
         self.queries = Queries("backend", self.settings.schema)
         self.channel = results_channel(self.settings.schema)
         #: The advisory-lock namespace of this schema's wait slots (see :mod:`.waiters`).
         self.wait_space = wait_space(self.settings.schema)
         self.writing_space = writing_space(self.settings.schema)
         self.values = ValueCodec(self.content_type, self.encode, self.decode)
-        self.chords = Chords(self, self.db, self.queries, self.values)
         self._schema_ready = False
-        self.result_consumer = ResultConsumer(
-            self, self.app, self.accept, self._pending_results, self._pending_messages)
+        shared = shared_state(app, self.settings, self._own_shared)
+        self.db = shared.db
+        self.result_consumer = shared.result_consumer
+        self._pending_results = shared.pending_results
+        self._pending_messages = shared.pending_messages
+        self.chords = Chords(self, self.db, self.queries, self.values)
+
+    def _own_shared(self) -> Shared:
+        """The pool, result consumer and pending results of the first instance of this app and
+        these settings in the process (see .shared)."""
+        self.db = Database(self.settings, role="kojin_pg.backend")  # ResultConsumer reads it
+        return Shared(
+            db=self.db,
+            result_consumer=ResultConsumer(self, self.app, self.accept, self._pending_results,
+                                           self._pending_messages),
+            pending_results=self._pending_results, pending_messages=self._pending_messages)
 
     def __repr__(self) -> str:
         return f"<PostgresBackend {self.settings.safe_url} schema={self.settings.schema}>"
@@ -215,7 +231,21 @@ class PostgresBackend(AsyncBackendMixin, BaseBackend):
         """Delete the result of ``task_id`` and stop waiting for it."""
         super().forget(task_id)
         self.result_consumer.cancel_for(task_id)
+        self.result_consumer.forget_also_waiting(task_id)
         self.result_consumer.readahead.forget(task_id)
+
+    def _add_pending_result(self, task_id: str, result: Any, weak: bool = False) -> None:
+        """Celery's registration of a waiting result object; one that Celery < 5.7 does not
+        keep because another object waits for the task already is kept by the consumer."""
+        super()._add_pending_result(task_id, result, weak=weak)
+        if CELERY_KEEPS_EVERY_WAITER:
+            return
+        concrete, weak_ = self._pending_results
+        kept = concrete.get(task_id)
+        if kept is None:
+            kept = weak_.get(task_id)
+        if kept is not None and kept is not result:
+            self.result_consumer.also_waits(task_id, result)
 
     def on_task_call(self, producer: Any, task_id: str) -> None:
         """Celery sends ``task_id`` from this process: its result may be read ahead with the

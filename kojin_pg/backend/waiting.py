@@ -21,6 +21,7 @@ from typing import Any
 
 import psycopg
 from celery import states
+from celery.backends import asynchronous
 from celery.backends.asynchronous import BaseResultConsumer
 
 from ..db import Listener, ProcessLocal
@@ -32,6 +33,18 @@ log = logging.getLogger(__name__)
 
 #: A process waiting for results reads them at least this often, announced or not.
 SAFETY_NET_SECONDS = 1.0
+
+#: Celery 5.7 keeps every result object that waits for a task id; before, only the first one.
+CELERY_KEEPS_EVERY_WAITER = hasattr(asynchronous, "_waiting_on")
+
+
+class _AlsoWaiting:
+    """Result objects waiting for a task id beside the one Celery < 5.7 keeps (see
+    :meth:`ResultConsumer.also_waits`)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.by_task: dict[str, dict[int, Any]] = {}
 
 
 class _Readers:
@@ -60,6 +73,37 @@ class ResultConsumer(BaseResultConsumer):
         self._delivered_on_wait = False
         #: The tasks this process sent, and the results read ahead for them.
         self.readahead = ReadAhead()
+        self._also: ProcessLocal[_AlsoWaiting] = ProcessLocal(_AlsoWaiting)
+
+    # -- several result objects waiting for one task (Celery < 5.7) ------------------------
+
+    def also_waits(self, task_id: str, result: Any) -> None:
+        """``result`` waits for ``task_id`` too, beside the result object Celery keeps: the
+        threads of a process share one backend (see .shared), so two of them may wait for one
+        task, and Celery before 5.7 would leave the second waiting out its timeout. It gets the
+        result with the first; until then its task id stays awaited (see :meth:`_awaited`),
+        even if the first is read some other way (``ready()``), until the task is forgotten."""
+        also = self._also.get()
+        with also.lock:
+            also.by_task.setdefault(task_id, {})[id(result)] = result
+
+    def forget_also_waiting(self, task_id: str) -> None:
+        """``task_id`` was forgotten: nobody waits for it any more."""
+        also = self._also.peek()
+        if also is not None:
+            with also.lock:
+                also.by_task.pop(task_id, None)
+
+    def on_state_change(self, meta: dict[str, Any], message: Any) -> None:
+        """Celery's delivery to the result object it keeps, and to those that also wait."""
+        also = self._also.peek()
+        others: list[Any] = []
+        if also is not None and also.by_task and meta["status"] in states.READY_STATES:
+            with also.lock:
+                others = list(also.by_task.pop(meta["task_id"], {}).values())
+        super().on_state_change(meta, message)
+        for result in others:
+            result._maybe_set_cache(meta)
 
     # -- BaseResultConsumer ------------------------------------------------------------------
 
@@ -204,9 +248,20 @@ class ResultConsumer(BaseResultConsumer):
     # -- helpers -----------------------------------------------------------------------------
 
     def _awaited(self) -> set[str]:
-        ids: set[str] = set()
-        for mapping in self._pending_results:
-            ids.update(mapping.keys())
+        while True:
+            try:
+                ids: set[str] = set()
+                for mapping in self._pending_results:
+                    ids.update(mapping.keys())
+                break
+            except RuntimeError:
+                # another thread added a result object meanwhile (the backend is shared, see
+                # .shared): a WeakValueDictionary's keys then fail to iterate; read them again
+                continue
+        also = self._also.peek()
+        if also is not None and also.by_task:
+            with also.lock:
+                ids.update(also.by_task)
         return ids
 
     def _deliver_heard(self, heard: set[str], awaited: set[str]) -> None:
