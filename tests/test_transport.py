@@ -423,6 +423,38 @@ def test_a_process_that_only_publishes_keeps_one_connection_for_good(db_url):
     assert held == 1
 
 
+def test_the_kombu_connections_of_a_process_share_one_publishing_pool(db_url):
+    """Celery's producer pool keeps a kombu connection for each thread that published (up to
+    broker_pool_limit), and a worker holds three (consuming, remote control, publishing). Each
+    had a pool of its own, open for the life of the process: a web process whose 8 threads had
+    each sent a task held 8 connections. They share the process's pool for the database, which
+    grows with the statements in flight; publishing one at a time needs one connection. The
+    pool closes with the last of them."""
+    q = make_queue()
+
+    def held() -> int:
+        with psycopg.connect(db_url, autocommit=True) as pg:
+            return pg.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                              "current_database() AND application_name = 'kojin_pg.broker'"
+                              ).fetchone()[0]
+
+    conns = [Connection(kurl(db_url) + "?sweep_interval=600") for _ in range(4)]
+    try:
+        q(conns[0].channel()).declare()
+        for conn in conns:
+            publish(conn, q, [{"i": 1}])
+        in_use = held()
+        conns[0].release()  # the others go on publishing through the pool
+        publish(conns[1], q, [{"i": 2}])
+    finally:
+        for conn in conns:
+            conn.release()
+    deadline = time.monotonic() + 10
+    while (left := held()) and time.monotonic() < deadline:
+        time.sleep(0.05)  # a closed connection's server process may take a moment to go
+    assert (in_use, left) == (1, 0)
+
+
 def test_sessions_never_jit_compile(db_url, make_app):
     """A stock PostgreSQL has JIT on (with LLVM). A claim's generic plan over a million queued
     rows passes jit_above_cost, and compiling was nearly all of each 27 ms claim there

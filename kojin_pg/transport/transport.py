@@ -20,6 +20,7 @@ from kombu.utils.objects import cached_property
 
 from .. import config
 from ..db import Database, ProcessLocal, Queries
+from ..db import shared as shared_database
 from ..db.channels import messages_channel
 from ..db.schema import ensure_schema
 from ..errors import DatabaseUnavailable
@@ -105,9 +106,13 @@ class Transport(virtual.Transport):
 
     @cached_property
     def db(self) -> Database:
-        """Pool for publishing (durable commits unless ``synchronous_commit`` says otherwise)."""
-        return Database(self.settings, role="kojin_pg.broker",
-                        connect_timeout=self.client.connect_timeout)
+        """Pool for publishing (durable commits unless ``synchronous_commit`` says otherwise),
+        shared with the process's other transports of the same settings (see
+        :mod:`kojin_pg.db.shared`) and given back on close."""
+        settings, timeout = self.settings, self.client.connect_timeout
+        return shared_database.acquire(
+            ("kojin_pg.broker", settings, timeout),
+            lambda: Database(settings, role="kojin_pg.broker", connect_timeout=timeout))
 
     @cached_property
     def consumer_db(self) -> Database:
@@ -223,7 +228,9 @@ class Transport(virtual.Transport):
             finally:
                 self.leases.stop()
                 self.wakeups.close()
-                self.db.close()
+                # forgotten, so that a transport kombu connects again acquires it again
+                if (db := self.__dict__.pop("db", None)) is not None:
+                    shared_database.release(db)
                 self.consumer_db.close()
 
     def _stop_claims(self) -> None:
