@@ -30,6 +30,7 @@ from .shared import Shared, shared_state
 from .values import ValueCodec
 from .waiters import wait_slot, wait_space, writing_space
 from .waiting import CELERY_KEEPS_EVERY_WAITER, ResultConsumer
+from .warmup import open_results_connection  # noqa: F401  (connects Celery's signal)
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,14 @@ class PostgresBackend(AsyncBackendMixin, BaseBackend):
         if not self._schema_ready:
             ensure_schema(self.db)
             self._schema_ready = True
+
+    def open_connections(self) -> None:
+        """Check the schema and open this process's pool now, without retrying (see
+        :mod:`.warmup`)."""
+        if not self._schema_ready:
+            ensure_schema(self.db, retry=False)
+            self._schema_ready = True
+        self.db.pool()
 
     def _fetchall(self, query: Any, params: dict[str, Any], what: str) -> list[tuple[Any, ...]]:
         self.ensure_ready()
