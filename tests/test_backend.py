@@ -14,10 +14,12 @@ from celery import states
 from celery.app.task import Context
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult, GroupResult
+from netproxy import PgProxy
 from plans import execute_prepared
 from psycopg import sql
 
 from kojin_pg.backend.waiters import wait_slot
+from kojin_pg.backend.warmup import start_opening
 from kojin_pg.errors import ConfigurationError, PayloadError
 
 
@@ -335,6 +337,29 @@ def test_threads_waiting_for_the_same_task_all_get_its_result(app):
     for th in threads:
         th.join(40)
     assert out == ["done"] * 4
+
+
+def test_a_new_worker_process_opens_its_result_connection_without_waiting_for_it(make_app,
+                                                                                  db_url):
+    # Celery's worker_process_init must return at once: a prefork child whose handlers took
+    # 20 ms made tasks wait 5 s for a child to run them under --max-tasks-per-child=1. Here the
+    # network holds the connection attempt, and the handler returns all the same; the pool
+    # opens once the network lets it.
+    with PgProxy.for_url(db_url) as proxy:
+        app = make_app(result_backend="kojin+" + proxy.url(db_url) + "&connect_timeout=60")
+        backend = app.backend
+        proxy.pause()
+        returned = threading.Event()
+        threading.Thread(target=lambda: (start_opening(app), returned.set()), daemon=True).start()
+        try:
+            assert returned.wait(30), "it waited for the connection"
+        finally:
+            proxy.resume()
+        deadline = time.monotonic() + 30
+        while backend.db._pool.peek() is None:
+            assert time.monotonic() < deadline, "the result pool was never opened"
+            time.sleep(0.05)
+        backend.db.close()
 
 
 def _child_uses_backend(app, t, q):
