@@ -341,8 +341,8 @@ def test_threads_waiting_for_the_same_task_all_get_its_result(app):
 
 def test_a_new_worker_process_opens_its_result_connection_without_waiting_for_it(make_app,
                                                                                   db_url):
-    # Celery's worker_process_init must return at once: a prefork child whose handlers took
-    # 20 ms made tasks wait 5 s for a child to run them under --max-tasks-per-child=1. Here the
+    # Celery's worker_process_init must return at once: handlers that took 20 ms made half the
+    # tasks or more wait 5 s for a child under --max-tasks-per-child=1 (see .warmup). Here the
     # network holds the connection attempt, and the handler returns all the same; the pool
     # opens once the network lets it.
     with PgProxy.for_url(db_url) as proxy:

@@ -6,11 +6,11 @@ loaded one. Every prefork child paid it in its first task, and with ``worker_max
 so did every child that replaced one. Celery sends ``worker_process_init`` in each new child,
 so the child opens them then (this module is imported with the backend, which the worker loads
 before it forks: its banner names it), on a thread of its own: the signal must return at once.
-A child whose handlers took 20 ms to return made tasks wait 5 s for a child to run them under
-``--max-tasks-per-child=1`` (every other task, where a handler that returns at once left none
-waiting), with any broker and backend. A first task that comes while the thread is connecting
-waits for that connection rather than opening another. A failure is only logged: the first
-store tries again, as it always did.
+Under ``--max-tasks-per-child=1`` Celery leaves a task waiting 5 s for a child now and then,
+with any broker and backend (here 4 to 9 tasks in 20); handlers that took 20 ms to return made
+it happen to half of them or more, and bench/e2e.py's run took minutes instead of seconds. A
+first task that comes while the thread is connecting waits for that connection rather than
+opening another. A failure is only logged: the first store tries again, as it always did.
 
 The main process opens nothing here: in a prefork worker it stores results only now and then
 (a revoked or timed-out task), and a pool kept open there would sit idle for its whole life.
