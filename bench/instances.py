@@ -52,9 +52,10 @@ from bench.spread import spread, value, verdict
 
 HERE = Path(__file__).resolve().parent
 
-#: Worker instances. Each holds 6 to 7 connections (``-P threads -c 2``: the consumer and its
-#: listener, the publishing pool, the result backend's pool), so 12 stay within a stock
-#: server's 100 with the producer's; 16 did not, and a worker's result store then failed.
+#: Worker instances. Each held 6 to 7 connections (``-P threads -c 2``: the consumer and its
+#: listener, the publishing pools, the result backend's pools), so 12 stayed within a stock
+#: server's 100 with the producer's; 16 did not, and a worker's result store then failed. (Since
+#: ffe136d and efd370e, 6 after its first tasks; the counts stay, so that runs compare.)
 COUNTS = (1, 6, 12)
 WORKER_ENV = {"BENCH_POOL": "threads", "BENCH_CONC": "2"}
 SYSTEMS = ("kojin", "kojin apart", "redis")
