@@ -339,6 +339,30 @@ def test_threads_waiting_for_the_same_task_all_get_its_result(app):
     assert out == ["done"] * 4
 
 
+def test_a_get_delivered_on_its_wait_skips_the_next_drain_whatever_other_threads_drain(
+        app, backend):
+    # Celery < 5.5 drains once more after on_wait_for_pending has delivered the result, and the
+    # consumer skips that drain. The threads share the consumer: another thread's drain took
+    # the skip for itself, and the get then waited out its timeout.
+    consumer = backend.result_consumer
+    t = tid()
+    backend.mark_as_done(t, 1)
+    delivered, other_drained, returned = threading.Event(), threading.Event(), threading.Event()
+
+    def get_like_celery_before_5_5():
+        consumer.on_wait_for_pending(AsyncResult(t, app=app))
+        delivered.set()
+        other_drained.wait(30)
+        consumer.drain_events(timeout=120)
+        returned.set()
+
+    threading.Thread(target=get_like_celery_before_5_5, daemon=True).start()
+    assert delivered.wait(30)
+    consumer.drain_events(timeout=0)  # another thread, with nothing to wait for
+    other_drained.set()
+    assert returned.wait(30), "the get waited out its timeout"
+
+
 def test_a_new_worker_process_opens_its_result_connection_without_waiting_for_it(make_app,
                                                                                   db_url):
     # Celery's worker_process_init must return at once: handlers that took 20 ms made half the

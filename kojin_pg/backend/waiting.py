@@ -69,8 +69,10 @@ class ResultConsumer(BaseResultConsumer):
                                  enabled=settings.use_notify, on_connect=self.slots.retake,
                                  on_pause=self.slots.released)
         self._readers: ProcessLocal[_Readers] = ProcessLocal(_Readers)
-        #: on_wait_for_pending delivered what it waited for (see drain_events)
-        self._delivered_on_wait = False
+        #: Per thread: on_wait_for_pending delivered what it waited for (see drain_events). The
+        #: threads of a process share this consumer (see .shared), so another thread's drain
+        #: must not take it.
+        self._this_thread = threading.local()
         #: The tasks this process sent, and the results read ahead for them.
         self.readahead = ReadAhead()
         self._also: ProcessLocal[_AlsoWaiting] = ProcessLocal(_AlsoWaiting)
@@ -153,12 +155,12 @@ class ResultConsumer(BaseResultConsumer):
             kept = self.readahead.take(result.id)
             if kept is not None:
                 self._handle(kept)
-                self._delivered_on_wait = True
+                self._this_thread.delivered_on_wait = True
                 return
             ahead = self.readahead.ahead_of(result.id)
             if not self.listener.enabled:
                 rows = self.backend.read_and_read_ahead(result.id, ahead, KEPT_BYTES_MAX)
-                self._delivered_on_wait = self._handle_read(result.id, ahead, rows)
+                self._this_thread.delivered_on_wait = self._handle_read(result.id, ahead, rows)
                 return
             rows: list[tuple[Any, ...]] = []
 
@@ -166,13 +168,13 @@ class ResultConsumer(BaseResultConsumer):
                 rows.extend(self.slots.apply_and_read(conn, result.id, ahead, KEPT_BYTES_MAX))
 
             if self.listener.run(take_and_read):
-                self._delivered_on_wait = self._handle_read(result.id, ahead, rows)
+                self._this_thread.delivered_on_wait = self._handle_read(result.id, ahead, rows)
                 return
         # Several tasks (a ResultSet), or the session down: read, and if not all are ready,
         # take the slots and read once more (even if they are held by now: another thread
         # may have taken them after our read).
         if self._read(result, **kwargs):
-            self._delivered_on_wait = True
+            self._this_thread.delivered_on_wait = True
             return
         if not self.listener.enabled:
             return
@@ -210,11 +212,11 @@ class ResultConsumer(BaseResultConsumer):
 
     def drain_events(self, timeout: float | None = None) -> None:
         """Wait up to ``timeout`` seconds for announced results and hand them to their waiters."""
-        if self._delivered_on_wait and not self._awaited():
+        if getattr(self._this_thread, "delivered_on_wait", False) and not self._awaited():
             # Celery < 5.5 drains once more after on_wait_for_pending has delivered the
             # result; with nothing else awaited, that wait would sit out its whole timeout.
             # (Only then: a green drainer calls this in a loop, and must keep waiting.)
-            self._delivered_on_wait = False
+            self._this_thread.delivered_on_wait = False
             return
         wait = 1.0 if timeout is None else max(timeout, 0.0)
         readers = self._readers.get()
