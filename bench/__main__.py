@@ -5,6 +5,7 @@ usage: python -m bench [all|backend|transport|e2e|scale|cost] [--repeat N] [--qu
        python -m bench stages [--quick]       (bench/stages.py; not part of ``all``)
        python -m bench listeners [--stock] [--quick]   (bench/listeners.py; not part of ``all``)
        python -m bench instances [--stock] [--quick]   (bench/instances.py; not part of ``all``)
+       python -m bench callers [--stock] [--quick]     (bench/callers.py; not part of ``all``)
 
 Servers: PostgreSQL from KOJIN_PG_URL, else a temporary embedded PostgreSQL 18, or with
 ``--stock`` a temporary cluster of the Debian apt PostgreSQL at its default settings
@@ -249,7 +250,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("what", nargs="?", default="all",
                         choices=["all", "backend", "transport", "e2e", "scale", "cost",
-                                 "scheduling", "stages", "listeners", "instances"])
+                                 "scheduling", "stages", "listeners", "instances",
+                                 "callers"])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="smaller N, one repeat")
     parser.add_argument("--stock", action="store_true",
@@ -274,6 +276,12 @@ def main() -> int:
         return instances_main((["--quick"] if args.quick else [])
                               + (["--stock"] if args.stock else [])
                               + ["--repeat", str(args.repeat)])
+    if args.what == "callers":  # its own servers, table and JSON (callers.json)
+        from bench.callers import main as callers_main
+
+        return callers_main((["--quick"] if args.quick else [])
+                            + (["--stock"] if args.stock else [])
+                            + ["--repeat", str(args.repeat)])
     repeat = 1 if args.quick else args.repeat
     admin, server, redis_url, redis_proc = start_servers(args.stock)
     from bench.servers import describe

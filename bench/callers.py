@@ -1,0 +1,221 @@
+"""Many threads of one process waiting for results: a web process whose request threads each
+send a task and wait for its result.
+
+usage: python -m bench callers [--stock] [--quick] [--repeat N]   (not part of ``all``)
+       python -m bench.callers [--stock] [--quick] [--repeat N]
+
+Celery gives each thread a result backend of its own unless the backend says it is thread-safe;
+kojin_pg's says so (kojin_pg/backend/shared.py), so the threads of a process share one
+listening session and one pool. This measures what that workload costs end to end: one
+``celery worker -P threads -c 8`` (bench/e2e.py's app) and one caller process
+(``python -m bench.callers caller``) whose T threads (1, 8 and 32) each send a noop with
+``delay()`` and wait for it with ``get()``, over and over, N tasks in all. Per run: tasks/s,
+p50 and p99 of a ``delay().get()``, and for kojin_pg the connections the caller process held
+at the end (its URLs carry ``application_name=bench_caller``). kojin_pg and Redis (broker and
+backend, AOF ``everysec``), taken in turns (:mod:`bench.interleave`), median of ``--repeat``
+(3) with its spread.
+
+Writes bench/results/callers.json (``--stock``: callers_stock.json; ``--quick``:
+last_callers_quick.json, not kept in git).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from bench.instances import Setup, cell, in_turns
+from bench.spread import value, verdict
+
+HERE = Path(__file__).resolve().parent
+
+#: Threads of the caller process.
+THREADS = (1, 8, 32)
+SYSTEMS = ("kojin", "redis")
+#: The caller's connections are told apart from the worker's by this application_name.
+CALLER_NAME = "bench_caller"
+
+
+def write_app(directory: str, broker: str, backend: str, imports: str) -> None:
+    """bench/e2e.py's app, as ``benchapp.py`` in ``directory``."""
+    Path(directory, "benchapp.py").write_text(textwrap.dedent(f"""
+        {imports}
+        from celery import Celery
+        app = Celery("benchapp", broker={broker!r}, backend={backend!r})
+        app.conf.update(task_serializer="json", result_serializer="json",
+                        accept_content=["json"], worker_prefetch_multiplier=16,
+                        broker_connection_retry_on_startup=True, result_expires=3600,
+                        worker_hijack_root_logger=False)
+        @app.task
+        def noop(x=None):
+            return x
+    """))
+
+
+def caller(threads: int, n: int) -> None:
+    """In the caller process: ``threads`` threads each send and wait ``n // threads`` times;
+    print the figures as one JSON line, then wait for a line on stdin (the driver counts this
+    process's connections meanwhile)."""
+    import benchapp
+
+    benchapp.noop.delay(0).get(timeout=60)
+    samples: list[float] = []
+    lock = threading.Lock()
+    start = threading.Barrier(threads + 1)
+
+    def run() -> None:
+        start.wait()
+        mine = []
+        for i in range(n // threads):
+            t = time.perf_counter()
+            benchapp.noop.delay(i).get(timeout=60)
+            mine.append(time.perf_counter() - t)
+        with lock:
+            samples.extend(mine)
+
+    workers = [threading.Thread(target=run) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for w in workers:
+        w.join()
+    elapsed = time.perf_counter() - t0
+    samples.sort()
+    print(json.dumps({"throughput": round(len(samples) / elapsed, 1),
+                      "p50_ms": round(1000 * statistics.median(samples), 2),
+                      "p99_ms": round(1000 * samples[int(0.99 * (len(samples) - 1))], 2)}),
+          flush=True)
+    sys.stdin.readline()
+
+
+def with_name(url: str) -> str:
+    """``url`` with the caller's ``application_name`` (a kojin_pg URL; Redis's is left)."""
+    if not url.startswith("kojin+"):
+        return url
+    return url + ("&" if "?" in url else "?") + f"application_name={CALLER_NAME}"
+
+
+def one_run(setup: Setup, threads: int, n: int) -> dict[str, Any]:
+    """One worker, one caller of ``threads`` threads; the caller's figures and connections."""
+    worker_dir, caller_dir = tempfile.mkdtemp(), tempfile.mkdtemp()
+    write_app(worker_dir, setup.broker, setup.backend, setup.imports)
+    write_app(caller_dir, with_name(setup.broker), with_name(setup.backend), setup.imports)
+    log = open(os.path.join(worker_dir, "worker.log"), "w")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "benchapp", "worker", "-P", "threads", "-c", "8",
+         "-l", "warning", "--without-gossip", "--without-mingle", "--without-heartbeat"],
+        cwd=worker_dir, env=dict(os.environ, PYTHONPATH=worker_dir), start_new_session=True,
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.callers", "caller", str(threads), str(n)],
+            cwd=str(HERE.parent), env=dict(os.environ, PYTHONPATH=caller_dir + os.pathsep
+                                           + str(HERE.parent)),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = proc.stdout.readline() if proc.stdout else ""
+        if not line:
+            proc.wait(60)
+            errors = proc.stderr.read() if proc.stderr else ""
+            raise RuntimeError(f"caller failed:\n{errors[-3000:]}")
+        row = json.loads(line)
+        if setup.broker.startswith("kojin+"):
+            with psycopg.connect(setup.broker.removeprefix("kojin+"), autocommit=True) as pg:
+                row["caller_connections"] = pg.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                    (CALLER_NAME,)).fetchone()[0]
+        proc.communicate("\n", timeout=60)
+        return row
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(10)
+        log.close()
+        for directory in (worker_dir, caller_dir):
+            subprocess.run(["rm", "-rf", directory], check=False)
+
+
+def print_table(rows: dict[str, Any], counts: tuple[int, ...], repeat: int) -> None:
+    """Tasks/s, p50, p99 and the caller's connections per thread count; kojin_pg against
+    Redis."""
+    print(f"\n== one caller process, T threads each sending and waiting; median of {repeat} "
+          "[min-max]")
+    print(f"{'threads':<9}{'system':<8}{'tasks/s':>22}{'p50 ms':>22}{'p99 ms':>24}"
+          f"{'connections':>13}")
+    for count in counts:
+        for system in SYSTEMS:
+            row = rows.get(f"{system} x{count}")
+            if not row:
+                continue
+            if "error" in row:
+                print(f"{count:<9}{system:<8}  failed: {row['error'].splitlines()[-1][:80]}")
+                continue
+            conns = value(row, "caller_connections")
+            print(f"{count:<9}{system:<8}{cell(row, 'throughput', 0):>22}"
+                  f"{cell(row, 'p50_ms', 2):>22}{cell(row, 'p99_ms', 2):>24}"
+                  f"{'' if conns is None else f'{conns:.0f}':>13}")
+        kojin, redis = (rows.get(f"{s} x{count}") for s in SYSTEMS)
+        tp, base_tp = value(kojin, "throughput"), value(redis, "throughput")
+        p50, base_p50 = value(kojin, "p50_ms"), value(redis, "p50_ms")
+        p99, base_p99 = value(kojin, "p99_ms"), value(redis, "p99_ms")
+        if tp and base_tp and p50 and base_p50 and p99 and base_p99:
+            print(f"{'':<9}kojin_pg / redis: throughput {tp / base_tp:.2f}x "
+                  f"({verdict(kojin, redis, 'throughput')}), p50 {p50 / base_p50:.2f}x as long "
+                  f"({verdict(kojin, redis, 'p50_ms', higher_is_better=False)}), p99 "
+                  f"{p99 / base_p99:.2f}x ({verdict(kojin, redis, 'p99_ms', higher_is_better=False)})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["caller"]:  # the caller process of one run
+        caller(int(argv[1]), int(argv[2]))
+        return 0
+    parser = argparse.ArgumentParser(prog="python -m bench.callers")
+    parser.add_argument("--stock", action="store_true",
+                        help="the Debian apt PostgreSQL at default settings (bench/servers.py)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="1 and 8 threads, one repeat")
+    args = parser.parse_args(argv)
+    repeat, n, counts = (1, 160, THREADS[:2]) if args.quick else (args.repeat, 640, THREADS)
+    from bench.__main__ import make_db, save_results, start_servers, stop_servers
+    from bench.servers import describe
+
+    admin, server, redis_url, redis_proc = start_servers(args.stock)
+    try:
+        db = make_db(admin, "bench_" + uuid.uuid4().hex[:6])
+        results: dict[str, Any] = {
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "machine": f"{os.cpu_count()} cores, {sys.platform}",
+            "postgres": describe(admin, server), "repeat": repeat, "tasks": n,
+            "worker": "celery worker -P threads -c 8"}
+        systems = {"kojin": Setup("kojin+" + db, "kojin+" + db, "import kojin_pg", None)}
+        if redis_url:
+            systems["redis"] = Setup(redis_url, redis_url, "", None)
+        results["rows"] = in_turns(systems, counts, repeat,
+                                   lambda setup, count: one_run(setup, count, n))
+        print_table(results["rows"], counts, repeat)
+    finally:
+        stop_servers(server, redis_proc)
+    save_results("callers", results, quick=args.quick, stock=args.stock)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
