@@ -101,18 +101,17 @@ class PostgresBackend(AsyncBackendMixin, BaseBackend):
 
     # -- plumbing --------------------------------------------------------------------------
 
-    def ensure_ready(self) -> None:
-        """Check (and, with auto_migrate, apply) the schema once per backend."""
+    def ensure_ready(self, *, retry: bool = True) -> None:
+        """Check (and, with auto_migrate, apply) the schema once per backend (``retry=False``:
+        fail at once when the server cannot be reached)."""
         if not self._schema_ready:
-            ensure_schema(self.db)
+            ensure_schema(self.db, retry=retry)
             self._schema_ready = True
 
     def open_connections(self) -> None:
         """Check the schema and open this process's pool now, without retrying (see
         :mod:`.warmup`)."""
-        if not self._schema_ready:
-            ensure_schema(self.db, retry=False)
-            self._schema_ready = True
+        self.ensure_ready(retry=False)
         self.db.pool()
 
     def _fetchall(self, query: Any, params: dict[str, Any], what: str) -> list[tuple[Any, ...]]:
