@@ -24,12 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 import uuid
@@ -39,6 +37,7 @@ from typing import Any
 import psycopg
 
 from bench.instances import Setup, cell, in_turns
+from bench.processes import stop_group
 from bench.spread import value, verdict
 
 HERE = Path(__file__).resolve().parent
@@ -51,19 +50,12 @@ CALLER_NAME = "bench_caller"
 
 
 def write_app(directory: str, broker: str, backend: str, imports: str) -> None:
-    """bench/e2e.py's app, as ``benchapp.py`` in ``directory``."""
-    Path(directory, "benchapp.py").write_text(textwrap.dedent(f"""
-        {imports}
-        from celery import Celery
-        app = Celery("benchapp", broker={broker!r}, backend={backend!r})
-        app.conf.update(task_serializer="json", result_serializer="json",
-                        accept_content=["json"], worker_prefetch_multiplier=16,
-                        broker_connection_retry_on_startup=True, result_expires=3600,
-                        worker_hijack_root_logger=False)
-        @app.task
-        def noop(x=None):
-            return x
-    """))
+    """bench/e2e.py's app (bench/server_cost.py's template), as ``benchapp.py`` in
+    ``directory``."""
+    from bench.server_cost import APP
+
+    Path(directory, "benchapp.py").write_text(
+        APP.format(name="benchapp", imports=imports, broker=broker, backend=backend))
 
 
 def caller(threads: int, n: int) -> None:
@@ -141,12 +133,7 @@ def one_run(setup: Setup, threads: int, n: int) -> dict[str, Any]:
         proc.communicate("\n", timeout=60)
         return row
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait(10)
+        stop_group(worker, grace=60, kill_wait=10)
         log.close()
         for directory in (worker_dir, caller_dir):
             subprocess.run(["rm", "-rf", directory], check=False)
