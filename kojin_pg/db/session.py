@@ -16,7 +16,13 @@ SESSION_SETTINGS = {"jit": "off"}
 
 #: And of LISTEN sessions: READ COMMITTED whatever the server's default, because their
 #: statements take locks, then read what committed while they waited (backend/waiters.py).
-LISTENER_SETTINGS = {"default_transaction_isolation": "read committed"}
+#: Their statements are planned once per session: each get runs wait_and_read there, and the
+#: server, finding a custom plan cheaper than the generic one, planned it again on every call,
+#: which took longer than running it. Its reads go by the results' key either way (see
+#: test_reads_by_task_id_read_those_rows_however_many_results_are_stored); the rest take
+#: advisory locks and read no table.
+LISTENER_SETTINGS = {"default_transaction_isolation": "read committed",
+                     "plan_cache_mode": "force_generic_plan"}
 
 
 def behind_pooler(conn: psycopg.Connection[Any]) -> bool:
