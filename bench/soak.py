@@ -19,7 +19,7 @@ chords of 20 back to back and waiting for each, with ``result_expires`` 20 s and
   other one is running when the worker gets SIGTERM, so the warm shutdown waits for its parts.
 
 Every 30 s it samples row counts and total size of messages, results, groups, chords,
-chord_parts, bindings, queues, consumers, dead_letters and offers (one row per consuming
+chord_parts, bindings, queues, consumers, dead_letters and offers (eight rows per consuming
 channel: a worker's close deletes its own, the sweep those of a process that died), the
 number of distinct queues in messages, live (not deleted) queues, messages left in deleted
 queues, the database's connections, ``pg_notification_queue_usage()`` and the dead tuples of

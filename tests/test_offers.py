@@ -269,9 +269,11 @@ def test_a_hand_off_delivered_after_the_claim_was_planned_keeps_its_slot(db_url,
 
 
 def offer_token(db_url: str, consumer: str) -> Any:
+    """The token of ``consumer``'s open offer (on every row of it with a slot still open)."""
     with psycopg.connect(db_url) as pg:
-        return pg.execute("SELECT token FROM kojin.offers WHERE consumer = %s",
-                          (consumer,)).fetchone()[0]
+        (token,), = pg.execute("SELECT DISTINCT token FROM kojin.offers WHERE consumer = %s"
+                               " AND token IS NOT NULL", (consumer,)).fetchall()
+        return token
 
 
 def settle(consumer: LoopConsumer, turns: int = 50) -> None:
@@ -383,3 +385,39 @@ def test_a_listen_session_replaced_off_the_loop_is_watched_again(db_url, events)
     finally:
         consumer.close()
     assert consumer.got == [(q.name, {"i": 1})]
+
+
+def test_publishes_in_flight_at_once_both_hand_off_to_one_idle_consumer(db_url, events):
+    """A publish that fills a slot locks the row of the offer until it commits. With the
+    offer on one row, a second publish meanwhile skipped it and took the ordinary path: an
+    announcement, then the consumer's withdraw, claim and new offer (three statements where a
+    hand-off needs none). Publishers that send at once, as a web application's do, mostly
+    missed the offer (8 caller threads: 65% of their publishes). The offer is spread over
+    several rows, so the second publish fills another."""
+    q = make_queue()
+    consumer = idle_consumer(db_url, events, q, prefetch=4)
+    me = consumer.transport.consumer_id
+    with psycopg.connect(db_url, autocommit=True) as admin, psycopg.connect(db_url) as holder:
+        stall_inserts(admin, holder, 4345, handed_off_only=True)
+
+        def stalled() -> int:  # publishes stalled in their hand-off's insert
+            return admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE cardinality(pg_blocking_pids(pid))"
+                " > 0 AND query LIKE %s", ("%WITH q AS (%",)).fetchone()[0]
+
+        try:
+            with in_background(lambda: publish(db_url, q, [{"i": 1}]), _Release(holder)):
+                assert wait_until(lambda: stalled() == 1), "the first hand-off never waited"
+                with in_background(lambda: publish(db_url, q, [{"i": 2}]), _Release(holder)):
+                    # stalled as a hand-off too, or committed as an ordinary publish
+                    assert wait_until(lambda: stalled() == 2 or leased(db_url, q))
+                    assert leased(db_url, q) == [] and stalled() == 2, \
+                        "the second publish took the ordinary path"
+                    holder.commit()
+            assert [by for by, _ in leased(db_url, q)] == [me, me]
+            assert run_loop_until(consumer.hub, lambda: len(consumer.got) == 2)
+            assert run_loop_until(consumer.hub, lambda: rows(db_url, q) == [])
+        finally:
+            admin.execute("DROP TRIGGER stall_inserts ON kojin.messages")
+            consumer.close()
+    assert sorted(body["i"] for _, body in consumer.got) == [1, 2]

@@ -3,15 +3,18 @@
 Woken by a NOTIFY, a consumer still had to claim what was announced: one more round trip
 between a publish and the task's start, which Redis's blocked ``BRPOP`` does not pay. So a
 consumer on Celery's event loop whose claim came back short (its queues are drained) offers its
-free prefetch slots: a token and a count of open slots on its channel's row of the ``offers``
-table (sql/0010_offers.sql, sql/0011_offer_slots.sql), set on the claim thread. A publish to one
-of its queues fills a slot in its own statement (``publish``: the count goes down under ``FOR
-UPDATE SKIP LOCKED``), inserts its message already leased to that consumer, and sends the
-message itself on the consumer's own NOTIFY channel; the consumer delivers it as it arrives
-(:meth:`Offers.received`), with no claim, and offers again only when every slot is filled. So a
-consumer that keeps its queues drained pays one offer statement per window of messages, not per
-message. Publishes fill the live offer served longest ago first: idle consumers are served in
-turn, as Redis serves blocked ``BRPOP`` calls.
+free prefetch slots: a token and a count of open slots on each of its channel's rows of the
+``offers`` table (sql/0010_offers.sql, sql/0011_offer_slots.sql), the slots spread over
+:data:`OFFER_ROWS` rows, set on the claim thread. A publish to one of its queues fills a slot in
+its own statement (``publish``: a row's count goes down under ``FOR UPDATE SKIP LOCKED``),
+inserts its message already leased to that consumer, and sends the message itself on the
+consumer's own NOTIFY channel; the consumer delivers it as it arrives (:meth:`Offers.received`),
+with no claim, and offers again only when every slot is filled. So a consumer that keeps its
+queues drained pays one offer statement per window of messages, not per message. The row a
+publish fills stays locked until it commits, and publishes in flight meanwhile fill the other
+rows (on one row, they skipped the offer). Publishes fill the live offer served longest ago
+first: idle consumers are served in turn, as Redis serves blocked ``BRPOP`` calls (an offer's
+spare rows queue behind every row served so far: see ``make_offer``).
 
 Messages too large for a NOTIFY payload, scheduled ones and ones with a unique key take the
 ordinary path, and so does every publish that finds no open offer (or only ones that another
@@ -67,6 +70,16 @@ HANDOFF_MAX_BYTES = 7_600
 
 #: Keys tried for the live lock on a new session before it makes no offers.
 LIVE_KEY_TRIES = 8
+
+#: Rows an offer is spread over (at most one slot each when it has fewer): a publish filling a
+#: slot locks its row until it commits, and the publishes in flight meanwhile skip that row, so
+#: with one row most publishes of a process whose threads send at once took the ordinary path.
+OFFER_ROWS = 8
+
+
+def spread(slots: int, rows: int = OFFER_ROWS) -> list[int]:
+    """``slots`` open slots over ``rows`` rows, as evenly as they go (the first ones get more)."""
+    return [slots // rows + (1 if i < slots % rows else 0) for i in range(rows)]
 
 
 def _random_key() -> int:
@@ -130,8 +143,8 @@ class _State:
     generation: int = 0
     #: The live lock is held on the current session.
     live: bool = False
-    #: Each consuming channel's row in the table: channel -> slot.
-    slots: dict[Any, str] = field(default_factory=dict)
+    #: Each consuming channel's rows in the table (their ``slot`` keys): channel -> rows.
+    slots: dict[Any, list[str]] = field(default_factory=dict)
     #: Offers of this generation still open, or withdrawn with messages on their way: token ->
     #: the offer. At most one per channel is open.
     offers: dict[str, _Offer] = field(default_factory=dict)
@@ -260,28 +273,28 @@ class Offers:
         s = self._state.get()
         with s.lock:
             mine = s.open_tokens(channel)
-            slot = s.slots.get(channel)
+            rows = s.slots.get(channel, [])
             generation = s.generation
         for token in mine:
-            params = {"slot": slot, "token": token}
+            params = {"rows": rows, "token": token}
             try:
                 # Not retried: after a first try that committed, a retry would find the offer
                 # withdrawn, and could not tell how many of its slots publishes had filled.
                 left = self.db.run(lambda conn, p=params: conn.execute(
-                    self.queries.withdraw_offer, p).fetchall(), "withdraw offer", retry=False)
+                    self.queries.withdraw_offer, p).fetchone(), "withdraw offer", retry=False)
             except Exception:
                 left = None
             with s.lock:
                 if s.generation != generation:
                     break  # forgotten meanwhile, and recovered instead
                 offer = s.offers.get(token)
-                if left:
+                if left is not None and left[1] == len(rows):
                     if offer is not None:
-                        offer.filled = offer.slots - int(left[0][0])
+                        offer.filled = offer.slots - int(left[0])
                         if offer.done():
                             del s.offers[token]
                     continue
-                # failed, or the row is gone: forget every offer instead; recover() withdraws
+                # failed, or a row is gone: forget every offer instead; recover() withdraws
                 # them all (safe to repeat) and hands back what they may have leased
                 self._forget(s)
                 s.recover = True
@@ -301,10 +314,11 @@ class Offers:
             if slots <= 0 or not s.live or s.open_tokens(channel):
                 return
             token = str(uuid.uuid4())
-            slot = s.slots.setdefault(channel, str(uuid.uuid4()))
+            rows = s.slots.setdefault(channel, [str(uuid.uuid4()) for _ in range(OFFER_ROWS)])
             s.offers[token] = _Offer(channel, slots)
             s.ever = True
-        params = {"slot": slot, "token": token, "slots": slots, "consumer": self._consumer(),
+        params = {"rows": rows, "open": spread(slots, len(rows)), "token": token,
+                  "consumer": self._consumer(),
                   "queues": queues, "notify_channel": s.notify_channel,
                   "lease": self.lease_seconds, "live_key": s.live_key}
         try:

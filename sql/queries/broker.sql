@@ -101,30 +101,39 @@ SELECT count(pg_advisory_unlock_shared(%(idle_space)s, k)) FROM unnest(%(keys)s:
 -- name: make_offer
 -- A consumer with nothing left to claim offers free prefetch slots of one of its channels on
 -- these queues to the publishers (see the publish, and kojin_pg/transport/offers.py); lease: its
--- visibility timeout. The channel's row is made once, then updated; a new offer goes to the
--- back of the line (served_at).
+-- visibility timeout. The offer is spread over the channel's rows (made once, then updated),
+-- open[i] slots on rows[i]: a publish filling a slot locks its row until it commits, and
+-- publishes in flight meanwhile fill the other rows instead of skipping the offer. The first row
+-- goes to the back of the line (served_at); the others queue behind every row served so far
+-- (a day on), so that publishes one at a time serve idle consumers in turn, and the spare rows
+-- serve those that find the first ones locked.
 INSERT INTO {schema}.offers AS o
     (slot, token, open_slots, served_at, consumer, queues, notify_channel, lease, live_key)
-VALUES (%(slot)s, %(token)s, %(slots)s, now(), %(consumer)s, %(queues)s, %(notify_channel)s,
-        make_interval(secs => %(lease)s), %(live_key)s)
+SELECT r.slot, CASE WHEN r.open > 0 THEN %(token)s::uuid END, r.open,
+       now() + (r.i - 1) * interval '1 day', %(consumer)s, %(queues)s, %(notify_channel)s,
+       make_interval(secs => %(lease)s), %(live_key)s
+FROM unnest(%(rows)s::uuid[], %(open)s::int[]) WITH ORDINALITY AS r(slot, open, i)
 ON CONFLICT (slot) DO UPDATE SET token = excluded.token, open_slots = excluded.open_slots,
                                  served_at = excluded.served_at, queues = excluded.queues,
                                  live_key = excluded.live_key;
 
 -- name: withdraw_offer
 -- Take back a channel's offer before it claims, and say how many of its slots were still open
--- (the others were filled by publishes). A publish filling a slot locks the row: this waits
--- for its commit, so every message handed off with the offer is leased (and on its way) once
--- this returns. A cleared token means every slot was filled: by publishes of this version,
--- which count open_slots down to 0, or last by one of the version before migration 11, which
--- cleared the token without counting its slot. No row: the row is gone (the sweep found the
--- consumer's session dead).
-UPDATE {schema}.offers o SET token = NULL, open_slots = 0
-FROM (SELECT slot, token, open_slots FROM {schema}.offers
-      WHERE slot = %(slot)s FOR UPDATE) old
-WHERE o.slot = old.slot AND (old.token = %(token)s OR old.token IS NULL)
-RETURNING CASE WHEN old.token IS NULL THEN greatest(old.open_slots - 1, 0)
-               ELSE old.open_slots END;
+-- (the others were filled by publishes), with how many of its rows were found. A publish
+-- filling a slot locks the row: this waits for its commit, so every message handed off with
+-- the offer is leased (and on its way) once this returns. A cleared token means every slot of
+-- the row was filled: by publishes of this version, which count open_slots down to 0, or last
+-- by one of the version before migration 11, which cleared the token without counting its
+-- slot. A row missing: the sweep found the consumer's session dead.
+WITH withdrawn AS (
+    UPDATE {schema}.offers o SET token = NULL, open_slots = 0
+    FROM (SELECT slot, token, open_slots FROM {schema}.offers
+          WHERE slot = ANY(%(rows)s::uuid[]) ORDER BY slot FOR UPDATE) old
+    WHERE o.slot = old.slot AND (old.token = %(token)s OR old.token IS NULL)
+    RETURNING CASE WHEN old.token IS NULL THEN greatest(old.open_slots - 1, 0)
+                   ELSE old.open_slots END AS open_left
+)
+SELECT coalesce(sum(open_left), 0)::int, count(*)::int FROM withdrawn;
 
 -- name: withdraw_all_offers
 -- Take back every offer of this consumer (it closes, or listens on a new session).
