@@ -11,9 +11,11 @@ listening session and one pool. This measures what that workload costs end to en
 (``python -m bench.callers caller``) whose T threads (1, 8 and 32) each send a noop with
 ``delay()`` and wait for it with ``get()``, over and over, N tasks in all. Per run: tasks/s,
 p50 and p99 of a ``delay().get()``, and for kojin_pg the connections the caller process held
-at the end (its URLs carry ``application_name=bench_caller``). kojin_pg and Redis (broker and
-backend, AOF ``everysec``), taken in turns (:mod:`bench.interleave`), median of ``--repeat``
-(3) with its spread.
+at the end (its URLs carry ``application_name=bench_caller``), and the CPU time per task of the
+caller process, the worker (its process tree) and the server (the postmaster's tree, or
+redis-server), as bench/server_cost.py reads them, over the same window. kojin_pg and Redis
+(broker and backend, AOF ``everysec``), taken in turns (:mod:`bench.interleave`), median of
+``--repeat`` (3) with its spread.
 
 Writes bench/results/callers.json (``--stock``: callers_stock.json; ``--quick``:
 last_callers_quick.json, not kept in git).
@@ -58,11 +60,18 @@ def write_app(directory: str, broker: str, backend: str, imports: str) -> None:
         APP.format(name="benchapp", imports=imports, broker=broker, backend=backend))
 
 
-def caller(threads: int, n: int) -> None:
+def caller(threads: int, n: int, worker_pid: int, server_pid: int) -> None:
     """In the caller process: ``threads`` threads each send and wait ``n // threads`` times;
     print the figures as one JSON line, then wait for a line on stdin (the driver counts this
-    process's connections meanwhile)."""
+    process's connections meanwhile). The CPU time per task of this process, of the worker's
+    process tree (``worker_pid``) and of the server's (``server_pid``; 0: not read)."""
     import benchapp
+
+    from bench.server_cost import tree_cpu_seconds
+
+    def others() -> tuple[float | None, float | None]:
+        return (tree_cpu_seconds(worker_pid),
+                tree_cpu_seconds(server_pid) if server_pid else None)
 
     benchapp.noop.delay(0).get(timeout=60)
     samples: list[float] = []
@@ -82,16 +91,22 @@ def caller(threads: int, n: int) -> None:
     workers = [threading.Thread(target=run) for _ in range(threads)]
     for w in workers:
         w.start()
+    (w0, s0), c0 = others(), time.process_time()
     start.wait()
     t0 = time.perf_counter()
     for w in workers:
         w.join()
     elapsed = time.perf_counter() - t0
+    c1, (w1, s1) = time.process_time(), others()
     samples.sort()
-    print(json.dumps({"throughput": round(len(samples) / elapsed, 1),
-                      "p50_ms": round(1000 * statistics.median(samples), 2),
-                      "p99_ms": round(1000 * samples[int(0.99 * (len(samples) - 1))], 2)}),
-          flush=True)
+    row = {"throughput": round(len(samples) / elapsed, 1),
+           "p50_ms": round(1000 * statistics.median(samples), 2),
+           "p99_ms": round(1000 * samples[int(0.99 * (len(samples) - 1))], 2),
+           "caller_cpu_ms": round(1000 * (c1 - c0) / len(samples), 3)}
+    for name, before, after in (("worker", w0, w1), ("server", s0, s1)):
+        if before is not None and after is not None:
+            row[f"{name}_cpu_ms"] = round(1000 * (after - before) / len(samples), 3)
+    print(json.dumps(row), flush=True)
     sys.stdin.readline()
 
 
@@ -115,7 +130,8 @@ def one_run(setup: Setup, threads: int, n: int) -> dict[str, Any]:
         stdout=log, stderr=subprocess.STDOUT)
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.callers", "caller", str(threads), str(n)],
+            [sys.executable, "-m", "bench.callers", "caller", str(threads), str(n),
+             str(worker.pid), str(setup.server_pid or 0)],
             cwd=str(HERE.parent), env=dict(os.environ, PYTHONPATH=caller_dir + os.pathsep
                                            + str(HERE.parent)),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -169,10 +185,26 @@ def print_table(rows: dict[str, Any], counts: tuple[int, ...], repeat: int) -> N
                   f"{p99 / base_p99:.2f}x ({verdict(kojin, redis, 'p99_ms', higher_is_better=False)})")
 
 
+def print_cpu_table(rows: dict[str, Any], counts: tuple[int, ...], repeat: int) -> None:
+    """CPU ms per task of the caller, the worker and the server, per thread count (the server's
+    only where it runs on this machine)."""
+    print(f"\n== CPU ms per task (median of {repeat})")
+    print(f"{'threads':<9}{'system':<8}{'caller':>10}{'worker':>10}{'server':>10}{'total':>10}")
+    for count in counts:
+        for system in SYSTEMS:
+            row = rows.get(f"{system} x{count}")
+            if not row or "error" in row:
+                continue
+            parts = [value(row, f"{k}_cpu_ms") for k in ("caller", "worker", "server")]
+            cells = "".join(f"{'-' if p is None else f'{p:.2f}':>10}" for p in parts)
+            total = sum(p for p in parts if p is not None)
+            print(f"{count:<9}{system:<8}{cells}{total:>10.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["caller"]:  # the caller process of one run
-        caller(int(argv[1]), int(argv[2]))
+        caller(int(argv[1]), int(argv[2]), int(argv[3]), int(argv[4]))
         return 0
     parser = argparse.ArgumentParser(prog="python -m bench.callers")
     parser.add_argument("--stock", action="store_true",
@@ -180,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="1 and 8 threads, one repeat")
     args = parser.parse_args(argv)
-    repeat, n, counts = (1, 160, THREADS[:2]) if args.quick else (args.repeat, 640, THREADS)
+    repeat, n, counts = (1, 160, THREADS[:2]) if args.quick else (args.repeat, 1280, THREADS)
     from bench.__main__ import make_db, save_results, start_servers, stop_servers
     from bench.servers import describe
 
@@ -192,12 +224,16 @@ def main(argv: list[str] | None = None) -> int:
             "machine": f"{os.cpu_count()} cores, {sys.platform}",
             "postgres": describe(admin, server), "repeat": repeat, "tasks": n,
             "worker": "celery worker -P threads -c 8"}
-        systems = {"kojin": Setup("kojin+" + db, "kojin+" + db, "import kojin_pg", None)}
-        if redis_url:
-            systems["redis"] = Setup(redis_url, redis_url, "", None)
+        from bench.server_cost import postmaster_pid
+        with psycopg.connect(db) as conn:
+            postmaster = postmaster_pid(conn)
+        systems = {"kojin": Setup("kojin+" + db, "kojin+" + db, "import kojin_pg", postmaster)}
+        if redis_url and redis_proc:
+            systems["redis"] = Setup(redis_url, redis_url, "", redis_proc.pid)
         results["rows"] = in_turns(systems, counts, repeat,
                                    lambda setup, count: one_run(setup, count, n))
         print_table(results["rows"], counts, repeat)
+        print_cpu_table(results["rows"], counts, repeat)
     finally:
         stop_servers(server, redis_proc)
     save_results("callers", results, quick=args.quick, stock=args.stock)
