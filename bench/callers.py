@@ -13,9 +13,10 @@ listening session and one pool. This measures what that workload costs end to en
 p50 and p99 of a ``delay().get()``, and for kojin_pg the connections the caller process held
 at the end (its URLs carry ``application_name=bench_caller``), and the CPU time per task of the
 caller process, the worker (its process tree) and the server (the postmaster's tree, or
-redis-server), as bench/server_cost.py reads them, over the same window. kojin_pg and Redis
-(broker and backend, AOF ``everysec``), taken in turns (:mod:`bench.interleave`), median of
-``--repeat`` (3) with its spread.
+redis-server), as bench/server_cost.py reads them, over the same window. kojin_pg (at the
+default durability, and at ``synchronous_commit=off`` beside it) and Redis (broker and backend,
+AOF ``everysec``, whose durability ``off`` matches), taken in turns (:mod:`bench.interleave`),
+median of ``--repeat`` (3) with its spread.
 
 Writes bench/results/callers.json (``--stock``: callers_stock.json; ``--quick``:
 last_callers_quick.json, not kept in git).
@@ -46,7 +47,9 @@ HERE = Path(__file__).resolve().parent
 
 #: Threads of the caller process.
 THREADS = (1, 8, 32)
-SYSTEMS = ("kojin", "redis")
+#: kojin_pg at the default durability, at ``synchronous_commit=off`` beside it (Redis AOF
+#: ``everysec``'s durability), and Redis.
+SYSTEMS = ("kojin", "kojin off", "redis")
 #: The caller's connections are told apart from the worker's by this application_name.
 CALLER_NAME = "bench_caller"
 
@@ -142,7 +145,8 @@ def one_run(setup: Setup, threads: int, n: int) -> dict[str, Any]:
             raise RuntimeError(f"caller failed:\n{errors[-3000:]}")
         row = json.loads(line)
         if setup.broker.startswith("kojin+"):
-            with psycopg.connect(setup.broker.removeprefix("kojin+"), autocommit=True) as pg:
+            url = setup.broker.removeprefix("kojin+").split("?")[0]  # not our URL options
+            with psycopg.connect(url, autocommit=True) as pg:
                 row["caller_connections"] = pg.execute(
                     "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
                     (CALLER_NAME,)).fetchone()[0]
@@ -160,7 +164,7 @@ def print_table(rows: dict[str, Any], counts: tuple[int, ...], repeat: int) -> N
     Redis."""
     print(f"\n== one caller process, T threads each sending and waiting; median of {repeat} "
           "[min-max]")
-    print(f"{'threads':<9}{'system':<8}{'tasks/s':>22}{'p50 ms':>22}{'p99 ms':>24}"
+    print(f"{'threads':<9}{'system':<11}{'tasks/s':>22}{'p50 ms':>22}{'p99 ms':>24}"
           f"{'connections':>13}")
     for count in counts:
         for system in SYSTEMS:
@@ -168,28 +172,34 @@ def print_table(rows: dict[str, Any], counts: tuple[int, ...], repeat: int) -> N
             if not row:
                 continue
             if "error" in row:
-                print(f"{count:<9}{system:<8}  failed: {row['error'].splitlines()[-1][:80]}")
+                print(f"{count:<9}{system:<11}  failed: {row['error'].splitlines()[-1][:80]}")
                 continue
             conns = value(row, "caller_connections")
-            print(f"{count:<9}{system:<8}{cell(row, 'throughput', 0):>22}"
+            print(f"{count:<9}{system:<11}{cell(row, 'throughput', 0):>22}"
                   f"{cell(row, 'p50_ms', 2):>22}{cell(row, 'p99_ms', 2):>24}"
                   f"{'' if conns is None else f'{conns:.0f}':>13}")
-        kojin, redis = (rows.get(f"{s} x{count}") for s in SYSTEMS)
-        tp, base_tp = value(kojin, "throughput"), value(redis, "throughput")
-        p50, base_p50 = value(kojin, "p50_ms"), value(redis, "p50_ms")
-        p99, base_p99 = value(kojin, "p99_ms"), value(redis, "p99_ms")
-        if tp and base_tp and p50 and base_p50 and p99 and base_p99:
-            print(f"{'':<9}kojin_pg / redis: throughput {tp / base_tp:.2f}x "
-                  f"({verdict(kojin, redis, 'throughput')}), p50 {p50 / base_p50:.2f}x as long "
-                  f"({verdict(kojin, redis, 'p50_ms', higher_is_better=False)}), p99 "
-                  f"{p99 / base_p99:.2f}x ({verdict(kojin, redis, 'p99_ms', higher_is_better=False)})")
+        redis = rows.get(f"redis x{count}")
+        for system in SYSTEMS[:2]:
+            print_ratios(system, rows.get(f"{system} x{count}"), redis)
+
+
+def print_ratios(system: str, kojin: dict[str, Any] | None, redis: dict[str, Any] | None) -> None:
+    """One system's throughput, p50 and p99 against Redis's, with the verdicts of the spreads."""
+    tp, base_tp = value(kojin, "throughput"), value(redis, "throughput")
+    p50, base_p50 = value(kojin, "p50_ms"), value(redis, "p50_ms")
+    p99, base_p99 = value(kojin, "p99_ms"), value(redis, "p99_ms")
+    if tp and base_tp and p50 and base_p50 and p99 and base_p99:
+        print(f"{'':<9}{system} / redis: throughput {tp / base_tp:.2f}x "
+              f"({verdict(kojin, redis, 'throughput')}), p50 {p50 / base_p50:.2f}x as long "
+              f"({verdict(kojin, redis, 'p50_ms', higher_is_better=False)}), p99 "
+              f"{p99 / base_p99:.2f}x ({verdict(kojin, redis, 'p99_ms', higher_is_better=False)})")
 
 
 def print_cpu_table(rows: dict[str, Any], counts: tuple[int, ...], repeat: int) -> None:
     """CPU ms per task of the caller, the worker and the server, per thread count (the server's
     only where it runs on this machine)."""
     print(f"\n== CPU ms per task (median of {repeat})")
-    print(f"{'threads':<9}{'system':<8}{'caller':>10}{'worker':>10}{'server':>10}{'total':>10}")
+    print(f"{'threads':<9}{'system':<11}{'caller':>10}{'worker':>10}{'server':>10}{'total':>10}")
     for count in counts:
         for system in SYSTEMS:
             row = rows.get(f"{system} x{count}")
@@ -198,7 +208,7 @@ def print_cpu_table(rows: dict[str, Any], counts: tuple[int, ...], repeat: int) 
             parts = [value(row, f"{k}_cpu_ms") for k in ("caller", "worker", "server")]
             cells = "".join(f"{'-' if p is None else f'{p:.2f}':>10}" for p in parts)
             total = sum(p for p in parts if p is not None)
-            print(f"{count:<9}{system:<8}{cells}{total:>10.2f}")
+            print(f"{count:<9}{system:<11}{cells}{total:>10.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         from bench.server_cost import postmaster_pid
         with psycopg.connect(db) as conn:
             postmaster = postmaster_pid(conn)
-        systems = {"kojin": Setup("kojin+" + db, "kojin+" + db, "import kojin_pg", postmaster)}
+        off = "kojin+" + db + "?synchronous_commit=off"
+        systems = {"kojin": Setup("kojin+" + db, "kojin+" + db, "import kojin_pg", postmaster),
+                   "kojin off": Setup(off, off, "import kojin_pg", postmaster)}
         if redis_url and redis_proc:
             systems["redis"] = Setup(redis_url, redis_url, "", redis_proc.pid)
         results["rows"] = in_turns(systems, counts, repeat,
