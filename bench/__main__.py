@@ -21,6 +21,7 @@ the chart; a part of the bench, or ``--quick``, writes bench/results/last_<part>
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -246,42 +247,35 @@ def table(title: str, rows: dict[str, dict], metrics: list[tuple[str, bool]]) ->
     print("(in parentheses: how many times better kojin_pg is; < 1 means worse)")
 
 
+#: The benches not part of ``all``, each with its own servers, table and JSON: their module, and
+#: which of ``--stock`` and ``--repeat`` they take (all take ``--quick``).
+OWN_MAINS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "scheduling": ("bench.scheduling", ()),
+    "stages": ("bench.stages", ()),
+    "listeners": ("bench.listeners", ("stock",)),
+    "instances": ("bench.instances", ("stock", "repeat")),
+    "callers": ("bench.callers", ("stock", "repeat")),
+}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("what", nargs="?", default="all",
                         choices=["all", "backend", "transport", "e2e", "scale", "cost",
-                                 "scheduling", "stages", "listeners", "instances",
-                                 "callers"])
+                                 *OWN_MAINS])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="smaller N, one repeat")
     parser.add_argument("--stock", action="store_true",
                         help="the Debian apt PostgreSQL at default settings (bench/servers.py)")
     args = parser.parse_args()
-    if args.what == "scheduling":  # its own servers, table and JSON (scheduling.json)
-        from bench.scheduling import main as scheduling_main
-
-        return scheduling_main(["--quick"] if args.quick else [])
-    if args.what == "stages":  # its own servers, table and JSON (stages.json)
-        from bench.stages import main as stages_main
-
-        return stages_main(["--quick"] if args.quick else [])
-    if args.what == "listeners":  # its own server, table and JSON (listeners.json)
-        from bench.listeners import main as listeners_main
-
-        return listeners_main((["--quick"] if args.quick else [])
-                              + (["--stock"] if args.stock else []))
-    if args.what == "instances":  # its own servers, table and JSON (instances.json)
-        from bench.instances import main as instances_main
-
-        return instances_main((["--quick"] if args.quick else [])
-                              + (["--stock"] if args.stock else [])
-                              + ["--repeat", str(args.repeat)])
-    if args.what == "callers":  # its own servers, table and JSON (callers.json)
-        from bench.callers import main as callers_main
-
-        return callers_main((["--quick"] if args.quick else [])
-                            + (["--stock"] if args.stock else [])
-                            + ["--repeat", str(args.repeat)])
+    if args.what in OWN_MAINS:  # its own servers, table and JSON (<what>.json)
+        module, takes = OWN_MAINS[args.what]
+        argv = ["--quick"] if args.quick else []
+        if "stock" in takes and args.stock:
+            argv.append("--stock")
+        if "repeat" in takes:
+            argv += ["--repeat", str(args.repeat)]
+        return importlib.import_module(module).main(argv)
     repeat = 1 if args.quick else args.repeat
     admin, server, redis_url, redis_proc = start_servers(args.stock)
     from bench.servers import describe
