@@ -124,7 +124,7 @@ def make_app(db_url: str) -> Iterator:
         app = Celery("kojin_test", backend="kojin+" + db_url, broker="memory://",
                      set_as_current=False)
         app.conf.update(result_backend_transport_options=backend_options,
-                        result_extended=True, **conf)
+                        **{"result_extended": True, **conf})
         apps.append(app)
         return app
 

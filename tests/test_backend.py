@@ -17,6 +17,7 @@ from celery.result import AsyncResult, GroupResult
 from netproxy import PgProxy
 from plans import execute_prepared
 from psycopg import sql
+from reads import watch_heard, watch_reads
 
 from kojin_pg.backend.waiters import wait_slot
 from kojin_pg.backend.warmup import start_opening
@@ -727,21 +728,6 @@ def result_reads(backend, monkeypatch):
     return watch_reads(backend, monkeypatch)
 
 
-def watch_reads(backend, monkeypatch) -> list[dict]:
-    names = ("wait_and_read", "get_result", "get_results")
-    reads_of = {id(backend.queries.get(name)) for name in names}
-    reads: list[dict] = []
-    real_execute = psycopg.Connection.execute
-
-    def execute(conn, query, params=None, **kwargs):
-        if id(query) in reads_of:
-            reads.append(params)
-        return real_execute(conn, query, params, **kwargs)
-
-    monkeypatch.setattr(psycopg.Connection, "execute", execute)
-    return reads
-
-
 def send(app, n: int) -> list[AsyncResult]:
     """Send ``n`` tasks from this process (to the memory broker), as ``delay()`` does."""
     return [app.send_task("proj.noop", args=(i,)) for i in range(n)]
@@ -894,3 +880,120 @@ def test_what_is_remembered_for_reading_ahead_is_bounded():
     state = ahead._state.get()
     assert len(state.sent) == readahead.SENT_MAX and "t0" not in state.sent
     assert len(state.kept) == readahead.KEPT_MAX and "k0" not in state.kept
+
+
+# -- waiting by sender key (kojin_pg/backend/waiters.py: senders) ----------------------------
+
+
+@pytest.fixture
+def plain_backend(make_app):
+    """A backend whose small results are announced with their value (no result_extended)."""
+    return make_app(result_extended=False).backend
+
+
+@pytest.fixture
+def plain_reads(plain_backend, monkeypatch):
+    """As ``result_reads``, for ``plain_backend``."""
+    return watch_reads(plain_backend, monkeypatch)
+
+
+def stored_by_a_worker(backend, task_id: str, value, reply_to: str) -> None:
+    """Store ``value`` as a worker does: with the task's request, which names its sender."""
+    backend.store_result(task_id, value, states.SUCCESS,
+                         request=request(id=task_id, reply_to=reply_to))
+
+
+def test_a_thread_that_waits_for_what_it_sends_gets_each_result_without_a_statement(
+        plain_backend, monkeypatch):
+    """A caller's get took its task's wait slot and read the result, in one statement on the
+    LISTEN session, for every task: 0.8 statements per task for 8 calling threads, on top of
+    the publish and the worker's store (``python -m bench callers``). A thread's tasks are now
+    announced by its sender key, held from its first get on: its later gets run no statement
+    (but the safety net's reads, due every second), whether the result was stored before the
+    get or during it, and each result is announced."""
+    app = plain_backend.app
+    first, = send(app, 1)
+    stored_by_a_worker(plain_backend, first.id, -1, app.thread_oid)
+    assert first.get(timeout=10) == -1  # one read: this thread's sender key is held from here
+    reads = watch_reads(plain_backend, monkeypatch, but_safety_net=True)
+    heard = watch_heard(plain_backend, monkeypatch)
+    ids = []
+    for i in range(10):
+        r, = send(app, 1)
+        ids.append(r.id)
+        if i % 2:
+            stored_by_a_worker(plain_backend, r.id, i, app.thread_oid)
+        else:
+            threading.Timer(0.1, stored_by_a_worker,
+                            (plain_backend, r.id, i, app.thread_oid)).start()
+        assert r.get(timeout=10) == i
+    assert reads == [], f"{len(reads)} reads for 10 gets"
+    assert set(ids) <= heard, "a result was not announced to its sender"
+
+
+def test_a_result_heard_before_its_get_is_kept_for_it(plain_backend, plain_reads):
+    """Another thread reading the listening session hears a result before its get asks for
+    it: it is kept, and the get takes it without a read or a wait."""
+    app = plain_backend.app
+    warm, = send(app, 1)
+    stored_by_a_worker(plain_backend, warm.id, 0, app.thread_oid)
+    assert warm.get(timeout=10) == 0
+    mine, = send(app, 1)
+    other = tid()
+    got: list = []
+    waiter = threading.Thread(target=lambda: got.append(
+        AsyncResult(other, app=app, backend=plain_backend).get(timeout=10)))
+    waiter.start()
+    time.sleep(0.3)  # the other thread reads the listening session now
+    stored_by_a_worker(plain_backend, mine.id, "mine", app.thread_oid)
+    time.sleep(0.3)  # ... and hears it
+    plain_backend.mark_as_done(other, "other")
+    waiter.join(10)
+    assert got == ["other"]
+    reads = len(plain_reads)
+    waits: list[float] = []
+    listener = plain_backend.result_consumer.listener
+    real_wait = listener.wait
+    listener.wait = lambda timeout, wake_fd=None: (waits.append(timeout),
+                                                   real_wait(timeout, wake_fd))[1]
+    try:
+        assert mine.get(timeout=10) == "mine"
+    finally:
+        listener.wait = real_wait
+    assert len(plain_reads) == reads, "the get read a result it had heard already"
+    assert waits == [], "the get waited for a result it had heard already"
+
+
+def test_a_result_stored_without_naming_its_sender_still_reaches_its_get(plain_backend,
+                                                                      plain_reads):
+    """A writer that does not name the sender (a store without the task's request, a worker of
+    an older version during a rolling deploy) does not announce a result waited for by its
+    sender key: the safety-net read finds it, and once no announcement followed for a second,
+    the process waits with wait slots for a while (its gets take their slot and read)."""
+    app = plain_backend.app
+    warm, = send(app, 1)
+    stored_by_a_worker(plain_backend, warm.id, 0, app.thread_oid)
+    assert warm.get(timeout=10) == 0
+    unnamed, = send(app, 1)
+    threading.Timer(0.1, plain_backend.mark_as_done, (unnamed.id, 1)).start()  # no request
+    reads = len(plain_reads)
+    assert unnamed.get(timeout=10) == 1
+    assert [r.get("task_ids") for r in plain_reads[reads:]] == [[unnamed.id]], \
+        "waited for by its sender key, it is read by the safety net only"
+    for i in range(6):  # taken for unannounced once none was heard for a second
+        later, = send(app, 1)
+        threading.Timer(0.1, plain_backend.mark_as_done, (later.id, i)).start()
+        assert later.get(timeout=10) == i
+        if plain_reads[-1].get("task_id") == later.id:
+            break  # it took its slot and read
+    else:
+        raise AssertionError("after unannounced results, gets still wait by sender key")
+
+
+def test_results_of_a_sender_nobody_waits_for_are_not_announced(app, backend, db_url):
+    """A thread's results are announced only once a get in its process waited for one: a
+    sender that nobody waits for makes no writer announce."""
+    sent = send(app, 20)
+    heard = _announcements(db_url, backend.channel, lambda: [
+        stored_by_a_worker(backend, r.id, 1, app.thread_oid) for r in sent])
+    assert heard == [], f"{len(heard)} results nobody waited for were announced"

@@ -8,6 +8,7 @@ import psycopg
 import pytest
 from celery import chain, chord, group
 from celery.exceptions import ChordError
+from reads import watch_reads
 from workers import wait_ready
 
 pytestmark = pytest.mark.e2e
@@ -45,6 +46,22 @@ def test_tasks_groups_chords(app, workers, pool):
     assert n > 500
     # no chord_unlock polling task was ever used
     assert "chord_unlock" not in w.log.read_text()
+
+
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+def test_a_caller_that_waits_for_what_it_sends_reads_no_result(app, workers, monkeypatch, pool):
+    """Each get took its task's wait slot and read, in a statement on the caller's LISTEN
+    session, and with result_extended each result was announced by id and read once more.
+    Now the worker announces it with its extended fields to the sender's key, held from the
+    caller thread's first get on: the gets that follow run no statement (but the safety net's
+    reads, due every second)."""
+    w = workers(pool=pool)
+    wait_ready(app, w)
+    add = app.tasks["e2e.add"]
+    assert add.delay(0, 0).get(timeout=30) == 0  # this thread's sender key is held from here
+    reads = watch_reads(app.backend, monkeypatch, but_safety_net=True)
+    assert [add.delay(i, 1).get(timeout=30) for i in range(10)] == list(range(1, 11))
+    assert reads == [], f"{len(reads)} reads for 10 gets (but the safety net's)"
 
 
 def test_chord_with_failing_member_and_retries(app, workers):

@@ -7,6 +7,10 @@ results reach it with no request. Here the read of one result also reads the fin
 results of other tasks this process sent and has not read yet, and keeps them for the gets that
 follow (:meth:`ReadAhead.take`).
 
+Results announced with their value (see :mod:`.announce`) for tasks sent here and not asked for
+yet are kept the same way, as they are heard (:meth:`ReadAhead.heard`): a get that needs no read
+(see :mod:`.waiters`, senders) may come after its result's announcement.
+
 How far ahead it reads adapts: twice as many as the last read found finished (at least one, at
 most :data:`WINDOW_MAX`), so a caller whose tasks are still running pays for one extra id per
 read, and one collecting finished work reads them dozens at a time.
@@ -22,8 +26,10 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
+
+from celery import states
 
 from ..db import ProcessLocal
 
@@ -40,7 +46,8 @@ KEPT_BYTES_MAX = 2000
 class _State:
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.sent: OrderedDict[str, None] = OrderedDict()
+        #: task id -> its sender key, and since which take that key was held (or None)
+        self.sent: OrderedDict[str, tuple[int | None, int | None]] = OrderedDict()
         self.kept: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.window = 1
 
@@ -51,13 +58,41 @@ class ReadAhead:
     def __init__(self) -> None:
         self._state: ProcessLocal[_State] = ProcessLocal(_State)
 
-    def sent(self, task_id: str) -> None:
-        """Remember that this process sent ``task_id`` (and may ask for its result)."""
+    def sent(self, task_id: str, sender: int | None = None, since: int | None = None) -> None:
+        """Remember that this process sent ``task_id`` (and may ask for its result), with
+        sender key ``sender`` held since take ``since`` (None: not held; see :mod:`.waiters`)."""
         s = self._state.get()
         with s.lock:
-            s.sent[task_id] = None
+            s.sent[task_id] = (sender, since)
             if len(s.sent) > SENT_MAX:
                 s.sent.popitem(last=False)
+
+    def sender_of(self, task_id: str) -> tuple[int | None, int | None] | None:
+        """The sender key of ``task_id`` and since when it was held as it was sent; None if
+        it was not sent here, or its result was read or announced since."""
+        s = self._state.peek()
+        if s is None:
+            return None
+        with s.lock:
+            return s.sent.get(task_id)
+
+    def heard(self, announced: dict[str, dict[str, Any]], ids: Iterable[str],
+              to_meta: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        """Results were announced: those with their value (``announced``, decoded, made metas
+        by ``to_meta``) are kept if final and sent from here; those announced by id (``ids``)
+        are no longer awaited by announcement: their gets read."""
+        s = self._state.peek()
+        if s is None or not s.sent:
+            return
+        with s.lock:
+            for task_id, payload in announced.items():
+                if task_id in s.sent and payload.get("status") in states.READY_STATES:
+                    del s.sent[task_id]
+                    s.kept[task_id] = to_meta(payload)
+            for task_id in ids:
+                s.sent.pop(task_id, None)
+            while len(s.kept) > KEPT_MAX:
+                s.kept.popitem(last=False)
 
     def ahead_of(self, task_id: str) -> list[str]:
         """The task ids to read with ``task_id``: the oldest sent ones, as many as the window."""

@@ -28,7 +28,7 @@ from .chords import Chords
 from .expiry import delete_expired
 from .shared import Shared, shared_state
 from .values import ValueCodec
-from .waiters import wait_slot, wait_space, writing_space
+from .waiters import sender_key, wait_slot, wait_space, writing_space
 from .waiting import CELERY_KEEPS_EVERY_WAITER, ResultConsumer
 from .warmup import open_results_connection  # noqa: F401  (connects Celery's signal)
 
@@ -165,7 +165,8 @@ class PostgresBackend(AsyncBackendMixin, BaseBackend):
             params["result_bytes"] = raw
         params["announce"] = announcement(task_id, meta) if encoded is not None else None
         params.update(wait_space=self.wait_space, writing_space=self.writing_space,
-                      wait_slot=wait_slot(task_id))
+                      wait_slot=wait_slot(task_id),
+                      sender_key=sender_key(getattr(request, "reply_to", None)))
         return params
 
     def _row_to_meta(self, row: tuple[Any, ...]) -> dict[str, Any]:
@@ -256,9 +257,11 @@ class PostgresBackend(AsyncBackendMixin, BaseBackend):
             self.result_consumer.also_waits(task_id, result)
 
     def on_task_call(self, producer: Any, task_id: str) -> None:
-        """Celery sends ``task_id`` from this process: its result may be read ahead with the
-        next read of another (see :mod:`.readahead`)."""
-        self.result_consumer.readahead.sent(task_id)
+        """Celery sends ``task_id`` from this thread (its message's ``reply_to`` is the thread's
+        oid): its result may be read ahead with the next read of another (see
+        :mod:`.readahead`), and needs no slot if this thread's sender key is held (see
+        :mod:`.waiters`)."""
+        self.result_consumer.sent(task_id, sender_key(self.app.thread_oid))
 
     def get_many(self, task_ids: Iterable[str], timeout: float | None = None,
                  interval: float | None = 0.5, no_ack: bool = True, on_message: Any = None,

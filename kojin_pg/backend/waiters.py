@@ -24,13 +24,27 @@ before the waiter reads what it may have missed.
 
 Per process: a count of waited-for tasks per slot; slots are taken and given back in one
 statement, sent before the next read or wait (:meth:`WaitSlots.apply`).
+
+**Senders.** Taking a task's slot costs its get a statement, and most gets wait for a task the
+same thread has just sent. So a process also holds, in the same namespace, a *sender key* per
+thread whose tasks it waits for (:func:`sender_key`, from the thread's ``reply_to``, which Celery
+puts in every task message), and a store probes its task's sender key after its slot. A task
+sent while its sender's key was held needs no slot and no first read: its store comes after the
+publish, which came after the key was taken, so the store finds the key held and announces
+(:meth:`WaitSlots.covers`). A thread's key is wanted from the first get of a task it sent
+(taken with the next statement the session runs, that get's own) and held until the session
+pauses (idle) or is lost, or until :data:`SENDERS_MAX` other senders were waited for since; a
+task sent while its sender's key was not held, or held since a later take, is waited for with
+its slot as before. Whatever goes wrong (a writer that does not name the sender, a key given
+back early), the waiter's safety-net read still finds the result: a lost key costs time, never
+a result.
 """
 
 from __future__ import annotations
 
 import threading
 import zlib
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable
 from typing import Any
 
@@ -40,6 +54,9 @@ from ..db import ProcessLocal, Queries
 
 #: Wait slots per schema: a waiter holds at most this many locks.
 SLOTS = 256
+#: Sender keys a process holds at most (the senders waited for last): each is a lock on the
+#: LISTEN session, and a process that starts a thread per request would otherwise gather them.
+SENDERS_MAX = 64
 
 
 def wait_space(schema: str) -> int:
@@ -57,6 +74,14 @@ def wait_slot(task_id: str) -> int:
     return zlib.crc32(task_id.encode()) % SLOTS
 
 
+def sender_key(reply_to: str | None) -> int | None:
+    """The sender key (second key, beside the wait slots: from :data:`SLOTS` up) of the thread
+    whose task messages carry ``reply_to``; None without one."""
+    if not reply_to:
+        return None
+    return SLOTS + zlib.crc32(reply_to.encode()) % (2**31 - 1 - SLOTS)
+
+
 class _Held:
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -67,6 +92,12 @@ class _Held:
         #: task ids no longer waited for, taken out of ``tasks`` at the next locked step
         #: (appending takes no lock: see :meth:`WaitSlots.discard`)
         self.discarded: deque[str] = deque()
+        #: sender keys wanted, the one waited for last at the end
+        self.senders: OrderedDict[int, None] = OrderedDict()
+        #: sender keys held now, and which take of the session took each (see ``takes``)
+        self.held_since: dict[int, int] = {}
+        #: statements that took locks on the session so far (a sender key is held since one)
+        self.takes = 0
 
     def settle(self) -> None:
         """Take the discarded task ids out (under :attr:`lock`)."""
@@ -116,7 +147,41 @@ class WaitSlots:
         h = self._held.get()
         with h.lock:
             h.settle()
-            return h.locked != set(h.per_slot)
+            return h.locked != set(h.per_slot) | set(h.senders)
+
+    # -- senders -----------------------------------------------------------------------------
+
+    def want_sender(self, key: int) -> None:
+        """A task sent with sender key ``key`` is waited for here: hold the key from the next
+        statement on (the :data:`SENDERS_MAX` waited for last are held)."""
+        h = self._held.get()
+        with h.lock:
+            h.senders[key] = None
+            h.senders.move_to_end(key)
+            while len(h.senders) > SENDERS_MAX:
+                h.senders.popitem(last=False)
+
+    def sending(self, key: int | None) -> int | None:
+        """A task is being sent with sender key ``key``: since which take its key is held (to
+        give :meth:`covers` when its result is waited for), or None if it is not held."""
+        if key is None:
+            return None
+        h = self._held.peek()
+        if h is None:
+            return None
+        with h.lock:
+            return h.held_since.get(key)
+
+    def covers(self, key: int, since: int | None) -> bool:
+        """Whether a task sent while sender key ``key`` was held since take ``since`` has its
+        store announced: the key has been held since (a store probes it after the publish)."""
+        if since is None:
+            return False
+        h = self._held.peek()
+        if h is None:
+            return False
+        with h.lock:
+            return h.held_since.get(key) == since
 
     def apply(self, conn: psycopg.Connection[Any]) -> None:
         """Bring the session's locks in line with what this process waits for (one statement;
@@ -151,24 +216,34 @@ class WaitSlots:
                 "ahead": ahead, "max_bytes": max_bytes}
 
     def _changes(self) -> tuple[list[int], list[int]]:
-        """The slots to take and to give back for the session to hold what is waited for."""
+        """The slots and sender keys to take and to give back for the session to hold what is
+        waited for."""
         h = self._held.get()
         with h.lock:
             h.settle()
-            wanted = set(h.per_slot)
+            wanted = set(h.per_slot) | set(h.senders)
             return sorted(wanted - h.locked), sorted(h.locked - wanted)
 
     def _changed(self, take: list[int], release: list[int]) -> None:
         h = self._held.get()
         with h.lock:
             h.locked = (h.locked - set(release)) | set(take)
+            for key in release:
+                h.held_since.pop(key, None)
+            if take:
+                h.takes += 1
+                for key in take:
+                    if key >= SLOTS:
+                        h.held_since[key] = h.takes
 
     def released(self) -> None:
-        """The session gave back every lock (paused for idling): the next wait takes again
-        the slots of whatever this process still waits for."""
+        """The session gave back every lock (paused for idling, or lost): the next wait takes
+        again the slots of whatever this process still waits for, and the sender keys; tasks
+        sent meanwhile are waited for with their slots (see :meth:`covers`)."""
         h = self._held.get()
         with h.lock:
             h.locked = set()
+            h.held_since.clear()
 
     def retake(self, conn: psycopg.Connection[Any]) -> None:
         """A new session holds nothing: take every slot again."""

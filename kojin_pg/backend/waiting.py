@@ -9,6 +9,15 @@ an older version during a rolling deploy), the awaited results are read at least
 :data:`SAFETY_NET_SECONDS` while waiting, whether the channel is quiet or busy with others'
 results. With ``use_notify`` off, or while the listening connection is down, it polls every
 ``polling_interval`` instead.
+
+A get of a task that a thread of this process sent while its sender key was held (see
+:mod:`.waiters`, senders) runs no statement at all: its result is announced when stored, and
+heard by whichever thread reads the connection then, before the get or during it (see
+:mod:`.readahead`). Should such a result turn up in a safety-net read instead, and its
+announcement not follow within :data:`SAFETY_NET_SECONDS` (a writer that does not name its
+sender: an older version during a rolling deploy, workers with ``use_notify`` off), this process
+waits with slots again for :data:`UNANNOUNCED_PAUSE_SECONDS`. (A read may see a commit a moment
+before its notification arrives: one found so is not yet taken for unannounced.)
 """
 
 from __future__ import annotations
@@ -26,13 +35,17 @@ from celery.backends.asynchronous import BaseResultConsumer
 
 from ..db import Listener, ProcessLocal
 from .announce import split_heard
-from .readahead import KEPT_BYTES_MAX, ReadAhead
+from .readahead import KEPT_BYTES_MAX, SENT_MAX, ReadAhead
 from .waiters import WaitSlots
 
 log = logging.getLogger(__name__)
 
 #: A process waiting for results reads them at least this often, announced or not.
 SAFETY_NET_SECONDS = 1.0
+
+#: How long a process waits with slots only after a result it waited for by its sender key was
+#: stored without being announced.
+UNANNOUNCED_PAUSE_SECONDS = 60.0
 
 #: Celery 5.7 keeps every result object that waits for a task id; before, only the first one.
 CELERY_KEEPS_EVERY_WAITER = hasattr(asynchronous, "_waiting_on")
@@ -76,6 +89,13 @@ class ResultConsumer(BaseResultConsumer):
         #: The tasks this process sent, and the results read ahead for them.
         self.readahead = ReadAhead()
         self._also: ProcessLocal[_AlsoWaiting] = ProcessLocal(_AlsoWaiting)
+        #: Tasks waited for by their sender key (no slot), until delivered or given up.
+        self._by_sender: ProcessLocal[set[str]] = ProcessLocal(set)
+        #: Results waited for by their sender key that a safety-net read found before their
+        #: announcement was heard, and until when it may still come (read under the reader role).
+        self._unheard: ProcessLocal[dict[str, float]] = ProcessLocal(dict)
+        #: Until when gets wait with slots only (see UNANNOUNCED_PAUSE_SECONDS).
+        self._senders_off_until = 0.0
 
     # -- several result objects waiting for one task (Celery < 5.7) ------------------------
 
@@ -106,6 +126,8 @@ class ResultConsumer(BaseResultConsumer):
         super().on_state_change(meta, message)
         for result in others:
             result._maybe_set_cache(meta)
+        if meta["status"] in states.READY_STATES:
+            self._by_sender.get().discard(meta["task_id"])
 
     # -- BaseResultConsumer ------------------------------------------------------------------
 
@@ -122,6 +144,13 @@ class ResultConsumer(BaseResultConsumer):
     def cancel_for(self, task_id: str) -> None:
         """Waiting for ``task_id`` is over: its writer need not announce it any more."""
         self.slots.discard((task_id,))
+        by_sender = self._by_sender.peek()
+        if by_sender is not None:
+            by_sender.discard(task_id)  # one step under the GIL: no lock (see WaitSlots.discard)
+
+    def sent(self, task_id: str, sender: int | None) -> None:
+        """This thread sends ``task_id`` with sender key ``sender`` (see :mod:`.waiters`)."""
+        self.readahead.sent(task_id, sender, self.slots.sending(sender))
 
     def hold(self, task_ids: Iterable[str]) -> list[str]:
         """Wait for ``task_ids`` (before reading them); returns those to :meth:`let_go` after."""
@@ -152,10 +181,14 @@ class ResultConsumer(BaseResultConsumer):
         # statement on the LISTEN session, always (under the session's lock: another thread's
         # slot change may be in flight).
         if not hasattr(result, "results"):
+            sent = self.readahead.sender_of(result.id)  # (take forgets it)
             kept = self.readahead.take(result.id)
             if kept is not None:
                 self._handle(kept)
                 self._this_thread.delivered_on_wait = True
+                return
+            if self._by_sender_key(result.id, sent):
+                self._this_thread.delivered_on_wait = False
                 return
             ahead = self.readahead.ahead_of(result.id)
             if not self.listener.enabled:
@@ -180,6 +213,24 @@ class ResultConsumer(BaseResultConsumer):
             return
         self.sync_slots()
         self._read(result, **kwargs)
+
+    def _by_sender_key(self, task_id: str, sent: tuple[int | None, int | None] | None) -> bool:
+        """Whether ``task_id`` (sent here with ``sent``: its sender key, and since when that
+        was held) is announced when stored because its sender key was held from before it was
+        sent until now (see :mod:`.waiters`, senders): then it needs no slot and no read.
+        Either way its sender's tasks are waited for from now on."""
+        if sent is None or sent[0] is None or not self.listener.enabled:
+            return False
+        sender, since = sent
+        self.slots.want_sender(sender)
+        if time.monotonic() < self._senders_off_until or not self.slots.covers(sender, since):
+            return False
+        by_sender = self._by_sender.get()
+        if len(by_sender) > SENT_MAX:
+            by_sender.clear()  # only told apart for the check in _safety_net_read
+        by_sender.add(task_id)
+        self.slots.discard((task_id,))  # its slot (consume_from) is not needed: not taken
+        return True
 
     def _handle_read(self, task_id: str, ahead: list[str], rows: list[tuple[Any, ...]]) -> bool:
         """Hand on the read of ``task_id`` and keep the results read ahead with it (the rows of
@@ -237,11 +288,11 @@ class ResultConsumer(BaseResultConsumer):
                     self._poll(wait)  # not listening: read what we wait for, then nap
                 return
             if heard:
-                self._deliver_heard(heard, self._awaited())
+                self._deliver_heard(heard)
             # heard nothing, or heard only others' results for a while: the safety-net read
             if not heard or time.monotonic() - readers.read_at >= SAFETY_NET_SECONDS:
                 readers.read_at = time.monotonic()
-                self._deliver(self._awaited())
+                self._safety_net_read()
         finally:
             readers.lock.release()
             with readers.done:
@@ -266,19 +317,52 @@ class ResultConsumer(BaseResultConsumer):
                 ids.update(also.by_task)
         return ids
 
-    def _deliver_heard(self, heard: set[str], awaited: set[str]) -> None:
-        """Hand announced results to their waiters here: those announced with their value
-        as they are, the others after one read."""
+    def _deliver_heard(self, heard: set[str], skip: set[str] | frozenset[str] = frozenset()
+                       ) -> None:
+        """Hand announced results to their waiters here (but those of ``skip``): those
+        announced with their value as they are, the others after one read. Final results of
+        tasks sent from here and not waited for yet are kept for their gets (before the
+        waiters are looked up: a get that starts meanwhile finds its result kept, or is
+        among them)."""
         ids, results = split_heard(heard)
+        self.readahead.heard(results, ids, self.backend.announced_meta)
+        unheard = self._unheard.peek()
+        if unheard:
+            for task_id in ids | results.keys():
+                unheard.pop(task_id, None)
+        awaited = self._awaited() - skip
         for task_id in results.keys() & awaited:
+            self.readahead.take(task_id)  # handed on here: not again to its get
             self.on_state_change(self.backend.announced_meta(results[task_id]), True)
         self._deliver(ids & awaited)
 
-    def _deliver(self, task_ids: Iterable[str]) -> int:
+    def _deliver(self, task_ids: Iterable[str]) -> set[str]:
+        """Read ``task_ids`` and hand their results on; the ids of those that were final."""
         metas = self.backend.fetch_metas(task_ids)
         for meta in metas.values():
             self.on_state_change(meta, True)
-        return sum(1 for m in metas.values() if m["status"] in states.READY_STATES)
+        return {t for t, m in metas.items() if m["status"] in states.READY_STATES}
+
+    def _safety_net_read(self) -> None:
+        """Read everything waited for here. A final result among them that was waited for by
+        its sender key, and whose announcement is not heard within SAFETY_NET_SECONDS, was
+        stored without being announced to it: then wait with slots for a while."""
+        by_sender = set(self._by_sender.get())
+        found = self._deliver(self._awaited()) & by_sender
+        unheard = self._unheard.get()
+        now = time.monotonic()
+        unannounced = [t for t, until in unheard.items() if until <= now]
+        for task_id in found:
+            unheard.setdefault(task_id, now + SAFETY_NET_SECONDS)
+        if len(unheard) > SENT_MAX:
+            unheard.clear()
+        if unannounced:
+            unheard.clear()
+            self._senders_off_until = now + UNANNOUNCED_PAUSE_SECONDS
+            log.info("kojin_pg: %d result(s) waited for by their sender were stored without "
+                     "being announced (a writer of an older kojin_pg version, or with use_notify "
+                     "off): waiting with wait slots for the next %.0f s", len(unannounced),
+                     UNANNOUNCED_PAUSE_SECONDS)
 
     def _poll(self, wait: float) -> None:
         if not self._deliver(self._awaited()):
@@ -302,7 +386,7 @@ class ResultConsumer(BaseResultConsumer):
                         break  # not listening: nap below, then the caller reads
                     # announcements for other waiters of this process reach them too
                     ids, results = split_heard(heard)
-                    self._deliver_heard(heard, self._awaited() - task_ids)
+                    self._deliver_heard(heard, skip=task_ids)
                     if (ids | results.keys()) & task_ids:
                         return
                 else:

@@ -8,7 +8,9 @@
 -- Only if a waiter can exist (see kojin_pg/backend/waiters.py): a shared lock on the task's
 -- writing key, held until this commit, then a probe of its wait slot (an exclusive try, given
 -- back at once): it fails while a waiter holds the slot. A waiter taking the slot after the
--- probe waits for this commit (its barrier on the writing key), then reads the result.
+-- probe waits for this commit (its barrier on the writing key), then reads the result. If
+-- the slot is free, the same for the sender key of the thread that sent the task (sender_key,
+-- from its reply_to; NULL: none named).
 -- A stored SUCCESS is never overwritten: a late duplicate run of a task must not replace it.
 WITH stored AS (
     INSERT INTO {schema}.results AS r
@@ -38,11 +40,16 @@ WITH stored AS (
 )
 SELECT pg_notify(%(channel)s, coalesce(%(announce)s::text, task_id)) FROM stored
 WHERE CASE WHEN NOT %(notify)s THEN false
-           -- CASE keeps this order: the writing lock first, then the probe
+           -- CASE keeps this order: each writing lock first, then its probe
            WHEN pg_advisory_xact_lock_shared(%(writing_space)s, %(wait_slot)s) IS NULL
            THEN false
-           WHEN pg_try_advisory_lock(%(wait_space)s, %(wait_slot)s)
-           THEN NOT pg_advisory_unlock(%(wait_space)s, %(wait_slot)s)
+           WHEN NOT pg_try_advisory_lock(%(wait_space)s, %(wait_slot)s) THEN true
+           WHEN NOT pg_advisory_unlock(%(wait_space)s, %(wait_slot)s) THEN true
+           WHEN %(sender_key)s::int IS NULL THEN false
+           WHEN pg_advisory_xact_lock_shared(%(writing_space)s, %(sender_key)s::int) IS NULL
+           THEN false
+           WHEN pg_try_advisory_lock(%(wait_space)s, %(sender_key)s::int)
+           THEN NOT pg_advisory_unlock(%(wait_space)s, %(sender_key)s::int)
            ELSE true END;
 
 -- name: wait_slots
