@@ -997,3 +997,25 @@ def test_results_of_a_sender_nobody_waits_for_are_not_announced(app, backend, db
     heard = _announcements(db_url, backend.channel, lambda: [
         stored_by_a_worker(backend, r.id, 1, app.thread_oid) for r in sent])
     assert heard == [], f"{len(heard)} results nobody waited for were announced"
+
+
+def test_a_thread_that_sends_a_batch_before_getting_it_has_its_results_read_ahead(
+        plain_backend, db_url, monkeypatch):
+    """A thread that sends a batch and then gets each result (``[r.get() for r in results]``)
+    had every result of the batch announced, each a NOTIFY that serializes notifying commits
+    database-wide, where one read gets them dozens at a time (see .readahead). Past a few
+    tasks sent without a get, its sender key is given back: the rest are not announced, and
+    the gets read them ahead."""
+    from kojin_pg.backend.waiters import SENDS_AHEAD_MAX
+
+    app = plain_backend.app
+    warm, = send(app, 1)
+    stored_by_a_worker(plain_backend, warm.id, 0, app.thread_oid)
+    assert warm.get(timeout=10) == 0  # this thread's sender key is held from here
+    batch = send(app, 40)
+    heard = _announcements(db_url, plain_backend.channel, lambda: [
+        stored_by_a_worker(plain_backend, r.id, i, app.thread_oid) for i, r in enumerate(batch)])
+    assert len(heard) <= SENDS_AHEAD_MAX, f"{len(heard)} of a batch of 40 were announced"
+    reads = watch_reads(plain_backend, monkeypatch)
+    assert [r.get(timeout=10) for r in batch] == list(range(40))
+    assert len(reads) <= 8, f"{len(reads)} reads for a batch of 40"

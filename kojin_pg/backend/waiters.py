@@ -33,11 +33,13 @@ sent while its sender's key was held needs no slot and no first read: its store 
 publish, which came after the key was taken, so the store finds the key held and announces
 (:meth:`WaitSlots.covers`). A thread's key is wanted from the first get of a task it sent
 (taken with the next statement the session runs, that get's own) and held until the session
-pauses (idle) or is lost, or until :data:`SENDERS_MAX` other senders were waited for since; a
-task sent while its sender's key was not held, or held since a later take, is waited for with
-its slot as before. Whatever goes wrong (a writer that does not name the sender, a key given
-back early), the waiter's safety-net read still finds the result: a lost key costs time, never
-a result.
+pauses (idle) or is lost, until :data:`SENDERS_MAX` other senders were waited for since, or
+until the thread sends more than :data:`SENDS_AHEAD_MAX` tasks without a get of one (a batch:
+announcing each of its results would cost a NOTIFY each, where one read gets dozens, see
+:mod:`.readahead`); a task sent while its sender's key was not held, or held since a later
+take, is waited for with its slot as before. Whatever goes wrong (a writer that does not name
+the sender, a key given back early), the waiter's safety-net read still finds the result: a
+lost key costs time, never a result.
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ SLOTS = 256
 #: Sender keys a process holds at most (the senders waited for last): each is a lock on the
 #: LISTEN session, and a process that starts a thread per request would otherwise gather them.
 SENDERS_MAX = 64
+#: A thread that sends more tasks than this without a get of one gives its sender key back at
+#: once: it sends a batch, whose results are read ahead rather than each announced.
+SENDS_AHEAD_MAX = 16
 
 
 def wait_space(schema: str) -> int:
@@ -92,8 +97,9 @@ class _Held:
         #: task ids no longer waited for, taken out of ``tasks`` at the next locked step
         #: (appending takes no lock: see :meth:`WaitSlots.discard`)
         self.discarded: deque[str] = deque()
-        #: sender keys wanted, the one waited for last at the end
-        self.senders: OrderedDict[int, None] = OrderedDict()
+        #: sender keys wanted, the one waited for last at the end, with how many tasks each
+        #: sent since (see SENDS_AHEAD_MAX)
+        self.senders: OrderedDict[int, int] = OrderedDict()
         #: sender keys held now, and which take of the session took each (see ``takes``)
         self.held_since: dict[int, int] = {}
         #: statements that took locks on the session so far (a sender key is held since one)
@@ -156,21 +162,26 @@ class WaitSlots:
         statement on (the :data:`SENDERS_MAX` waited for last are held)."""
         h = self._held.get()
         with h.lock:
-            h.senders[key] = None
+            h.senders[key] = 0
             h.senders.move_to_end(key)
             while len(h.senders) > SENDERS_MAX:
                 h.senders.popitem(last=False)
 
-    def sending(self, key: int | None) -> int | None:
+    def sending(self, key: int | None) -> tuple[int | None, bool]:
         """A task is being sent with sender key ``key``: since which take its key is held (to
-        give :meth:`covers` when its result is waited for), or None if it is not held."""
-        if key is None:
-            return None
+        give :meth:`covers` when its result is waited for; None if it is not held), and
+        whether the key is to be given back now (a batch, see :data:`SENDS_AHEAD_MAX`: then
+        it is not held for this task)."""
         h = self._held.peek()
-        if h is None:
-            return None
+        if key is None or h is None:
+            return None, False
         with h.lock:
-            return h.held_since.get(key)
+            if key in h.senders:
+                h.senders[key] += 1
+                if h.senders[key] > SENDS_AHEAD_MAX:
+                    del h.senders[key]
+                    return None, key in h.locked
+            return h.held_since.get(key), False
 
     def covers(self, key: int, since: int | None) -> bool:
         """Whether a task sent while sender key ``key`` was held since take ``since`` has its

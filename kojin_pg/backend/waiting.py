@@ -150,7 +150,10 @@ class ResultConsumer(BaseResultConsumer):
 
     def sent(self, task_id: str, sender: int | None) -> None:
         """This thread sends ``task_id`` with sender key ``sender`` (see :mod:`.waiters`)."""
-        self.readahead.sent(task_id, sender, self.slots.sending(sender))
+        since, give_back = self.slots.sending(sender)
+        if give_back:
+            self.sync_slots()  # a batch: its results are read ahead, not each announced
+        self.readahead.sent(task_id, sender, since)
 
     def hold(self, task_ids: Iterable[str]) -> list[str]:
         """Wait for ``task_ids`` (before reading them); returns those to :meth:`let_go` after."""
