@@ -1019,3 +1019,23 @@ def test_a_thread_that_sends_a_batch_before_getting_it_has_its_results_read_ahea
     reads = watch_reads(plain_backend, monkeypatch)
     assert [r.get(timeout=10) for r in batch] == list(range(40))
     assert len(reads) <= 8, f"{len(reads)} reads for a batch of 40"
+
+
+def test_a_get_of_a_batch_does_not_take_its_senders_key_again(plain_backend, db_url):
+    """The first get of a batch took its sender's key again, so the batch's results stored
+    after it were each announced (a batch outruns its worker: most are stored after the first
+    get). A get wants the key again only once fewer than SENDS_AHEAD_MAX tasks were sent after
+    its own."""
+    from kojin_pg.backend.waiters import SENDS_AHEAD_MAX
+
+    app = plain_backend.app
+    warm, = send(app, 1)
+    stored_by_a_worker(plain_backend, warm.id, 0, app.thread_oid)
+    assert warm.get(timeout=10) == 0  # this thread's sender key is held from here
+    first, *rest = send(app, 40)
+    stored_by_a_worker(plain_backend, first.id, "first", app.thread_oid)
+    assert first.get(timeout=10) == "first"
+    heard = _announcements(db_url, plain_backend.channel, lambda: [
+        stored_by_a_worker(plain_backend, r.id, i, app.thread_oid) for i, r in enumerate(rest)])
+    assert len(heard) <= SENDS_AHEAD_MAX, f"{len(heard)} of the 39 stored after a get announced"
+    assert [r.get(timeout=10) for r in rest] == list(range(39))

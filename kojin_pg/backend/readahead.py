@@ -32,6 +32,7 @@ from typing import Any
 from celery import states
 
 from ..db import ProcessLocal
+from .waiters import Sending
 
 #: Task ids sent by this process and not read yet that are remembered for reading ahead.
 SENT_MAX = 2000
@@ -46,8 +47,8 @@ KEPT_BYTES_MAX = 2000
 class _State:
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        #: task id -> its sender key, and since which take that key was held (or None)
-        self.sent: OrderedDict[str, tuple[int | None, int | None]] = OrderedDict()
+        #: task id -> how it was sent (None: no sender key)
+        self.sent: OrderedDict[str, Sending | None] = OrderedDict()
         self.kept: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.window = 1
 
@@ -58,18 +59,18 @@ class ReadAhead:
     def __init__(self) -> None:
         self._state: ProcessLocal[_State] = ProcessLocal(_State)
 
-    def sent(self, task_id: str, sender: int | None = None, since: int | None = None) -> None:
-        """Remember that this process sent ``task_id`` (and may ask for its result), with
-        sender key ``sender`` held since take ``since`` (None: not held; see :mod:`.waiters`)."""
+    def sent(self, task_id: str, sending: Sending | None = None) -> None:
+        """Remember that this process sent ``task_id`` (and may ask for its result), and how
+        (see :mod:`.waiters`)."""
         s = self._state.get()
         with s.lock:
-            s.sent[task_id] = (sender, since)
+            s.sent[task_id] = sending
             if len(s.sent) > SENT_MAX:
                 s.sent.popitem(last=False)
 
-    def sender_of(self, task_id: str) -> tuple[int | None, int | None] | None:
-        """The sender key of ``task_id`` and since when it was held as it was sent; None if
-        it was not sent here, or its result was read or announced since."""
+    def sender_of(self, task_id: str) -> Sending | None:
+        """How ``task_id`` was sent; None if it was not sent here with a sender key, or its
+        result was read or announced since."""
         s = self._state.peek()
         if s is None:
             return None

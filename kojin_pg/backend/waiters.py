@@ -34,10 +34,11 @@ publish, which came after the key was taken, so the store finds the key held and
 (:meth:`WaitSlots.covers`). A thread's key is wanted from the first get of a task it sent
 (taken with the next statement the session runs, that get's own) and held until the session
 pauses (idle) or is lost, until :data:`SENDERS_MAX` other senders were waited for since, or
-until the thread sends more than :data:`SENDS_AHEAD_MAX` tasks without a get of one (a batch:
-announcing each of its results would cost a NOTIFY each, where one read gets dozens, see
-:mod:`.readahead`); a task sent while its sender's key was not held, or held since a later
-take, is waited for with its slot as before. Whatever goes wrong (a writer that does not name
+until the thread sends more than :data:`SENDS_AHEAD_MAX` tasks without a get of one. Such a
+thread sends a batch, and announcing each of its results would cost a NOTIFY each where one read
+gets dozens (see :mod:`.readahead`), so a get of one of its tasks wants the key again only once
+fewer than that were sent after it. A task sent while its sender's key was not held, or held
+since a later take, is waited for with its slot as before. Whatever goes wrong (a writer that does not name
 the sender, a key given back early), the waiter's safety-net read still finds the result: a
 lost key costs time, never a result.
 """
@@ -48,7 +49,7 @@ import threading
 import zlib
 from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 
@@ -62,6 +63,8 @@ SENDERS_MAX = 64
 #: A thread that sends more tasks than this without a get of one gives its sender key back at
 #: once: it sends a batch, whose results are read ahead rather than each announced.
 SENDS_AHEAD_MAX = 16
+#: Senders whose count of tasks sent is kept (the last ones to send).
+COUNTED_SENDERS_MAX = 4 * SENDERS_MAX
 
 
 def wait_space(schema: str) -> int:
@@ -87,6 +90,17 @@ def sender_key(reply_to: str | None) -> int | None:
     return SLOTS + zlib.crc32(reply_to.encode()) % (2**31 - 1 - SLOTS)
 
 
+class Sending(NamedTuple):
+    """How a task was sent, for its get (see :meth:`WaitSlots.sending`)."""
+
+    #: its sender key
+    key: int
+    #: the take since which the key was held as the task was sent (None: it was not held)
+    since: int | None
+    #: how many tasks that sender had sent, this one included
+    number: int
+
+
 class _Held:
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -104,6 +118,8 @@ class _Held:
         self.held_since: dict[int, int] = {}
         #: statements that took locks on the session so far (a sender key is held since one)
         self.takes = 0
+        #: how many tasks each sender sent (the last COUNTED_SENDERS_MAX to send)
+        self.sends: OrderedDict[int, int] = OrderedDict()
 
     def settle(self) -> None:
         """Take the discarded task ids out (under :attr:`lock`)."""
@@ -157,42 +173,48 @@ class WaitSlots:
 
     # -- senders -----------------------------------------------------------------------------
 
-    def want_sender(self, key: int) -> None:
-        """A task sent with sender key ``key`` is waited for here: hold the key from the next
-        statement on (the :data:`SENDERS_MAX` waited for last are held)."""
+    def want_sender(self, sent: Sending) -> None:
+        """A task ``sent`` so is waited for here: hold its sender key from the next statement
+        on (the :data:`SENDERS_MAX` waited for last are held), unless more than
+        :data:`SENDS_AHEAD_MAX` tasks were sent with it since (a batch)."""
         h = self._held.get()
         with h.lock:
-            h.senders[key] = 0
-            h.senders.move_to_end(key)
+            if h.sends.get(sent.key, sent.number) - sent.number > SENDS_AHEAD_MAX:
+                return
+            h.senders[sent.key] = 0
+            h.senders.move_to_end(sent.key)
             while len(h.senders) > SENDERS_MAX:
                 h.senders.popitem(last=False)
 
-    def sending(self, key: int | None) -> tuple[int | None, bool]:
-        """A task is being sent with sender key ``key``: since which take its key is held (to
-        give :meth:`covers` when its result is waited for; None if it is not held), and
-        whether the key is to be given back now (a batch, see :data:`SENDS_AHEAD_MAX`: then
-        it is not held for this task)."""
-        h = self._held.peek()
-        if key is None or h is None:
+    def sending(self, key: int | None) -> tuple[Sending | None, bool]:
+        """A task is being sent with sender key ``key``: how (for :meth:`covers` when its
+        result is waited for; None without a key), and whether the key is to be given back
+        now (a batch, see :data:`SENDS_AHEAD_MAX`; then it is not held for this task)."""
+        if key is None:
             return None, False
+        h = self._held.get()
         with h.lock:
+            number = h.sends.pop(key, 0) + 1
+            h.sends[key] = number
+            if len(h.sends) > COUNTED_SENDERS_MAX:
+                h.sends.popitem(last=False)
             if key in h.senders:
                 h.senders[key] += 1
                 if h.senders[key] > SENDS_AHEAD_MAX:
                     del h.senders[key]
-                    return None, key in h.locked
-            return h.held_since.get(key), False
+                    return Sending(key, None, number), key in h.locked
+            return Sending(key, h.held_since.get(key), number), False
 
-    def covers(self, key: int, since: int | None) -> bool:
-        """Whether a task sent while sender key ``key`` was held since take ``since`` has its
-        store announced: the key has been held since (a store probes it after the publish)."""
-        if since is None:
+    def covers(self, sent: Sending) -> bool:
+        """Whether the store of a task ``sent`` so is announced: its sender key was held as it
+        was sent, and has been since (a store probes it after the publish)."""
+        if sent.since is None:
             return False
         h = self._held.peek()
         if h is None:
             return False
         with h.lock:
-            return h.held_since.get(key) == since
+            return h.held_since.get(sent.key) == sent.since
 
     def apply(self, conn: psycopg.Connection[Any]) -> None:
         """Bring the session's locks in line with what this process waits for (one statement;

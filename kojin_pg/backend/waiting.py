@@ -36,7 +36,7 @@ from celery.backends.asynchronous import BaseResultConsumer
 from ..db import Listener, ProcessLocal
 from .announce import split_heard
 from .readahead import KEPT_BYTES_MAX, SENT_MAX, ReadAhead
-from .waiters import WaitSlots
+from .waiters import Sending, WaitSlots
 
 log = logging.getLogger(__name__)
 
@@ -150,10 +150,10 @@ class ResultConsumer(BaseResultConsumer):
 
     def sent(self, task_id: str, sender: int | None) -> None:
         """This thread sends ``task_id`` with sender key ``sender`` (see :mod:`.waiters`)."""
-        since, give_back = self.slots.sending(sender)
+        sending, give_back = self.slots.sending(sender)
         if give_back:
             self.sync_slots()  # a batch: its results are read ahead, not each announced
-        self.readahead.sent(task_id, sender, since)
+        self.readahead.sent(task_id, sending)
 
     def hold(self, task_ids: Iterable[str]) -> list[str]:
         """Wait for ``task_ids`` (before reading them); returns those to :meth:`let_go` after."""
@@ -217,16 +217,15 @@ class ResultConsumer(BaseResultConsumer):
         self.sync_slots()
         self._read(result, **kwargs)
 
-    def _by_sender_key(self, task_id: str, sent: tuple[int | None, int | None] | None) -> bool:
-        """Whether ``task_id`` (sent here with ``sent``: its sender key, and since when that
-        was held) is announced when stored because its sender key was held from before it was
-        sent until now (see :mod:`.waiters`, senders): then it needs no slot and no read.
-        Either way its sender's tasks are waited for from now on."""
-        if sent is None or sent[0] is None or not self.listener.enabled:
+    def _by_sender_key(self, task_id: str, sent: Sending | None) -> bool:
+        """Whether ``task_id`` (``sent`` so from here) is announced when stored because its
+        sender key was held from before it was sent until now (see :mod:`.waiters`, senders):
+        then it needs no slot and no read. Either way its sender's tasks are waited for from
+        now on (unless it sends batches)."""
+        if sent is None or not self.listener.enabled:
             return False
-        sender, since = sent
-        self.slots.want_sender(sender)
-        if time.monotonic() < self._senders_off_until or not self.slots.covers(sender, since):
+        self.slots.want_sender(sent)
+        if time.monotonic() < self._senders_off_until or not self.slots.covers(sent):
             return False
         by_sender = self._by_sender.get()
         if len(by_sender) > SENT_MAX:
