@@ -37,10 +37,10 @@ pauses (idle) or is lost, until :data:`SENDERS_MAX` other senders were waited fo
 until the thread sends more than :data:`SENDS_AHEAD_MAX` tasks without a get of one. Such a
 thread sends a batch, and announcing each of its results would cost a NOTIFY each where one read
 gets dozens (see :mod:`.readahead`), so a get of one of its tasks wants the key again only once
-fewer than that were sent after it. A task sent while its sender's key was not held, or held
-since a later take, is waited for with its slot as before. Whatever goes wrong (a writer that does not name
-the sender, a key given back early), the waiter's safety-net read still finds the result: a
-lost key costs time, never a result.
+fewer than that were sent after it. A task sent while its sender's key was not held (or not
+wanted), or held since a later take, is waited for with its slot as before. Whatever goes wrong
+(a writer that does not name the sender, a key given back early), the waiter's safety-net read
+still finds the result: a lost key costs time, never a result.
 """
 
 from __future__ import annotations
@@ -203,7 +203,8 @@ class WaitSlots:
                 if h.senders[key] > SENDS_AHEAD_MAX:
                     del h.senders[key]
                     return Sending(key, None, number), key in h.locked
-            return Sending(key, h.held_since.get(key), number), False
+                return Sending(key, h.held_since.get(key), number), False
+            return Sending(key, None, number), False  # not wanted: given back if held
 
     def covers(self, sent: Sending) -> bool:
         """Whether the store of a task ``sent`` so is announced: its sender key was held as it
