@@ -3,8 +3,9 @@
 usage: python -m bench.soak [MINUTES] [URL] [--stock] [--json]   (default 30 minutes, embedded
 server; ``--stock``: a stock apt PostgreSQL at its default settings, see bench/servers.py)
 
-Load: a ``celery worker`` (threads, c=4, ``-E``) and a producer thread sending groups of 20 and
-chords of 20 back to back and waiting for each, with ``result_expires`` 20 s and
+Load: a ``celery worker`` (threads, c=4, ``-E``) and a producer thread sending a task, a group
+of 20 and a chord of 20 back to back and waiting for each (the single task by its sender key:
+kojin_pg/backend/waiters.py), with ``result_expires`` 20 s and
 ``backend.cleanup()`` every 30 s. Churn, each a real process or a real restart:
 
 - every minute a monitor, ``celery events --dump``, connects for 8 s and leaves, alternately by
@@ -22,8 +23,9 @@ Every 30 s it samples row counts and total size of messages, results, groups, ch
 chord_parts, bindings, queues, consumers, dead_letters and offers (eight rows per consuming
 channel: a worker's close deletes its own, the sweep those of a process that died), the
 number of distinct queues in messages, live (not deleted) queues, messages left in deleted
-queues, the database's connections, ``pg_notification_queue_usage()`` and the dead tuples of
-messages and results.
+queues, the database's connections and the advisory locks held in it (wait slots, sender keys,
+idle consumers), ``pg_notification_queue_usage()`` and the dead tuples of messages and
+results.
 ``queues.rows`` counts the tombstones of deleted queues too, which are kept for an hour
 (``upkeep.TOMBSTONE_SECONDS``): in a shorter run it climbs by design, so it is shown and not
 judged; ``queues.live`` is judged, and ``queues.overdue`` (tombstones older than an hour and a
@@ -142,6 +144,9 @@ def sample(url: str) -> dict[str, float]:
         s["connections"] = conn.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
         ).fetchone()[0]
+        s["advisory_locks"] = conn.execute(
+            "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+            "WHERE l.locktype = 'advisory' AND d.datname = current_database()").fetchone()[0]
         s["notify_usage"] = conn.execute("SELECT pg_notification_queue_usage()").fetchone()[0]
     return s
 
@@ -309,9 +314,10 @@ class Soak:
         app = self.app
         while not self.stop.is_set():
             try:
+                assert app.add.delay(1, 1).get(timeout=180) == 2
                 group(app.add.s(i, i) for i in range(20))().get(timeout=180)
                 chord(app.add.s(i, 1) for i in range(20))(app.tsum.s()).get(timeout=180)
-                self.counts["tasks"] += 41
+                self.counts["tasks"] += 42
             except Exception as e:  # keep loading; the count is reported
                 self.counts["producer_errors"] += 1
                 self.error(f"producer: {type(e).__name__}: {e}")
