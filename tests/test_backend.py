@@ -279,6 +279,39 @@ def test_many_threads_waiting_at_once(app, backend):
     assert out == {t: i for i, t in enumerate(ids)}
 
 
+def test_waiting_threads_are_woken_by_their_own_result(app, backend):
+    """The thread that reads the listening session woke every waiting thread whenever it let
+    go, and each went round Celery's wait loop again: 32 caller threads called drain_events
+    10 times per task between them (ad hoc, with ``python -m bench callers``' workload). A
+    waiting thread is now woken when its own result is in, or to read next."""
+    consumer = backend.result_consumer
+    drains: list[int] = []
+    real = consumer.drain_events
+    consumer.drain_events = lambda timeout=None: (drains.append(1), real(timeout))[1]
+    ids = [tid() for _ in range(16)]
+    got: dict[str, int] = {}
+
+    def wait(task_id: str) -> None:
+        got[task_id] = AsyncResult(task_id, app=app, backend=backend).get(timeout=20)
+
+    threads = [threading.Thread(target=wait, args=(t,)) for t in ids]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)  # all of them wait now
+        before = len(drains)
+        for i, task_id in enumerate(ids):
+            backend.mark_as_done(task_id, i)
+            time.sleep(0.05)
+        for thread in threads:
+            thread.join(20)
+    finally:
+        consumer.drain_events = real
+    assert got == {t: i for i, t in enumerate(ids)}
+    assert len(drains) - before <= 3 * len(ids), \
+        f"{len(drains) - before} drains for {len(ids)} results, one at a time"
+
+
 def test_the_threads_of_a_process_share_one_listening_session_and_one_pool(app, db_url):
     # Celery gives each thread a backend instance of its own unless the backend says it is
     # thread-safe (and threads that first ask at the same moment each build one even then): 8

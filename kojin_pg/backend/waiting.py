@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -61,13 +62,65 @@ class _AlsoWaiting:
 
 
 class _Readers:
-    """Who reads the listening connection in this process; the others wait for its news."""
+    """Who reads the listening connection in this process; the others wait for its news.
+
+    A waiting thread is woken when the reader delivers the result it waits for, or when the
+    reader lets go and it is the one to read next: not at every delivery. (Woken each time, 32
+    waiting threads called ``drain_events`` 10 times per task between them.)"""
 
     def __init__(self) -> None:
+        #: the reader's role
         self.lock = threading.Lock()
-        self.done = threading.Condition(threading.Lock())
+        #: guards ``waiting``
+        self.guard = threading.Lock()
+        #: the threads waiting for the reader's news, by thread: the result each waits for (a
+        #: weak reference; None: several, or not known) and its event
+        self.waiting: dict[int, tuple[weakref.ref[Any] | None, threading.Event]] = {}
+        self._events = threading.local()
         #: when the awaited results were last read, announced or not
         self.read_at = time.monotonic()
+
+    def wait_for_news(self, awaited: Any, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds while another thread reads, until it delivers
+        ``awaited`` (a result object, or None) or lets go."""
+        event = getattr(self._events, "event", None)
+        if event is None:
+            event = self._events.event = threading.Event()
+        event.clear()
+        me = threading.get_ident()
+        with self.guard:
+            self.waiting[me] = (None if awaited is None else weakref.ref(awaited), event)
+        try:
+            if self.lock.locked() and not _is_ready(awaited):
+                event.wait(timeout)
+        finally:
+            with self.guard:
+                self.waiting.pop(me, None)
+
+    def delivered(self, task_id: str) -> None:
+        """The result of ``task_id`` was handed on: wake the threads waiting for it."""
+        with self.guard:
+            for ref, event in self.waiting.values():
+                awaited = ref() if ref is not None else None
+                if awaited is not None and awaited.id == task_id:
+                    event.set()
+
+    def hand_on(self) -> None:
+        """The reader let go: wake one waiting thread whose result is not in, to read next
+        (and every thread waiting for several results, as they cannot tell)."""
+        with self.guard:
+            chosen = False
+            for ref, event in self.waiting.values():
+                if ref is None:
+                    event.set()
+                elif not chosen and not _is_ready(ref()):
+                    event.set()
+                    chosen = True
+
+
+def _is_ready(result: Any) -> bool:
+    """Whether a result object's wait is over (Celery fulfils its ``on_ready`` promise)."""
+    return result is not None and bool(result.on_ready.ready)
 
 
 class ResultConsumer(BaseResultConsumer):
@@ -128,6 +181,9 @@ class ResultConsumer(BaseResultConsumer):
             result._maybe_set_cache(meta)
         if meta["status"] in states.READY_STATES:
             self._by_sender.get().discard(meta["task_id"])
+            readers = self._readers.peek()
+            if readers is not None:
+                readers.delivered(meta["task_id"])
 
     # -- BaseResultConsumer ------------------------------------------------------------------
 
@@ -183,7 +239,9 @@ class ResultConsumer(BaseResultConsumer):
         # wait slot is taken (see .waiters). For one task, the slot and the read go in one
         # statement on the LISTEN session, always (under the session's lock: another thread's
         # slot change may be in flight).
-        if not hasattr(result, "results"):
+        single = not hasattr(result, "results")
+        self._this_thread.awaiting = weakref.ref(result) if single else None
+        if single:
             sent = self.readahead.sender_of(result.id)  # (take forgets it)
             kept = self.readahead.take(result.id)
             if kept is not None:
@@ -274,10 +332,17 @@ class ResultConsumer(BaseResultConsumer):
         wait = 1.0 if timeout is None else max(timeout, 0.0)
         readers = self._readers.get()
         if not readers.lock.acquire(blocking=False):
-            # Another thread reads the connection; whatever it reads for us, it delivers.
-            with readers.done:
-                readers.done.wait(wait)
-            return
+            # Another thread reads the connection; whatever it reads for us, it delivers. It
+            # wakes this thread then, or when it lets go and this one is to read next.
+            awaiting = getattr(self._this_thread, "awaiting", None)
+            awaited = awaiting() if awaiting is not None else None
+            readers.wait_for_news(awaited, wait)
+            if _is_ready(awaited):
+                if not readers.lock.locked():
+                    readers.hand_on()  # woken to read next, but done: another one reads
+                return
+            if not readers.lock.acquire(blocking=False):
+                return
         try:
             self.sync_slots()
             heard = self.listener.wait(wait)
@@ -297,8 +362,7 @@ class ResultConsumer(BaseResultConsumer):
                 self._safety_net_read()
         finally:
             readers.lock.release()
-            with readers.done:
-                readers.done.notify_all()
+            readers.hand_on()
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -395,4 +459,5 @@ class ResultConsumer(BaseResultConsumer):
                     return
             finally:
                 readers.lock.release()
+                readers.hand_on()
         time.sleep(min(timeout, self.backend.settings.polling_interval))
