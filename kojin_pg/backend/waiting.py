@@ -384,23 +384,26 @@ class ResultConsumer(BaseResultConsumer):
         return ids
 
     def _deliver_heard(self, heard: set[str], skip: set[str] | frozenset[str] = frozenset()
-                       ) -> None:
+                       ) -> set[str]:
         """Hand announced results to their waiters here (but those of ``skip``): those
         announced with their value as they are, the others after one read. Final results of
         tasks sent from here and not waited for yet are kept for their gets (before the
         waiters are looked up: a get that starts meanwhile finds its result kept, or is
-        among them)."""
+        among them). Returns the task ids announced."""
         ids, results = split_heard(heard)
+        announced = ids | results.keys()
         self.readahead.heard(results, ids, self.backend.announced_meta)
         unheard = self._unheard.peek()
         if unheard:
-            for task_id in ids | results.keys():
+            for task_id in announced:
                 unheard.pop(task_id, None)
         awaited = self._awaited() - skip
         for task_id in results.keys() & awaited:
-            self.readahead.take(task_id)  # handed on here: not again to its get
-            self.on_state_change(self.backend.announced_meta(results[task_id]), True)
+            # handed on here, not again to its get (kept above if it was sent from here)
+            meta = self.readahead.take(task_id) or self.backend.announced_meta(results[task_id])
+            self.on_state_change(meta, True)
         self._deliver(ids & awaited)
+        return announced
 
     def _deliver(self, task_ids: Iterable[str]) -> set[str]:
         """Read ``task_ids`` and hand their results on; the ids of those that were final."""
@@ -451,9 +454,7 @@ class ResultConsumer(BaseResultConsumer):
                             return  # listening again, some may have been missed: read now
                         break  # not listening: nap below, then the caller reads
                     # announcements for other waiters of this process reach them too
-                    ids, results = split_heard(heard)
-                    self._deliver_heard(heard, skip=task_ids)
-                    if (ids | results.keys()) & task_ids:
+                    if self._deliver_heard(heard, skip=task_ids) & task_ids:
                         return
                 else:
                     return
