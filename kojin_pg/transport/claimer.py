@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 
 #: What one claim asks: (channel, queues, how many).
 Ask = tuple[Any, list[str], int]
-#: What one claim returned: (channel, [(payload, queue), ...], how many were asked).
+#: What one claim returned: (channel, [(payload, queue), ...], how many it asked for: fewer
+#: than the plan's when hand-offs or an open offer hold slots; a full batch means more may be
+#: ready).
 Got = tuple[Any, list[tuple[dict[str, Any], str]], int]
 
 
@@ -79,12 +81,13 @@ class Claimer:
     """Runs the event loop's claims on a thread and hands their messages back to the loop."""
 
     def __init__(self, plan: Callable[[AbstractSet[str] | None], list[Ask]],
-                 claim: Callable[[Any, list[str], int], list[tuple[dict[str, Any], str]]],
+                 claim: Callable[[Any, list[str], int],
+                                 tuple[list[tuple[dict[str, Any], str]], int]],
                  abandoned: Callable[[], None] | None = None) -> None:
         #: What to claim now (on the loop thread): the channels with free prefetch slots and
         #: their queues (only the ``announced`` ones, if given).
         self._plan = plan
-        #: Run one claim (on the claim thread).
+        #: Run one claim (on the claim thread): what it leased, and how many it asked for.
         self._claim = claim
         #: Called on the claim thread when a claim that :meth:`stop` gave up waiting for has
         #: ended: nobody receives what it leased.
@@ -170,7 +173,7 @@ class Claimer:
             error: BaseException | None = None
             for channel, queues, n in asks:
                 try:
-                    results.append((channel, self._claim(channel, queues, n), n))
+                    results.append((channel, *self._claim(channel, queues, n)))
                 except BaseException as exc:  # the loop raises it, as a claim on it would
                     error = exc
                     break

@@ -26,12 +26,16 @@ Why nothing is lost, delivered twice or delivered past the prefetch window:
 * **A dead consumer takes nothing.** An offer is good only while its consumer's LISTEN session
   holds the exclusive advisory lock ``(offer space, live_key)``; a publish skips an offer whose
   lock a shared try obtains. The sweep deletes such rows.
-* **The window is never overfilled.** An offer has at most the slots its claim left free, and
-  before each claim the consumer withdraws it (``withdraw_offer`` waits for a publish filling a
-  slot to commit, and says how many were left open). The messages of the filled slots that have
-  not arrived, and those delivered since the claim was planned (:meth:`Offers.planned`), fill
+* **The window is never overfilled.** An offer has at most the slots its claim left free. A
+  claim takes only the slots that its offer's unfilled ones leave, beside the open offer
+  (:meth:`Offers.room_beside`: acks freed them since the offer was made); with none left, the
+  consumer withdraws the offer first (``withdraw_offer`` waits for a publish filling a slot to
+  commit, and says how many were left open). The messages of the filled slots that have not
+  arrived, and those delivered since the claim was planned (:meth:`Offers.planned`), fill
   slots the claim must leave; a claim left with none is owed, and made once they have arrived
-  (``Channel.claim_owed``).
+  (``Channel.claim_owed``). An offer stays open through the claims beside it: withdrawn, its
+  publishes in the meantime would miss it and be announced, and each announcement would cause
+  the next such claim.
 * **A handed-off message whose NOTIFY never arrives comes back.** NOTIFYs are lost only with the
   session that listens. Each new LISTEN session (or a paused one) starts a new *generation*:
   offers made before are forgotten, and the next claim round (:meth:`Offers.recover`) withdraws
@@ -265,6 +269,25 @@ class Offers:
         s = self._state.get()
         with s.lock:
             return s.on_its_way(channel)
+
+    def room_beside(self, channel: Any, n: int) -> int:
+        """How many of the ``n`` slots a claim was planned with it may take while ``channel``'s
+        offer stays open: those left once the offer's unfilled slots, the hand-offs on their
+        way and those delivered since the plan are counted (see :meth:`withdraw`). 0 (no open
+        offer, or no room beside it): withdraw the offer first."""
+        s = self._state.get()
+        with s.lock:
+            mine = s.open_tokens(channel)
+            if not mine:
+                return 0
+            offer = s.offers[mine[0]]
+            arrived = s.arrived.get(channel, 0)
+            since_plan = arrived - s.planned.get(channel, arrived)
+            room = n - since_plan - s.on_its_way(channel) - (offer.slots - offer.received)
+            if room <= 0:
+                return 0
+            s.planned.pop(channel, None)
+            return room
 
     def withdraw(self, channel: Any) -> int:
         """Take back ``channel``'s open offer before it claims; return how many of the slots

@@ -465,32 +465,39 @@ class Transport(virtual.Transport):
         return asks
 
     def _claim_on_thread(self, channel: Channel, queues: list[str],
-                         n: int) -> list[tuple[dict[str, Any], str]]:
-        """One claim of a round, on the claim thread (none for a channel that the loop closed
-        since the round was planned: a closed channel has no connection to claim with).
+                         n: int) -> tuple[list[tuple[dict[str, Any], str]], int]:
+        """One claim of a round, on the claim thread: what it leased, and how many it asked
+        for (a full batch: more may be ready). None for a channel that the loop closed since
+        the round was planned: a closed channel has no connection to claim with.
 
+        With an open offer that leaves room beside it, the claim takes that room and the offer
+        stays open (see :meth:`.Offers.room_beside`); else the offer is withdrawn first.
         Short, with room left: the consumer is about to wait on ``queues``, so it says so (see
         :mod:`.idle`) and claims what was published before, then offers its free slots to the
         next publishes (see :mod:`.offers`); full: it has a backlog and says that instead. No
         ``queues``: after its offer's slots were all filled, only offer again (the consumer
         still waits: a publish that finds no offer announces its message)."""
         if channel.closed:
-            return []
+            return [], 0
         self.offers.recover()
         if not queues and self.offers.is_open(channel):
-            return []  # its offer still has open slots
-        n -= self.offers.withdraw(channel)  # hand-offs fill slots too
+            return [], 0  # its offer still has open slots
+        beside = self.offers.room_beside(channel, n) if queues else 0
+        if beside:
+            n = beside
+        else:
+            n -= self.offers.withdraw(channel)  # hand-offs fill slots too
         if n <= 0:
             if queues:
                 channel.claim_owed = True  # claimed when they have arrived
-            return []
+            return [], 0
         claimed: list[tuple[dict[str, Any], str]] = []
         if queues:
             claimed = channel._claim(queues, n)
             if len(claimed) >= n:
                 self.idle.leave(queues)
                 self._pass_on_backlog()
-                return claimed
+                return claimed, n
             due = channel.next_due
             entered = self.idle.enter(queues) if self.settings.use_notify else []
             self._pass_on_backlog()
@@ -501,9 +508,9 @@ class Transport(virtual.Transport):
         if (len(claimed) < n and self._listen_fd is not None and not self.closing
                 and not channel.closed):
             # drained, with room: offer the free slots to the next publishes (the loop reads
-            # the channel)
+            # the channel; nothing if its offer is open)
             self.offers.make(channel, sorted(channel._active_queues), n - len(claimed))
-        return claimed
+        return claimed, n if queues else 0
 
     def _pass_on_backlog(self) -> None:
         """A statement on the LISTEN session (going idle, or not) reads the announcements that
@@ -517,14 +524,14 @@ class Transport(virtual.Transport):
         (more may be ready) or wake-ups came meanwhile."""
         results, error, announced, again = self.claimer.take()
         full = False
-        for channel, claimed, n in results:
+        for channel, claimed, asked in results:
             if self.closing or channel.closed or not channel._consumers:
                 if claimed:  # stopped consuming meanwhile: back to the queue
                     self._hand_back([p["properties"]["delivery_tag"] for p, _ in claimed])
                 continue
             channel.deliver(claimed)
             # a short claim of all its queues: whatever comes next will be announced
-            channel.more_ready = len(claimed) >= n
+            channel.more_ready = asked > 0 and len(claimed) >= asked
             full = full or channel.more_ready
         if error is not None:
             raise error
