@@ -18,6 +18,7 @@ from netproxy import PgProxy
 from plans import execute_prepared
 from psycopg import sql
 from reads import watch_heard, watch_reads
+from syncrep import standby_never_confirms, until
 
 from kojin_pg.backend.waiters import wait_slot
 from kojin_pg.backend.warmup import start_opening
@@ -1073,3 +1074,36 @@ def test_a_get_of_a_batch_does_not_take_its_senders_key_again(plain_backend, db_
         stored_by_a_worker(plain_backend, r.id, i, app.thread_oid) for i, r in enumerate(rest)])
     assert len(heard) <= SENDS_AHEAD_MAX, f"{len(heard)} of the 39 stored after a get announced"
     assert [r.get(timeout=10) for r in rest] == list(range(39))
+
+
+
+def test_a_store_whose_commit_waits_to_be_durable_holds_up_no_other_announced_store(
+        make_app, db_url):
+    """A NOTIFY takes a lock on the whole database at commit, held until the commit is
+    durable: its WAL flushed and, with synchronous standbys, confirmed. A store that announced
+    its result in its own transaction made every other announcing commit of the database wait
+    for its flush, one flush after another (32 caller threads: on average 11 backends waited
+    on that lock, issue 12). Here a standby that never confirms holds one store's commit;
+    another result, stored and announced meanwhile, must get through, and the held one is
+    announced once its commit is durable."""
+    held = make_app(result_backend_transport_options={"synchronous_commit": "on"}).backend
+    other = make_app(result_backend_transport_options={"synchronous_commit": "local"}).backend
+    a, b = tid(), tid()
+    with psycopg.connect(db_url, autocommit=True) as waiter:
+        for t in (a, b):  # a waiter holds both results' wait slots: both are announced
+            waiter.execute("SELECT pg_advisory_lock_shared(%s, %s)",
+                           (held.wait_space, wait_slot(t)))
+        waiter.execute(sql.SQL("LISTEN {}").format(sql.Identifier(held.channel)))
+        with standby_never_confirms(db_url) as commits:
+            commits.start(held.mark_as_done, a, 1)
+            assert until(lambda: commits.waiting() == 2), \
+                "the held store's commit never waited for the standby"
+            through = commits.start(other.mark_as_done, b, 2)
+            through.join(10)
+            assert not through.is_alive(), \
+                "an announced store waited for another store's commit to be durable"
+            heard = [n.payload for n in waiter.notifies(timeout=5, stop_after=1)]
+            assert len(heard) == 1 and b in heard[0]
+        heard = [n.payload for n in waiter.notifies(timeout=5, stop_after=1)]
+        assert len(heard) == 1 and a in heard[0], "the held store was not announced"
+    assert held.get_task_meta(a, cache=False)["result"] == 1

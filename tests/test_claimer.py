@@ -200,11 +200,13 @@ class LoopConsumer:
     """A kombu connection consuming through kombu's Hub, as Celery's worker does."""
 
     def __init__(self, db_url: str, events: Events, *, prefetch: int = 100,
-                 claims_stop_timeout: float | None = None) -> None:
-        # no polling safety net during the test: every claim comes from a wake-up we caused
+                 claims_stop_timeout: float | None = None,
+                 polling_interval: float = 3600) -> None:
+        # no polling safety net during the test (unless asked): every claim comes from a
+        # wake-up we caused
         self.conn = Connection(db_url,
                                transport=recording_transport(events, claims_stop_timeout),
-                               transport_options={"polling_interval": 3600})
+                               transport_options={"polling_interval": polling_interval})
         self.conn.connect()
         self.channel = self.conn.channel()
         self.channel.basic_qos(0, prefetch, False)

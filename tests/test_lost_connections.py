@@ -51,7 +51,7 @@ def test_publish_whose_commit_reply_is_lost_is_enqueued_once(db_url, proxy):
     with Connection("kojin+" + proxy.url(db_url)) as conn:
         channel = conn.channel()
         q(channel).declare()
-        proxy.cut_after_reply(marker("broker", "publish"))
+        proxy.cut_after_reply(marker("broker", "publish_message"))
         Producer(channel, exchange=q.exchange, routing_key=q.routing_key).publish({"n": 1})
         if not proxy.wait_cut(CUT_WAIT):
             pytest.fail("harness: the publish was not cut")

@@ -15,6 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 from kombu import Connection, Producer
+from syncrep import standby_never_confirms, until
 from test_claimer import (
     BOUND,
     Events,
@@ -28,6 +29,7 @@ from test_claimer import (
     wait_until,
 )
 
+from kojin_pg.transport import offers as offers_module
 from kojin_pg.transport.offers import HANDOFF_MAX_BYTES, offer_space
 
 pytestmark = pytest.mark.timeout(120)
@@ -348,7 +350,7 @@ def test_a_claim_cut_short_by_hand_offs_on_their_way_claims_when_they_arrive(db_
         try:
             # the first publish fills the slot and stalls before its commit, holding the offer
             with in_background(lambda: publish(db_url, q, [{"i": 1}]), _Release(holder)):
-                assert wait_until(lambda: blocked("%WITH q AS (%")), "the hand-off never waited"
+                assert wait_until(lambda: blocked("%publish_message(%")), "the hand-off never waited"
                 publish(db_url, q, [{"i": 2}])  # skips the locked offer: announced
                 assert [by for by, _ in leased(db_url, q)] == [None]
                 # the announcement's claim withdraws the offer, waiting for the first publish
@@ -403,7 +405,7 @@ def test_publishes_in_flight_at_once_both_hand_off_to_one_idle_consumer(db_url, 
         def stalled() -> int:  # publishes stalled in their hand-off's insert
             return admin.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE cardinality(pg_blocking_pids(pid))"
-                " > 0 AND query LIKE %s", ("%WITH q AS (%",)).fetchone()[0]
+                " > 0 AND query LIKE %s", ("%publish_message(%",)).fetchone()[0]
 
         try:
             with in_background(lambda: publish(db_url, q, [{"i": 1}]), _Release(holder)):
@@ -465,3 +467,69 @@ def test_a_claim_beside_an_open_offer_that_comes_back_full_claims_again(db_url, 
     finally:
         consumer.close()
     assert [body["i"] for _, body in consumer.got] == [0, 1, 2, 3]
+
+
+def test_a_publish_whose_commit_waits_to_be_durable_holds_up_no_other_hand_off(db_url, events):
+    """A NOTIFY takes a lock on the whole database at commit, held until the commit is
+    durable. A publish that handed off its message in its own transaction made every other
+    announcing commit wait for its flush (issue 12: 32 threads sending tasks, on average 6
+    publishes waited on that lock). Here a standby that never confirms holds one hand-off's
+    commit; another publisher's hand-off meanwhile must get through to the idle consumer, and
+    the held one arrives once its commit is durable."""
+    q = make_queue()
+    consumer = idle_consumer(db_url, events, q, prefetch=4)
+    me = consumer.transport.consumer_id
+
+    def publish_at(level: str, body: dict[str, int]) -> None:  # declared already: no write
+        with Connection(f"kojin+{db_url}?synchronous_commit={level}") as conn:
+            Producer(conn.channel(), exchange=q.exchange, routing_key=q.routing_key,
+                     serializer="json", auto_declare=False).publish(body)
+
+    try:
+        with standby_never_confirms(db_url) as commits:
+            commits.start(publish_at, "on", {"i": 1})
+            assert until(lambda: commits.waiting() == 2), \
+                "the held publish's commit never waited for the standby"
+            through = commits.start(publish_at, "local", {"i": 2})
+            through.join(10)
+            assert not through.is_alive(), \
+                "a hand-off waited for another publish's commit to be durable"
+            assert run_loop_until(consumer.hub, lambda: len(consumer.got) == 1)
+        assert run_loop_until(consumer.hub, lambda: len(consumer.got) == 2)
+        assert [by for by, _ in leased(db_url, q)] in ([me, me], [me], [])
+        assert run_loop_until(consumer.hub, lambda: rows(db_url, q) == [])
+    finally:
+        consumer.close()
+    assert [body["i"] for _, body in consumer.got] == [2, 1]
+
+
+def test_a_hand_off_whose_notify_never_came_is_taken_back(db_url, events, monkeypatch):
+    """A publish hands off its message after its commit (sql/0012): a publisher whose session
+    ended in between left the message leased to the consumer, its slot filled, and no NOTIFY
+    on its way. The consumer's polling round finds the hand-off late and takes back what it
+    holds and never received; the message is then delivered as any queued one."""
+    monkeypatch.setattr(offers_module, "HANDOFF_LATE_SECONDS", 0.5)
+    q = make_queue()
+    scratch = make_queue()
+    publish(db_url, scratch, [{"i": 1}])  # a real message's payload, queued nowhere useful
+    consumer = idle_consumer(db_url, events, q, prefetch=4, polling_interval=0.2)
+    me = consumer.transport.consumer_id
+    try:
+        with psycopg.connect(db_url, autocommit=True) as pg:
+            # what the publish's first transaction commits, with no second one to announce it
+            pg.execute(
+                "WITH o AS (UPDATE kojin.offers SET open_slots = open_slots - 1,"
+                "  token = CASE WHEN open_slots > 1 THEN token END WHERE slot = ("
+                "  SELECT slot FROM kojin.offers WHERE consumer = %s AND open_slots > 0"
+                "  ORDER BY served_at LIMIT 1) RETURNING consumer, lease),"
+                " m AS (DELETE FROM kojin.messages WHERE queue = %s RETURNING payload)"
+                " INSERT INTO kojin.messages (queue, payload, visible_at, publish_id, leased_by,"
+                "  delivery_count) SELECT %s, m.payload, now() + o.lease, gen_random_uuid(),"
+                "  o.consumer, 1 FROM o, m", (me, scratch.name, q.name))
+        assert leased(db_url, q) == [(me, 1)]
+        assert run_loop_until(consumer.hub, lambda: consumer.got, bound=BOUND * 2), \
+            "the lost hand-off never came back"
+        assert run_loop_until(consumer.hub, lambda: rows(db_url, q) == [])
+    finally:
+        consumer.close()
+    assert consumer.got == [(q.name, {"i": 1})]

@@ -134,15 +134,20 @@ class PostgresBackend(AsyncBackendMixin, BaseBackend):
 
     def _store_result(self, task_id: str, result: Any, state: str, traceback: str | None = None,
                       request: Any = None, **kwargs: Any) -> Any:
+        # safe to retry: a store retried after its commit stores the same row again (nothing
+        # over a SUCCESS) and announces only what it stored; an announcement lost with the
+        # connection leaves the result to its waiters' safety-net read, within a second
         self._fetchall(self.queries.store_result,
-                       self.store_params(task_id, result, state, traceback, request),
+                       self.store_params(task_id, result, state, traceback, request,
+                                         commit_first=self.db.commits_before_announcing()),
                        "store_result")
         return result
 
     def store_params(self, task_id: str, result: Any, state: str, traceback: str | None = None,
-                     request: Any = None) -> dict[str, Any]:
+                     request: Any = None, *, commit_first: bool = False) -> dict[str, Any]:
         """The ``store_result`` statement's parameters for one result (the tests run the
-        statement themselves to hold a store's transaction open)."""
+        statement themselves to hold a store's transaction open: without ``commit_first``,
+        which they cannot have there)."""
         meta = self._get_result_meta(result=result, state=state, traceback=traceback,
                                      request=request, format_date=False)
         extended = {k: meta.get(k) for k in _EXTENDED}
@@ -155,6 +160,7 @@ class PostgresBackend(AsyncBackendMixin, BaseBackend):
             "retries": extended["retries"], "queue": extended["queue"],
             "date_done": meta["date_done"], "expires": self.expires_seconds(),
             "channel": self.channel, "notify": self.settings.use_notify,
+            "commit_first": commit_first,
             "result": None, "children": None, "args": None, "kwargs": None, "result_bytes": None,
         }
         encoded, raw = self.values.encode(blob)

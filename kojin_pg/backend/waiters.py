@@ -1,13 +1,15 @@
 """Who waits for which results, told to the writers so that they NOTIFY only when someone may.
 
-A NOTIFY takes a lock at commit that serializes every notifying commit in the database (held
-across the commit's WAL flush), so announcing results nobody waits for costs every writer.
+A NOTIFY takes a lock at commit that serializes every notifying commit in the database, so
+announcing results nobody waits for costs every writer (and a store announces in a second
+transaction, after its durable commit, so that the lock is not held across a WAL flush:
+sql/0012).
 Waiting processes therefore say what they wait for with advisory locks, as idle consumers do
 for publishers (:mod:`kojin_pg.transport.idle`). Each task id maps to one of :data:`SLOTS` wait
 slots, and each slot has two keys:
 
 * **store** (one statement, ``store_result``): a *shared* lock on the slot's writing key, held
-  until the commit, then a probe of its wait key (an exclusive try, given back at once): if the
+  until the result's commit, then a probe of its wait key (an exclusive try, given back at once): if the
   probe fails, someone waits, and the writer announces.
 * **wait** (:meth:`WaitSlots.apply`, :meth:`WaitSlots.apply_and_read`): a *shared* session lock
   on the wait key of each task waited for, on the LISTEN session, then the exclusive writing

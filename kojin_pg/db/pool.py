@@ -110,6 +110,14 @@ class Database:
             self.connect().close()
         return bool(self._pooled)
 
+    def commits_before_announcing(self) -> bool:
+        """Whether a statement that writes and announces (a store, a publish: the procedures
+        of sql/0012) commits before it announces, so that a commit that waits for its WAL
+        flush does not hold the database's NOTIFY lock meanwhile. Not when commits do not wait
+        for a flush (``synchronous_commit=off``), nor when :meth:`run` runs each statement in
+        a transaction of its own (behind a pooler, with ``synchronous_commit`` set)."""
+        return self.synchronous_commit != "off" and not (self.synchronous_commit and self.pooled)
+
     def _learn(self, conn: psycopg.Connection[Any]) -> None:
         if self._pooled is None:
             self._pooled = behind_pooler(conn)

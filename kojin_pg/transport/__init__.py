@@ -12,7 +12,8 @@ URL and options
 
 Semantics
 ---------
-- Publish inserts a row into ``<schema>.messages`` and NOTIFYs the queue's consumers at commit.
+- Publish inserts a row into ``<schema>.messages`` and, if a consumer of the queue is idle,
+  NOTIFYs it once the row is committed (see :mod:`.idle` and :mod:`.offers`).
 - A consumer claims up to its free prefetch slots in one statement (``FOR UPDATE SKIP LOCKED``),
   highest priority first, then FIFO. The claim is a lease: the row stays invisible until
   ``visible_at`` (now + visibility_timeout) and counts the delivery.

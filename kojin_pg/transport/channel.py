@@ -64,6 +64,10 @@ class Channel(virtual.Channel):
         #: the wake-up that caused it is used up: claim once they have arrived. Set on the
         #: claim thread, read and cleared on the loop.
         self.claim_owed = False
+        #: The polling round: the next claim withdraws the open offer rather than claim beside
+        #: it, so that hand-offs lost on their way are found (see .offers). Set on the loop,
+        #: read and cleared on the claim thread.
+        self.recheck_offer = False
 
     def _fetch(self, query: Any, params: dict[str, Any], what: str) -> list[tuple[Any, ...]]:
         """Run one publishing-side statement on the durable pool."""
@@ -96,11 +100,12 @@ class Channel(virtual.Channel):
         handoff = (notify and fields["due_at"] is None and fields["unique_key"] is None
                    and len(payload.obj) <= HANDOFF_MAX_BYTES)
         # publish_id: the statement is retried after a lost connection, and inserts once
-        self._fetch(t.queries.publish, {
+        self._fetch(t.queries.publish_message, {
             "queue": check_queue_name(queue), "priority": self._get_message_priority(message),
             "payload": payload, "publish_id": uuid.uuid4(), **fields,
             **t.idle.publish_params(queue), "handoff": handoff, "offer_space": t.offers.space,
             "channel": t.channel_name, "notify": notify,
+            "commit_first": t.db.commits_before_announcing(),
         }, "publish")
 
     def _put_fanout(self, exchange: str, message: dict[str, Any], routing_key: str,

@@ -1,13 +1,14 @@
 """Which queues have a consumer waiting, told to the publishers so that they NOTIFY only then.
 
-A NOTIFY takes a lock at commit that serializes every notifying commit in the database across
-its WAL flush; a publish that wakes nobody (the consumers are busy, or there are none) should
+A NOTIFY takes a lock at commit that serializes every notifying commit in the database (a
+publish therefore announces in a second transaction, after its durable commit: sql/0012); a
+publish that wakes nobody (the consumers are busy, or there are none) should
 not pay it, nor make every other writer pay it. So a consumer that finds its queues drained and
 has room for more says so with advisory locks on its LISTEN session, and a publish announces
 its message only when it sees one:
 
 * **publish** (one statement, see ``publish`` in broker.sql): a *shared* lock on the queue's
-  publishing key, held until the commit, then a probe of the queue's idle key (an exclusive try,
+  publishing key, held until the message's commit, then a probe of the queue's idle key (an exclusive try,
   given back at once): if it fails, a consumer is idle, and the publish NOTIFYs.
 * **going idle** (:meth:`IdleQueues.enter`, ``go_idle``): a *shared* lock on each queue's idle
   key, held while the consumer waits, then the exclusive publishing lock taken and given back

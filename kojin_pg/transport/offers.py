@@ -36,11 +36,15 @@ Why nothing is lost, delivered twice or delivered past the prefetch window:
   (``Channel.claim_owed``). An offer stays open through the claims beside it: withdrawn, its
   publishes in the meantime would miss it and be announced, and each announcement would cause
   the next such claim.
-* **A handed-off message whose NOTIFY never arrives comes back.** NOTIFYs are lost only with the
-  session that listens. Each new LISTEN session (or a paused one) starts a new *generation*:
-  offers made before are forgotten, and the next claim round (:meth:`Offers.recover`) withdraws
-  them all and hands back every lease this consumer holds but never received, as after a claim
-  whose reply was lost. A hand-off that arrives for a forgotten offer is not delivered: its
+* **A handed-off message whose NOTIFY never arrives comes back.** A publish sends it after its
+  commit (sql/0012), so a publisher's session that ends in between loses it: every polling
+  round withdraws the open offer (learning how many slots were filled), and a hand-off still
+  on its way :data:`HANDOFF_LATE_SECONDS` later is taken for lost (:meth:`Offers.check_late`),
+  and recovered as below. Otherwise NOTIFYs are lost only with the session that listens. Each
+  new LISTEN session (or a paused one) starts a new *generation*: offers made before are
+  forgotten, and the next claim round (:meth:`Offers.recover`) withdraws them all and hands
+  back every lease this consumer holds but never received, as after a claim whose reply was
+  lost. A hand-off that arrives for a forgotten offer is not delivered: its
   lease may have been handed back already (and the message claimed again, even by this
   consumer), so only a recovery, which knows what this consumer holds, hands it back. Closing
   does the same.
@@ -55,6 +59,7 @@ import json
 import logging
 import random
 import threading
+import time
 import uuid
 import zlib
 from collections.abc import Callable
@@ -74,6 +79,12 @@ HANDOFF_MAX_BYTES = 7_600
 
 #: Keys tried for the live lock on a new session before it makes no offers.
 LIVE_KEY_TRIES = 8
+
+#: Seconds a hand-off may be on its way (its slot filled, its NOTIFY not arrived) before the
+#: consumer takes it for lost and hands back what it holds and never received. A publish
+#: announces after its commit (sql/0012): a session that ends between the two leaves a
+#: message leased to this consumer that no NOTIFY brings.
+HANDOFF_LATE_SECONDS = 5.0
 
 #: Rows an offer is spread over (at most one slot each when it has fewer): a publish filling a
 #: slot locks its row until it commits, and the publishes in flight meanwhile skip that row, so
@@ -126,6 +137,8 @@ class _Offer:
     received: int = 0
     #: Slots publishes filled, known once it is withdrawn (None: still open).
     filled: int | None = None
+    #: time.monotonic() when it was withdrawn.
+    withdrawn_at: float | None = None
 
     def done(self) -> bool:
         """Every message handed off with it has arrived: nothing more can come."""
@@ -314,6 +327,7 @@ class Offers:
                 if left is not None and left[1] == len(rows):
                     if offer is not None:
                         offer.filled = offer.slots - int(left[0])
+                        offer.withdrawn_at = time.monotonic()
                         if offer.done():
                             del s.offers[token]
                     continue
@@ -327,6 +341,28 @@ class Offers:
             arrived = s.arrived.get(channel, 0)
             since_plan = arrived - s.planned.pop(channel, arrived)
             return since_plan + s.on_its_way(channel)
+
+    def check_late(self) -> bool:
+        """On the loop thread (the polling safety net): whether a hand-off is lost, that is
+        on its way for longer than :data:`HANDOFF_LATE_SECONDS` after its offer was withdrawn;
+        then the next claim round recovers (:meth:`recover`: what this consumer holds and
+        never received goes back to its queue). An open offer is withdrawn by every polling
+        round (see ``Channel.recheck_offer``), so a lost hand-off of one is found too."""
+        s = self._state.get()
+        now = time.monotonic()
+        with s.lock:
+            late = [o for o in s.offers.values()
+                    if o.on_its_way() > 0 and o.withdrawn_at is not None
+                    and now - o.withdrawn_at > HANDOFF_LATE_SECONDS]
+            if not late:
+                return False
+            s.recover = True
+            for o in late:  # told once; the recovery forgets them
+                o.withdrawn_at = None
+        log.warning("kojin_pg: %d handed-off messages never arrived within %gs: taking back "
+                    "what this consumer holds and never received",
+                    sum(o.on_its_way() for o in late), HANDOFF_LATE_SECONDS)
+        return True
 
     def make(self, channel: Any, queues: list[str], slots: int) -> None:
         """Offer ``slots`` free slots of ``channel`` on ``queues`` (on the claim thread, after a

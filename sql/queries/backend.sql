@@ -3,54 +3,23 @@
 -- always bound parameters.
 
 -- name: store_result
--- Insert or update one result and wake its waiters in the same statement (and transaction),
--- announcing the result itself when the caller passes it (announce), else the task id.
--- Only if a waiter can exist (see kojin_pg/backend/waiters.py): a shared lock on the task's
--- writing key, held until this commit, then a probe of its wait slot (an exclusive try, given
--- back at once): it fails while a waiter holds the slot. A waiter taking the slot after the
--- probe waits for this commit (its barrier on the writing key), then reads the result. If
--- the slot is free, the same for the sender key of the thread that sent the task (sender_key,
--- from its reply_to; NULL: none named).
--- A stored SUCCESS is never overwritten: a late duplicate run of a task must not replace it.
-WITH stored AS (
-    INSERT INTO {schema}.results AS r
-        (task_id, status, result, result_bytes, traceback, children, group_id, parent_id,
-         name, args, kwargs, worker, retries, queue, date_done, expires_at)
-    VALUES (%(task_id)s, %(status)s, %(result)s, %(result_bytes)s, %(traceback)s, %(children)s,
-            %(group_id)s, %(parent_id)s, %(name)s, %(args)s, %(kwargs)s, %(worker)s,
-            %(retries)s, %(queue)s, %(date_done)s, now() + make_interval(secs => %(expires)s))
-    ON CONFLICT (task_id) DO UPDATE SET
-        status = excluded.status,
-        result = excluded.result,
-        result_bytes = excluded.result_bytes,
-        traceback = excluded.traceback,
-        children = excluded.children,
-        group_id = coalesce(excluded.group_id, r.group_id),
-        parent_id = coalesce(excluded.parent_id, r.parent_id),
-        name = coalesce(excluded.name, r.name),
-        args = coalesce(excluded.args, r.args),
-        kwargs = coalesce(excluded.kwargs, r.kwargs),
-        worker = coalesce(excluded.worker, r.worker),
-        retries = coalesce(excluded.retries, r.retries),
-        queue = coalesce(excluded.queue, r.queue),
-        date_done = excluded.date_done,
-        expires_at = excluded.expires_at
-    WHERE r.status <> 'SUCCESS'
-    RETURNING r.task_id
-)
-SELECT pg_notify(%(channel)s, coalesce(%(announce)s::text, task_id)) FROM stored
-WHERE CASE WHEN NOT %(notify)s THEN false
-           -- CASE keeps this order: each writing lock first, then its probe
-           WHEN pg_advisory_xact_lock_shared(%(writing_space)s, %(wait_slot)s) IS NULL
-           THEN false
-           WHEN NOT pg_try_advisory_lock(%(wait_space)s, %(wait_slot)s) THEN true
-           WHEN NOT pg_advisory_unlock(%(wait_space)s, %(wait_slot)s) THEN true
-           WHEN %(sender_key)s::int IS NULL THEN false
-           WHEN pg_advisory_xact_lock_shared(%(writing_space)s, %(sender_key)s::int) IS NULL
-           THEN false
-           WHEN pg_try_advisory_lock(%(wait_space)s, %(sender_key)s::int)
-           THEN NOT pg_advisory_unlock(%(wait_space)s, %(sender_key)s::int)
-           ELSE true END;
+-- Insert or update one result and wake its waiters (the procedure of sql/0012), announcing the
+-- result itself when the caller passes it (announce), else the task id; returns whether it
+-- announced. Only if a waiter can exist (see kojin_pg/backend/waiters.py): a shared lock on the
+-- task's writing key, held until the result's commit, then a probe of its wait slot (an
+-- exclusive try, given back at once): it fails while a waiter holds the slot. A waiter taking
+-- the slot after the probe waits for that commit (its barrier on the writing key), then reads
+-- the result. If the slot is free, the same for the sender key of the thread that sent the
+-- task (sender_key, from its reply_to; NULL: none named). With commit_first (not inside a
+-- transaction), the result is committed before it is announced, so that its durable commit
+-- does not hold the database's NOTIFY lock. A stored SUCCESS is never overwritten.
+CALL {schema}.store_result(
+    %(task_id)s::text, %(status)s::text, %(result)s::jsonb, %(result_bytes)s::bytea,
+    %(traceback)s::text, %(children)s::jsonb, %(group_id)s::text, %(parent_id)s::text,
+    %(name)s::text, %(args)s::jsonb, %(kwargs)s::jsonb, %(worker)s::text, %(retries)s::int,
+    %(queue)s::text, %(date_done)s::timestamptz, %(expires)s::float8, %(notify)s::boolean,
+    %(channel)s::text, %(announce)s::text, %(wait_space)s::int, %(writing_space)s::int,
+    %(wait_slot)s::int, %(sender_key)s::int, %(commit_first)s::boolean);
 
 -- name: wait_slots
 -- A waiting process takes (shared, for its session) the wait slots of the tasks it starts

@@ -13,6 +13,8 @@
 -- a live consumer's open offer, if there is one (see kojin_pg/transport/offers.py): it is
 -- inserted leased to that consumer, and sent whole on the consumer's own channel. No offer is
 -- taken by a publish that will insert nothing (a deleted queue, or the same publish retried).
+-- The transport runs this as the procedure publish_message of sql/0012 (below); the outbox
+-- runs it here, in its caller's transaction: keep the two in step.
 WITH q AS (
     SELECT message_ttl, deleted_at FROM {schema}.queues WHERE name = %(queue)s
 ), offer AS (
@@ -63,6 +65,18 @@ WHERE CASE WHEN leased_by IS NOT NULL THEN true
            WHEN pg_try_advisory_lock(%(idle_space)s, %(queue_key)s)
            THEN NOT pg_advisory_unlock(%(idle_space)s, %(queue_key)s)
            ELSE true END;
+
+-- name: publish_message
+-- The publish above, by the procedure of sql/0012 (what the transport runs): with commit_first
+-- (not inside a transaction), the message is committed before it is announced or handed off,
+-- so that its durable commit does not hold the database's NOTIFY lock. Returns whether it
+-- announced.
+CALL {schema}.publish_message(
+    %(queue)s::text, %(priority)s::int, %(payload)s::jsonb, %(publish_id)s::uuid,
+    %(due_at)s::timestamptz, %(expiration)s::float8, %(task_id)s::text, %(unique_key)s::text,
+    %(handoff)s::boolean, %(offer_space)s::int, %(channel)s::text, %(notify)s::boolean,
+    %(publishing_space)s::int, %(idle_space)s::int, %(queue_key)s::int,
+    %(commit_first)s::boolean);
 
 -- name: wake_at_commit
 -- The outbox, after its publish (with notify off) in the caller's transaction: have the
