@@ -1076,7 +1076,6 @@ def test_a_get_of_a_batch_does_not_take_its_senders_key_again(plain_backend, db_
     assert [r.get(timeout=10) for r in rest] == list(range(39))
 
 
-
 def test_a_store_whose_commit_waits_to_be_durable_holds_up_no_other_announced_store(
         make_app, db_url):
     """A NOTIFY takes a lock on the whole database at commit, held until the commit is

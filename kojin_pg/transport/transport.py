@@ -471,8 +471,8 @@ class Transport(virtual.Transport):
     def _claim_on_thread(self, channel: Channel, queues: list[str],
                          n: int) -> tuple[list[tuple[dict[str, Any], str]], int]:
         """One claim of a round, on the claim thread: what it leased, and how many it asked
-        for (a full batch: more may be ready). None for a channel that the loop closed since
-        the round was planned: a closed channel has no connection to claim with.
+        for (a full batch: more may be ready). Nothing for a channel that the loop closed
+        since the round was planned: a closed channel has no connection to claim with.
 
         With an open offer that leaves room beside it, the claim takes that room and the offer
         stays open (see :meth:`.Offers.room_beside`); else the offer is withdrawn first.
