@@ -12,7 +12,9 @@
 -- the result. If the slot is free, the same for the sender key of the thread that sent the
 -- task (sender_key, from its reply_to; NULL: none named). With commit_first (not inside a
 -- transaction), the result is committed before it is announced, so that its durable commit
--- does not hold the database's NOTIFY lock. A stored SUCCESS is never overwritten.
+-- does not hold the database's NOTIFY lock (if that announcement then fails, as on a full
+-- notification queue, the result stays committed and the statement raises). A stored SUCCESS
+-- is never overwritten.
 CALL {schema}.store_result(
     %(task_id)s::text, %(status)s::text, %(result)s::jsonb, %(result_bytes)s::bytea,
     %(traceback)s::text, %(children)s::jsonb, %(group_id)s::text, %(parent_id)s::text,

@@ -69,8 +69,9 @@ WHERE CASE WHEN leased_by IS NOT NULL THEN true
 -- name: publish_message
 -- The publish above, by the procedure of sql/0012 (what the transport runs): with commit_first
 -- (not inside a transaction), the message is committed before it is announced or handed off,
--- so that its durable commit does not hold the database's NOTIFY lock. Returns whether it
--- announced.
+-- so that its durable commit does not hold the database's NOTIFY lock (if the announcement
+-- then fails, the message stays committed and the statement raises; a hand-off is then
+-- recovered as lost, see kojin_pg/transport/offers.py). Returns whether it announced.
 CALL {schema}.publish_message(
     %(queue)s::text, %(priority)s::int, %(payload)s::jsonb, %(publish_id)s::uuid,
     %(due_at)s::timestamptz, %(expiration)s::float8, %(task_id)s::text, %(unique_key)s::text,
