@@ -9,8 +9,8 @@ for publishers (:mod:`kojin_pg.transport.idle`). Each task id maps to one of :da
 slots, and each slot has two keys:
 
 * **store** (one statement, ``store_result``): a *shared* lock on the slot's writing key, held
-  until the result's commit, then a probe of its wait key (an exclusive try, given back at once): if the
-  probe fails, someone waits, and the writer announces.
+  until the result's commit, then a probe of its wait key (an exclusive try, given back at
+  once): if the probe fails, someone waits, and the writer announces.
 * **wait** (:meth:`WaitSlots.apply`, :meth:`WaitSlots.apply_and_read`): a *shared* session lock
   on the wait key of each task waited for, on the LISTEN session, then the exclusive writing
   lock taken and given back at once, which waits for every store in flight on the slot to

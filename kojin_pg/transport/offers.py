@@ -183,6 +183,13 @@ class _State:
         """Messages handed off to ``channel``'s withdrawn offers, not arrived (under ``lock``)."""
         return sum(o.on_its_way() for o in self.offers.values() if o.channel is channel)
 
+    def filled_since_plan(self, channel: Any) -> int:
+        """Slots of ``channel``'s planned claim that hand-offs fill (under ``lock``): those
+        delivered since the claim was planned (see :meth:`Offers.planned`) and those on their
+        way."""
+        arrived = self.arrived.get(channel, 0)
+        return arrived - self.planned.get(channel, arrived) + self.on_its_way(channel)
+
 
 class Offers:
     """This process's offers of free prefetch slots to the publishers of one transport."""
@@ -294,9 +301,7 @@ class Offers:
             if not mine:
                 return 0
             offer = s.offers[mine[0]]
-            arrived = s.arrived.get(channel, 0)
-            since_plan = arrived - s.planned.get(channel, arrived)
-            room = n - since_plan - s.on_its_way(channel) - (offer.slots - offer.received)
+            room = n - s.filled_since_plan(channel) - (offer.slots - offer.received)
             if room <= 0:
                 return 0
             s.planned.pop(channel, None)
@@ -338,9 +343,9 @@ class Offers:
             self.recover()
             break
         with s.lock:
-            arrived = s.arrived.get(channel, 0)
-            since_plan = arrived - s.planned.pop(channel, arrived)
-            return since_plan + s.on_its_way(channel)
+            filled = s.filled_since_plan(channel)
+            s.planned.pop(channel, None)
+            return filled
 
     def check_late(self) -> bool:
         """On the loop thread (the polling safety net): whether a hand-off is lost, that is
