@@ -533,3 +533,23 @@ def test_a_hand_off_whose_notify_never_came_is_taken_back(db_url, events, monkey
     finally:
         consumer.close()
     assert consumer.got == [(q.name, {"i": 1})]
+
+
+def test_a_publish_at_synchronous_commit_off_hands_off_in_its_one_transaction(db_url, events):
+    """At ``synchronous_commit=off`` no commit waits for a flush, so a publish runs the plain
+    statement (announcing in its own transaction) rather than the procedure: its hand-off
+    reaches the idle consumer all the same."""
+    q = make_queue()
+    consumer = idle_consumer(db_url, events, q, prefetch=4)
+    me = consumer.transport.consumer_id
+    try:
+        with Connection(f"kojin+{db_url}?synchronous_commit=off") as conn:
+            assert not conn.transport.db.commits_before_announcing()
+            Producer(conn.channel(), exchange=q.exchange, routing_key=q.routing_key,
+                     serializer="json", auto_declare=False).publish({"i": 1})
+        assert leased(db_url, q) == [(me, 1)]  # handed off in the publish's statement
+        assert run_loop_until(consumer.hub, lambda: consumer.got)
+        assert run_loop_until(consumer.hub, lambda: rows(db_url, q) == [])
+    finally:
+        consumer.close()
+    assert consumer.got == [(q.name, {"i": 1})]

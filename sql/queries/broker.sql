@@ -13,8 +13,9 @@
 -- a live consumer's open offer, if there is one (see kojin_pg/transport/offers.py): it is
 -- inserted leased to that consumer, and sent whole on the consumer's own channel. No offer is
 -- taken by a publish that will insert nothing (a deleted queue, or the same publish retried).
--- The transport runs this as the procedure publish_message of sql/0012 (below); the outbox
--- runs it here, in its caller's transaction: keep the two in step.
+-- The transport runs this as the procedure publish_message of sql/0012 (below) when it commits
+-- before announcing, and here otherwise; the outbox runs it here, in its caller's
+-- transaction: keep the two in step.
 WITH q AS (
     SELECT message_ttl, deleted_at FROM {schema}.queues WHERE name = %(queue)s
 ), offer AS (
