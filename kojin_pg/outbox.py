@@ -2,18 +2,24 @@
 
 .. code-block:: python
 
-    with psycopg.connect(DSN) as conn, conn.transaction():
+    with psycopg.connect(DSN) as conn, kojin_pg.outbox.transaction(conn):
         conn.execute("INSERT INTO orders ...")
         kojin_pg.outbox.send_task(conn, app, "shop.tasks.ship", args=(order_id,))
     # committed: delivered once. Rolled back: never delivered.
 
 The message row is written on the caller's connection, so it commits or rolls back with the
-caller's own writes. Whether to wake a worker is decided at the commit (a deferred trigger,
-``sql/0008_outbox_wakeups.sql``): a NOTIFY only if a consumer of the queue is idle, and no lock
-that an open business transaction would hold against the workers (unless the caller runs
-``SET CONSTRAINTS ALL IMMEDIATE`` after a send: the decision is made then, and the queue's
-publishing lock is held from then to the commit). On a schema before migration 8, every send
-is announced at the commit, as older versions did.
+caller's own writes. In :func:`transaction` (``conn.transaction()`` that does one more thing),
+the idle workers are woken after the commit, in a statement of its own: the commit itself
+sends no NOTIFY, whose lock would make every other announcing commit of the database wait for
+its flush. A process that dies between the two leaves the messages to the workers' next poll.
+
+``send_task`` works in any transaction of the caller's (``conn.transaction()``, or one that
+:func:`transaction` cannot run after, being nested in it). Then whether to wake a worker is
+decided at the commit (a deferred trigger, ``sql/0008_outbox_wakeups.sql``): a NOTIFY only if a
+consumer of the queue is idle, and no lock that an open business transaction would hold
+against the workers (unless the caller runs ``SET CONSTRAINTS ALL IMMEDIATE`` after a send:
+the decision is made then, and the queue's publishing lock is held from then to the commit).
+On a schema before migration 8, every send is announced at the commit, as older versions did.
 The app's broker must be kojin_pg on the same database (and schema).
 
 Like ``app.send_task``: the queue comes from ``task_routes`` (else ``task_default_queue``)
@@ -28,21 +34,29 @@ error), and the signals fire when the row is written, before the caller's commit
 from __future__ import annotations
 
 import base64
+import logging
+import threading
 import uuid
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 import psycopg
 from celery import signals
 from celery.result import AsyncResult
-from psycopg import sql
+from psycopg import pq, sql
 
 from . import codec, config
 from .db import Queries
 from .db.channels import messages_channel
 from .errors import ConfigurationError
-from .transport.idle import idle_space, publish_params, publishing_space
+from .transport.idle import idle_space, publish_params, publishing_space, queue_key
 from .transport.messages import publish_fields
 from .transport.options import broker_settings
+
+log = logging.getLogger(__name__)
 
 
 def _broker(app: Any) -> tuple[str, bool]:
@@ -93,13 +107,19 @@ def send_task(conn: psycopg.Connection[Any], app: Any, name: str, args: Any = ()
     fields = publish_fields(payload)
     params = {"queue": queue, "channel": messages_channel(schema),
               **publish_params(idle_space(schema), publishing_space(schema), queue)}
-    at_commit = notify and _wakes_at_commit(conn, queries, schema)
-    # Not probed here: the publishing lock would last the caller's whole transaction. With
-    # migration 8, the commit decides (wake_at_commit); before it, announce (older versions' way).
+    after = _after_commit(conn)
+    at_commit = notify and after is None and _wakes_at_commit(conn, queries, schema)
+    # Not probed here: the publishing lock would last the caller's whole transaction. In an
+    # outbox transaction(), the wake-up follows the commit; otherwise, with migration 8, the
+    # commit decides (wake_at_commit); before it, announce (older versions' way).
     conn.execute(queries.publish, {
         **params, "priority": priority, "payload": codec.jsonb(codec.dumps(payload)),
         "publish_id": uuid.uuid4(), **fields, "notify": False})
-    if at_commit:
+    if after is not None:
+        # (a savepoint rolled back later leaves the queue here: a wake-up that finds nothing)
+        if notify:
+            after.add(schema, queue, fields["due_at"])
+    elif at_commit:
         conn.execute(queries.wake_at_commit, {**params, "due_at": fields["due_at"]})
     elif notify:
         conn.execute(queries.announce_queue, params)
@@ -149,3 +169,91 @@ def task_message(app: Any, name: str, args: Any, kwargs: Any, *, queue: str, pri
             "delivery_tag": str(uuid.uuid4()),
         },
     }
+
+
+
+@contextmanager
+def transaction(conn: psycopg.Connection[Any], **kwargs: Any) -> Iterator[psycopg.Transaction]:
+    """``conn.transaction(**kwargs)``, whose outbox sends wake idle workers after its commit.
+
+    The caller's commit then sends no NOTIFY: a NOTIFY takes a lock on the whole database at
+    commit and holds it until the commit is durable, so every other announcing commit of the
+    database would wait for this one's flush. Once the transaction has committed, one
+    statement per schema sent to wakes the idle consumers of those queues, in a transaction
+    of its own that waits for no flush (:meth:`AfterCommit.announce`). A rolled-back
+    transaction announces nothing.
+
+    Entered inside a transaction already open, this is ``conn.transaction()`` (a savepoint):
+    the sends are announced by the outer commit, as :func:`send_task` alone does.
+    """
+    if conn.info.transaction_status != pq.TransactionStatus.IDLE:
+        with conn.transaction(**kwargs) as tx:
+            yield tx
+        return
+    sent = AfterCommit()
+    with _ACTIVE_LOCK:
+        _ACTIVE[conn] = sent
+    rolled_back = False
+    try:
+        with conn.transaction(**kwargs) as tx:
+            try:
+                yield tx
+            except psycopg.Rollback:  # conn.transaction() swallows it, after rolling back
+                rolled_back = True
+                raise
+    finally:
+        with _ACTIVE_LOCK:
+            _ACTIVE.pop(conn, None)
+    if not rolled_back:
+        sent.announce(conn)
+
+
+class AfterCommit:
+    """The queues an :func:`transaction` sent to, and the wake-up that follows its commit."""
+
+    def __init__(self) -> None:
+        #: (schema, queue) -> the earliest due time sent there (None: a message ready now)
+        self._queues: dict[tuple[str, str], datetime | None] = {}
+
+    def add(self, schema: str, queue: str, due_at: datetime | None) -> None:
+        """Remember a send to ``queue`` of ``schema`` (due at ``due_at``, None: ready now)."""
+        key = (schema, queue)
+        if key in self._queues:
+            known = self._queues[key]
+            due_at = None if known is None or due_at is None else min(known, due_at)
+        self._queues[key] = due_at
+
+    def announce(self, conn: psycopg.Connection[Any]) -> None:
+        """Wake the idle consumers of the queues sent to, once the sends are committed, with
+        one statement per queue: a NOTIFY if a consumer waits on it (for a scheduled message,
+        only if it is the queue's earliest), at ``synchronous_commit = off``. A failure is
+        logged, not raised: the caller's commit has happened, and the consumers' next poll
+        finds the messages."""
+        try:
+            autocommit = conn.autocommit
+            # each statement its own transaction, with no BEGIN and COMMIT round trips
+            conn.autocommit = True
+            try:
+                for (schema, queue), due_at in self._queues.items():
+                    # not retried: a lost wake-up is the poll's to make good (see above)
+                    conn.execute(Queries("broker", schema).announce_sent, {
+                        "channel": messages_channel(schema), "idle_space": idle_space(schema),
+                        "queue": queue, "queue_key": queue_key(queue), "due_at": due_at})
+            finally:
+                conn.autocommit = autocommit
+        except psycopg.Error as exc:
+            log.warning("kojin_pg outbox: could not wake the consumers of %d queue(s) after "
+                        "the commit (they find the messages at their next poll): %s: %s",
+                        len(self._queues), type(exc).__name__, exc)
+
+
+#: The outbox transactions open now, by connection (see :func:`transaction`).
+_ACTIVE: weakref.WeakKeyDictionary[psycopg.Connection[Any], AfterCommit] = (
+    weakref.WeakKeyDictionary())
+_ACTIVE_LOCK = threading.Lock()
+
+
+def _after_commit(conn: psycopg.Connection[Any]) -> AfterCommit | None:
+    """The open :func:`transaction` of ``conn``, if its sends are announced after the commit."""
+    with _ACTIVE_LOCK:
+        return _ACTIVE.get(conn)

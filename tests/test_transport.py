@@ -756,6 +756,170 @@ def test_an_outbox_on_a_schema_before_migration_8_announces_every_send(db_url):
     assert heard == [q.name]
 
 
+def test_an_outbox_transaction_wakes_the_idle_consumer_after_its_commit(db_url):
+    """``outbox.transaction`` leaves the wake-up out of the caller's transaction: nothing of it
+    is written there (no outbox_wakeups row for the commit to act on), and once the commit is
+    done the idle consumer is woken (it polls only every 600 s), once for the queue however
+    many sends went to it. A rolled-back transaction (an exception, or psycopg's Rollback)
+    announces nothing and delivers nothing."""
+    from celery import Celery
+
+    from kojin_pg import outbox
+
+    q = make_queue()
+    app = Celery("ob", broker=kurl(db_url), set_as_current=False)
+    got: list = []
+
+    def roll_back() -> None:
+        with psycopg.connect(db_url) as conn:
+            with pytest.raises(RuntimeError), outbox.transaction(conn):
+                outbox.send_task(conn, app, "proj.add", args=("failed",), queue=q.name)
+                raise RuntimeError("the business transaction fails")
+            with outbox.transaction(conn):
+                outbox.send_task(conn, app, "proj.add", args=("rolled back",), queue=q.name)
+                raise psycopg.Rollback()
+
+    def send() -> None:
+        with psycopg.connect(db_url) as conn:
+            with outbox.transaction(conn):
+                for i in range(3):
+                    outbox.send_task(conn, app, "proj.add", args=(i,), queue=q.name)
+                assert conn.execute("SELECT count(*) FROM kojin.outbox_wakeups"
+                                    ).fetchone() == (0,), "the commit was left a wake-up"
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+    with Connection(kurl(db_url) + "?polling_interval=600") as waiter:
+        q(waiter.channel()).declare()
+        th = threading.Thread(target=consume, args=(waiter, q, 3),
+                              kwargs={"timeout": 20, "into": got})
+        th.start()
+        time.sleep(1.0)  # the waiter is idle on LISTEN now
+        assert _heard(db_url, waiter.transport.channel_name, roll_back) == []
+        heard = _heard(db_url, waiter.transport.channel_name, send)
+        th.join(25)
+    assert heard == [q.name], f"announced {heard} for one queue's sends"
+    assert sorted(b[0] for b, _ in got) == [[0], [1], [2]]
+    with psycopg.connect(db_url) as pg:
+        assert pg.execute("SELECT count(*) FROM kojin.messages WHERE queue = %s",
+                          (q.name,)).fetchone() == (0,)
+
+
+def test_an_outbox_commit_that_waits_to_be_durable_holds_up_no_other_announcement(db_url):
+    """A NOTIFY takes a lock on the whole database at commit, held until the commit is
+    durable (issue 12: "none inside the caller's transaction for the outbox"). With
+    ``outbox.transaction`` the caller's commit sends none: here a standby that never confirms
+    holds that commit, and a publish to an idle consumer meanwhile must be announced and
+    delivered; the outbox's message is announced once its commit is durable."""
+    from celery import Celery
+    from syncrep import standby_never_confirms, until
+
+    from kojin_pg import outbox
+
+    q = make_queue()
+    app = Celery("ob", broker=kurl(db_url), set_as_current=False)
+    got: list = []
+
+    def business() -> None:
+        # the test server runs at synchronous_commit=off; a user's runs at on
+        with psycopg.connect(db_url, options="-c synchronous_commit=on") as conn, \
+                outbox.transaction(conn):
+            conn.execute("CREATE TEMP TABLE orders (id int)")  # the business's own write
+            outbox.send_task(conn, app, "proj.add", args=("outbox",), queue=q.name)
+
+    with Connection(kurl(db_url) + "?polling_interval=600") as consumer, \
+            Connection(kurl(db_url) + "?synchronous_commit=local") as producer:
+        q(consumer.channel()).declare()
+        th = threading.Thread(target=consume, args=(consumer, q, 2),
+                              kwargs={"timeout": 40, "into": got})
+        th.start()
+        time.sleep(1.0)  # the consumer is idle on LISTEN now
+        with standby_never_confirms(db_url) as commits:
+            commits.start(business)
+            assert until(lambda: commits.waiting() == 2), \
+                "the outbox's commit never waited for the standby"
+            sent = threading.Thread(target=publish, args=(producer, q, [{"plain": 1}]))
+            sent.start()
+            sent.join(10)
+            assert not sent.is_alive(), \
+                "a publish's announcement waited for an outbox commit to be durable"
+            assert until(lambda: len(got) == 1), "the idle consumer did not get the publish"
+        th.join(30)
+    assert [b for b, _ in got][0] == {"plain": 1}
+    assert len(got) == 2 and got[1][0][0] == ["outbox"], "the outbox commit woke nobody"
+
+
+def test_an_outbox_transaction_inside_another_wakes_at_the_outer_commit(db_url):
+    """Entered inside a transaction already open, ``outbox.transaction`` is a savepoint and
+    cannot run after the commit: its sends are announced by the outer commit, as
+    ``send_task`` alone does."""
+    from celery import Celery
+
+    from kojin_pg import outbox
+
+    q = make_queue()
+    app = Celery("ob", broker=kurl(db_url), set_as_current=False)
+    got: list = []
+    with Connection(kurl(db_url) + "?polling_interval=600") as waiter:
+        q(waiter.channel()).declare()
+        th = threading.Thread(target=consume, args=(waiter, q, 1),
+                              kwargs={"timeout": 20, "into": got})
+        th.start()
+        time.sleep(1.0)  # the waiter is idle on LISTEN now
+
+        def send() -> None:
+            with psycopg.connect(db_url) as conn, conn.transaction():
+                with outbox.transaction(conn):
+                    outbox.send_task(conn, app, "proj.add", args=("inner",), queue=q.name)
+                assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+
+        heard = _heard(db_url, waiter.transport.channel_name, send)
+        th.join(25)
+    assert heard == [q.name]
+    assert [b[0] for b, _ in got] == [["inner"]]
+
+
+def test_an_outbox_transaction_announces_a_scheduled_send_only_as_the_queues_earliest(db_url):
+    """As a publish does, the wake-up after the commit announces a scheduled message only when
+    it is the queue's earliest (the idle consumers set their timers by it), and a ready one
+    always. The consumer's idle lock is taken here as a consumer going idle takes it."""
+    from celery import Celery
+
+    from kojin_pg import outbox
+    from kojin_pg.transport.idle import idle_space, queue_key
+
+    q = make_queue()
+    app = Celery("ob", broker=kurl(db_url), set_as_current=False)
+    with Connection(kurl(db_url)) as conn, psycopg.connect(db_url, autocommit=True) as idle:
+        q(conn.channel()).declare()
+        idle.execute("SELECT pg_advisory_lock_shared(%s, %s)",
+                     (idle_space("kojin"), queue_key(q.name)))
+
+        def send(*countdowns: int | None) -> None:
+            with psycopg.connect(db_url) as business, outbox.transaction(business):
+                for countdown in countdowns:
+                    outbox.send_task(business, app, "proj.add", queue=q.name,
+                                     countdown=countdown)
+
+        channel = conn.transport.channel_name
+        assert _heard(db_url, channel, lambda: send(600, 300)) == [q.name]
+        assert _heard(db_url, channel, lambda: send(900)) == []
+        assert _heard(db_url, channel, lambda: send(900, None)) == [q.name]
+
+
+def test_an_outbox_announcement_that_fails_after_the_commit_raises_nothing(db_url, caplog):
+    """The caller's transaction is committed when the announcement is sent: if that fails
+    (here the connection is gone), the caller gets no exception for a commit that happened,
+    only a warning, and the message waits for the consumers' next poll."""
+    from kojin_pg import outbox
+
+    conn = psycopg.connect(db_url)
+    conn.close()
+    sent = outbox.AfterCommit()
+    sent.add("kojin", "q_gone", None)
+    sent.announce(conn)
+    assert "could not wake" in caplog.text
+
+
 def test_an_open_outbox_transaction_holds_up_no_consumer_and_no_publisher(db_url):
     """The outbox decides whether to announce at the caller's commit, not when it sends: a
     business transaction left open (for seconds, or forever) must not make a consumer going

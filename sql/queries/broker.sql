@@ -91,6 +91,23 @@ WHERE %(due_at)s::timestamptz IS NULL OR NOT EXISTS (
     SELECT 1 FROM {schema}.messages m
     WHERE m.queue = %(queue)s AND m.due_at IS NOT NULL AND m.due_at < %(due_at)s);
 
+-- name: announce_sent
+-- The outbox, after the caller's commit (kojin_pg.outbox.transaction): wake the idle consumers
+-- of a queue it sent to, in a transaction of its own that does not wait for its flush (a
+-- NOTIFY holds the database's NOTIFY lock until its commit is durable; nothing here needs to
+-- be). The messages are committed already, so no publishing lock is needed: a consumer that
+-- goes idle after the probe claims once more, and sees them. As for a publish, a scheduled
+-- message wakes them only when it is the queue's earliest (its own row is visible, hence <).
+SELECT set_config('synchronous_commit', 'off', true), count(pg_notify(%(channel)s, %(queue)s))
+WHERE CASE WHEN %(due_at)s::timestamptz IS NOT NULL AND EXISTS (
+               SELECT 1 FROM {schema}.messages m
+               WHERE m.queue = %(queue)s AND m.due_at IS NOT NULL AND m.due_at < %(due_at)s)
+           THEN false
+           -- the probe in one expression: see sql/0008_outbox_wakeups.sql
+           WHEN pg_try_advisory_lock(%(idle_space)s, %(queue_key)s)
+           THEN NOT pg_advisory_unlock(%(idle_space)s, %(queue_key)s)
+           ELSE true END;
+
 -- name: announce_queue
 -- Wake the queue's consumers at commit, whoever they are (the outbox on a schema before
 -- migration 8).
