@@ -10,24 +10,12 @@ would, and to see what waits behind it. Needs a superuser (``ALTER SYSTEM``).
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import psycopg
-
-BOUND = 15.0
-
-
-def until(condition: Callable[[], Any], bound: float = BOUND) -> bool:
-    """Whether ``condition()`` holds within ``bound`` seconds (checked every 20 ms)."""
-    deadline = time.monotonic() + bound
-    while not condition():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.02)
-    return True
+from bounded import BOUND, until
 
 
 def waiting_for_the_standby(admin: psycopg.Connection[Any]) -> int:

@@ -10,6 +10,7 @@ import uuid
 
 import psycopg
 import pytest
+from bounded import until
 from celery import states
 from celery.app.task import Context
 from celery.exceptions import TimeoutError as CeleryTimeoutError
@@ -18,7 +19,7 @@ from netproxy import PgProxy
 from plans import execute_prepared
 from psycopg import sql
 from reads import watch_heard, watch_reads
-from syncrep import standby_never_confirms, until
+from syncrep import standby_never_confirms
 
 from kojin_pg.backend.waiters import wait_slot
 from kojin_pg.backend.warmup import start_opening

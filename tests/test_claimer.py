@@ -22,6 +22,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from bounded import BOUND, until
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 from kombu.asynchronous import Hub
 
@@ -30,7 +31,6 @@ from kojin_pg.transport import Transport
 from kojin_pg.transport.channel import Channel
 
 #: Seconds any one wait of these tests may take before it gives up (a bound, not a measure).
-BOUND = 15.0
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -132,16 +132,6 @@ class Stall:
         finally:
             self.holder.close()
             self.watcher.close()
-
-
-def wait_until(condition: Callable[[], Any], bound: float = BOUND) -> bool:
-    """Poll ``condition`` until it holds (True) or ``bound`` seconds pass (False)."""
-    deadline = time.monotonic() + bound
-    while not condition():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def run_loop_until(hub: Hub, condition: Callable[[], Any], bound: float = BOUND) -> bool:
@@ -300,11 +290,11 @@ def test_the_loop_runs_on_while_a_claim_waits_in_the_database(db_url, events, st
         consumer.consume(q)
 
         def control() -> None:
-            assert wait_until(stall.claims_waiting), "no claim ever waited for the lock"
+            assert until(stall.claims_waiting), "no claim ever waited for the lock"
             events.add("claim waits")
             # the loop's timer fires a few times while the claim still waits (bounded: on
             # a loop that blocks on the claim it never does, and the test fails below)
-            wait_until(lambda: events.count("tick", after="claim waits") >= 3)
+            until(lambda: events.count("tick", after="claim waits") >= 3)
             assert stall.claims_waiting() == 1, "the claim stopped waiting before the release"
             events.add("release")
 
@@ -334,14 +324,14 @@ def test_wakeups_during_a_claim_cause_one_follow_up_claim(db_url, events, stall)
         consumer.consume(q, ack=False)  # an ack would nudge the loop: wake-ups of its own
 
         def control() -> None:
-            assert wait_until(stall.claims_waiting), "no claim ever waited for the lock"
+            assert until(stall.claims_waiting), "no claim ever waited for the lock"
             events.add("claim waits")
             transport = consumer.transport
 
             def taken_by_the_loop(wake_up: Callable[[], None], what: str) -> None:
                 wakes = events.count("wake")
                 wake_up()
-                assert wait_until(lambda: events.count("wake") > wakes), \
+                assert until(lambda: events.count("wake") > wakes), \
                     f"the loop did not take the {what} while the claim waited"
 
             def publish_announced(i: int) -> None:
@@ -406,10 +396,10 @@ def test_cancelled_during_a_claim_hands_the_messages_back(db_url, events, stall,
                 events.add("cancelled")
 
         def control() -> None:
-            assert wait_until(stall.claims_waiting), "no claim ever waited for the lock"
+            assert until(stall.claims_waiting), "no claim ever waited for the lock"
             events.add("claim waits")
             cancel_now.set()
-            assert wait_until(lambda: "cancelled" in events.names()), \
+            assert until(lambda: "cancelled" in events.names()), \
                 "the loop did not cancel the consumer while the claim waited"
             assert stall.claims_waiting() == 1, "the claim stopped waiting before the release"
             events.add("release")
@@ -455,10 +445,10 @@ def test_close_during_a_claim_joins_the_thread_and_leaves_nothing_leased(db_url,
                                    "WHERE consumer = %s)", (consumer_id,)).fetchone()[0]
 
         def control() -> None:
-            assert wait_until(stall.claims_waiting), "no claim ever waited for the lock"
+            assert until(stall.claims_waiting), "no claim ever waited for the lock"
             events.add("claim waits")
             # release only once the close is under way, so the claim ends during the close
-            assert wait_until(deregistered), "the close never deregistered the consumer"
+            assert until(deregistered), "the close never deregistered the consumer"
             assert stall.claims_waiting() == 1, "the claim stopped waiting before the release"
             events.add("release")
 
@@ -515,10 +505,10 @@ def test_channel_closed_during_a_claim_hands_the_messages_back(db_url, events, s
                 events.add("channel closed")
 
         def control() -> None:
-            assert wait_until(stall.claims_waiting), "no claim ever waited for the lock"
+            assert until(stall.claims_waiting), "no claim ever waited for the lock"
             events.add("claim waits")
             close_now.set()
-            assert wait_until(lambda: "channel closed" in events.names()), \
+            assert until(lambda: "channel closed" in events.names()), \
                 "the loop did not close the channel while the claim waited"
             assert stall.claims_waiting() == 1, "the claim stopped waiting before the release"
             events.add("release")
@@ -564,11 +554,11 @@ def test_claim_retried_on_the_thread_after_its_connection_is_lost(db_url, events
         consumer.consume(q)
 
         def control() -> None:
-            assert wait_until(waiting_claims), "no claim ever waited for the lock"
+            assert until(waiting_claims), "no claim ever waited for the lock"
             (first,) = waiting_claims()
             stall.watcher.execute("SELECT pg_terminate_backend(%s)", (first,))
             events.add("claim session killed")
-            assert wait_until(lambda: waiting_claims() not in ([], [first])), \
+            assert until(lambda: waiting_claims() not in ([], [first])), \
                 "the claim was not retried on a new session"
             events.add("release")
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import psycopg
 import pytest
+from bounded import until
 from kombu import Connection, Producer
-from syncrep import standby_never_confirms, until
+from syncrep import standby_never_confirms
 from test_claimer import (
     BOUND,
     Events,
@@ -26,7 +27,6 @@ from test_claimer import (
     rows,
     run_loop_until,
     take_at_once,
-    wait_until,
 )
 
 from kojin_pg.transport import offers as offers_module
@@ -193,7 +193,7 @@ def test_a_hand_off_whose_session_dies_comes_back(db_url, events):
         listener_pid = consumer.transport.wakeups.listener._session.get().conn.info.backend_pid
 
         def control() -> None:
-            assert wait_until(lambda: admin.execute(
+            assert until(lambda: admin.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))",
                 (holder.info.backend_pid,)).fetchone()[0] == 1), "the publish never waited"
             admin.execute("SELECT pg_terminate_backend(%s)", (listener_pid,))
@@ -350,7 +350,7 @@ def test_a_claim_cut_short_by_hand_offs_on_their_way_claims_when_they_arrive(db_
         try:
             # the first publish fills the slot and stalls before its commit, holding the offer
             with in_background(lambda: publish(db_url, q, [{"i": 1}]), _Release(holder)):
-                assert wait_until(lambda: blocked("%publish_message(%")), "the hand-off never waited"
+                assert until(lambda: blocked("%publish_message(%")), "the hand-off never waited"
                 publish(db_url, q, [{"i": 2}])  # skips the locked offer: announced
                 assert [by for by, _ in leased(db_url, q)] == [None]
                 # the announcement's claim withdraws the offer, waiting for the first publish
@@ -409,10 +409,10 @@ def test_publishes_in_flight_at_once_both_hand_off_to_one_idle_consumer(db_url, 
 
         try:
             with in_background(lambda: publish(db_url, q, [{"i": 1}]), _Release(holder)):
-                assert wait_until(lambda: stalled() == 1), "the first hand-off never waited"
+                assert until(lambda: stalled() == 1), "the first hand-off never waited"
                 with in_background(lambda: publish(db_url, q, [{"i": 2}]), _Release(holder)):
                     # stalled as a hand-off too, or committed as an ordinary publish
-                    assert wait_until(lambda: stalled() == 2 or leased(db_url, q))
+                    assert until(lambda: stalled() == 2 or leased(db_url, q))
                     assert leased(db_url, q) == [] and stalled() == 2, \
                         "the second publish took the ordinary path"
                     holder.commit()

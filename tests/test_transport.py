@@ -810,8 +810,9 @@ def test_an_outbox_commit_that_waits_to_be_durable_holds_up_no_other_announcemen
     ``outbox.transaction`` the caller's commit sends none: here a standby that never confirms
     holds that commit, and a publish to an idle consumer meanwhile must be announced and
     delivered; the outbox's message is announced once its commit is durable."""
+    from bounded import until
     from celery import Celery
-    from syncrep import standby_never_confirms, until
+    from syncrep import standby_never_confirms
 
     from kojin_pg import outbox
 

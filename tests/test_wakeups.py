@@ -20,6 +20,7 @@ import uuid
 from typing import Any
 
 import psycopg
+from bounded import until
 from celery.result import AsyncResult
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
@@ -49,15 +50,6 @@ def advisory_holders(db_url: str, space: int, key: int) -> set[int]:
             " AND objsubid = 2 AND classid = (%s::bigint & 4294967295)::oid"
             " AND objid = (%s::bigint & 4294967295)::oid", (space, key)).fetchall()
     return {r[0] for r in rows}
-
-
-def wait_until(predicate, timeout: float = BOUND, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
 
 
 def raw_notify(db_url: str, channel: str, payload: str) -> None:
@@ -190,11 +182,11 @@ def test_bursts_from_many_producers_always_wake_idle_consumers(db_url):
             expected += sum(sizes)
             def all_in(expected: int = expected) -> bool:
                 return sum(len(c.got) for c in cons) >= expected
-            if not wait_until(all_in, BOUND, 0.001):
+            if not until(all_in, BOUND, 0.001):
                 lost.append((k, expected - sum(len(c.got) for c in cons)))
                 for c in cons:  # wake them all so that the run can go on
                     raw_notify(db_url, c.conn.transport.channel_name, q.name)
-                assert wait_until(all_in, 20)
+                assert until(all_in, 20)
             time.sleep(rnd.choice([0.0, 0.0, 0.0, 0.001, 0.01, 0.1]))  # idle, or not quite yet
             k += 1
         for c in cons:
@@ -302,7 +294,7 @@ def test_waiters_get_results_stored_at_random_moments(make_app, db_url):
                 done += 1
             else:
                 stored[r[0]] = r[1]
-        if not wait_until(lambda: len(returned) == len(all_ids), BOUND + 5):
+        if not until(lambda: len(returned) == len(all_ids), BOUND + 5):
             rescued = [t for t in all_ids if t not in returned]
             for t in rescued:  # wake the stuck waiters so that the test can end
                 raw_notify(db_url, apps[0].backend.channel, t)
@@ -334,10 +326,10 @@ def _kill_listener_and_wait_relocked(db_url: str, consumer: Any, q: Queue) -> bo
     on a new session and holds the lock there."""
     space = idle_space(consumer.conn.transport.settings.schema)
     key = queue_key(q.name)
-    assert wait_until(lambda: consumer.listener_pid() in advisory_holders(db_url, space, key))
+    assert until(lambda: consumer.listener_pid() in advisory_holders(db_url, space, key))
     old = consumer.listener_pid()
     _terminate(db_url, old)
-    return wait_until(lambda: (consumer.listener_pid() not in (None, old)
+    return until(lambda: (consumer.listener_pid() not in (None, old)
                                and consumer.listener_pid() in advisory_holders(db_url, space,
                                                                                 key)))
 
@@ -351,7 +343,7 @@ def test_an_idle_consumer_whose_listen_session_is_killed_is_woken_afterwards(db_
         with Connection(kurl(db_url)) as conn:
             Producer(conn.channel(), exchange=q.exchange, routing_key=q.routing_key,
                      serializer="json").publish({"after": 1})
-        arrived = wait_until(lambda: len(c.got) == 1)
+        arrived = until(lambda: len(c.got) == 1)
     finally:
         c.stop()
     assert relocked, "the new LISTEN session does not hold the queue's idle lock"
@@ -378,12 +370,12 @@ def test_a_waiter_whose_listen_session_is_killed_is_woken_afterwards(make_app, d
         return s.conn.info.backend_pid
 
     slot = wait_slot(t)
-    assert wait_until(lambda: session_pid() in advisory_holders(db_url, backend.wait_space,
+    assert until(lambda: session_pid() in advisory_holders(db_url, backend.wait_space,
                                                                 slot))
     old = session_pid()
     _terminate(db_url, old)
     # after the lost session (a read and a polling_interval's nap) it listens again, slot taken
-    relocked = wait_until(lambda: (session_pid() not in (None, old) and session_pid()
+    relocked = until(lambda: (session_pid() not in (None, old) and session_pid()
                                    in advisory_holders(db_url, backend.wait_space, slot)), 15)
     time.sleep(0.3)  # sleeping on the new session now
     writer = make_app()
@@ -488,14 +480,14 @@ def test_an_announcement_arriving_during_go_idle_wakes_the_event_loop(db_url):
     schema = t.settings.schema
     space = idle_space(schema)
     try:
-        assert wait_until(lambda: all(c.listener_pid() in advisory_holders(db_url, space,
+        assert until(lambda: all(c.listener_pid() in advisory_holders(db_url, space,
                                                                           queue_key(q.name))
                                       for q in (q1, q2)))
         with psycopg.connect(db_url) as batch:  # a full batch for q1, in one commit: the
             for i in range(2):  # consumer leaves idle for q1 and holds both (prefetch 2)
                 raw_publish(batch, t, q1.name, {"hold": i})
         pid = c.listener_pid()
-        assert wait_until(lambda: len(c.held) == 2
+        assert until(lambda: len(c.held) == 2
                           and pid not in advisory_holders(db_url, space, queue_key(q1.name)))
         with psycopg.connect(db_url) as publisher:  # a publish to q1 in flight: not announced
             raw_publish(publisher, t, q1.name, {"in flight": 1})
@@ -505,17 +497,17 @@ def test_an_announcement_arriving_during_go_idle_wakes_the_event_loop(db_url):
                 with psycopg.connect(db_url) as probe:
                     return bool(probe.execute("SELECT 1 FROM pg_locks WHERE pid = %s AND NOT "
                                               "granted", (pid,)).fetchall())
-            assert wait_until(barrier_blocked), "the consumer did not go idle for q1 again"
+            assert until(barrier_blocked), "the consumer did not go idle for q1 again"
             publish_to(db_url, q2, {"q2": 1})  # q2 is idle: announced
             time.sleep(0.5)
             busy = threading.Event()  # the loop is busy (running callbacks, as Celery's does)
             c.hub.call_soon(lambda: (busy.set(), time.sleep(1.0)))  # when go_idle ends
             assert busy.wait(5)
             publisher.commit()
-        arrived = wait_until(lambda: {"q2": 1} in c.got)
+        arrived = until(lambda: {"q2": 1} in c.got)
         if not arrived:
             raw_notify(db_url, t.channel_name, q2.name)
-            assert wait_until(lambda: {"q2": 1} in c.got, 10)
+            assert until(lambda: {"q2": 1} in c.got, 10)
     finally:
         c.stop()
     assert {"in flight": 1} in c.got
@@ -528,7 +520,7 @@ def test_an_event_loop_consumer_whose_listen_session_is_killed_is_woken_afterwar
     try:
         relocked = _kill_listener_and_wait_relocked(db_url, c, q)
         publish_to(db_url, q, {"after": 1})
-        arrived = wait_until(lambda: c.got == [{"after": 1}])
+        arrived = until(lambda: c.got == [{"after": 1}])
         if not arrived:
             raw_notify(db_url, c.conn.transport.channel_name, q.name)
     finally:
