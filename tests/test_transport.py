@@ -6,6 +6,8 @@ import multiprocessing
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psycopg
 import pytest
@@ -668,6 +670,24 @@ def test_a_process_that_only_publishes_opens_no_consumer_pool(db_url):
     assert "kojin_pg.broker" in roles
 
 
+@contextmanager
+def waiting_consumer(db_url: str, q: Queue, n: int, got: list,
+                     timeout: float = 20) -> Iterator[Connection]:
+    """A consumer of ``q`` on a thread, taking up to ``n`` messages into ``got``, that polls
+    only every 600 s (so only a wake-up reaches it in time) and is idle on LISTEN when the
+    block starts; its thread is joined at the end."""
+    with Connection(kurl(db_url) + "?polling_interval=600") as conn:
+        q(conn.channel()).declare()
+        th = threading.Thread(target=consume, args=(conn, q, n),
+                              kwargs={"timeout": timeout, "into": got})
+        th.start()
+        time.sleep(1.0)  # idle on LISTEN by now
+        try:
+            yield conn
+        finally:
+            th.join(timeout + 5)
+
+
 def _heard(db_url: str, channel: str, work) -> list[str]:
     """Payloads announced on ``channel`` while ``work()`` runs."""
     with psycopg.connect(db_url, autocommit=True) as listen:
@@ -788,15 +808,9 @@ def test_an_outbox_transaction_wakes_the_idle_consumer_after_its_commit(db_url):
                                     ).fetchone() == (0,), "the commit was left a wake-up"
             assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
 
-    with Connection(kurl(db_url) + "?polling_interval=600") as waiter:
-        q(waiter.channel()).declare()
-        th = threading.Thread(target=consume, args=(waiter, q, 3),
-                              kwargs={"timeout": 20, "into": got})
-        th.start()
-        time.sleep(1.0)  # the waiter is idle on LISTEN now
+    with waiting_consumer(db_url, q, 3, got) as waiter:
         assert _heard(db_url, waiter.transport.channel_name, roll_back) == []
         heard = _heard(db_url, waiter.transport.channel_name, send)
-        th.join(25)
     assert heard == [q.name], f"announced {heard} for one queue's sends"
     assert sorted(b[0] for b, _ in got) == [[0], [1], [2]]
     with psycopg.connect(db_url) as pg:
@@ -827,13 +841,8 @@ def test_an_outbox_commit_that_waits_to_be_durable_holds_up_no_other_announcemen
             conn.execute("CREATE TEMP TABLE orders (id int)")  # the business's own write
             outbox.send_task(conn, app, "proj.add", args=("outbox",), queue=q.name)
 
-    with Connection(kurl(db_url) + "?polling_interval=600") as consumer, \
+    with waiting_consumer(db_url, q, 2, got, timeout=40), \
             Connection(kurl(db_url) + "?synchronous_commit=local") as producer:
-        q(consumer.channel()).declare()
-        th = threading.Thread(target=consume, args=(consumer, q, 2),
-                              kwargs={"timeout": 40, "into": got})
-        th.start()
-        time.sleep(1.0)  # the consumer is idle on LISTEN now
         with standby_never_confirms(db_url) as commits:
             commits.start(business)
             assert until(lambda: commits.waiting() == 2), \
@@ -844,7 +853,6 @@ def test_an_outbox_commit_that_waits_to_be_durable_holds_up_no_other_announcemen
             assert not sent.is_alive(), \
                 "a publish's announcement waited for an outbox commit to be durable"
             assert until(lambda: len(got) == 1), "the idle consumer did not get the publish"
-        th.join(30)
     assert [b for b, _ in got][0] == {"plain": 1}
     assert len(got) == 2 and got[1][0][0] == ["outbox"], "the outbox commit woke nobody"
 
@@ -860,13 +868,7 @@ def test_an_outbox_transaction_inside_another_wakes_at_the_outer_commit(db_url):
     q = make_queue()
     app = Celery("ob", broker=kurl(db_url), set_as_current=False)
     got: list = []
-    with Connection(kurl(db_url) + "?polling_interval=600") as waiter:
-        q(waiter.channel()).declare()
-        th = threading.Thread(target=consume, args=(waiter, q, 1),
-                              kwargs={"timeout": 20, "into": got})
-        th.start()
-        time.sleep(1.0)  # the waiter is idle on LISTEN now
-
+    with waiting_consumer(db_url, q, 1, got) as waiter:
         def send() -> None:
             with psycopg.connect(db_url) as conn, conn.transaction():
                 with outbox.transaction(conn):
@@ -874,7 +876,6 @@ def test_an_outbox_transaction_inside_another_wakes_at_the_outer_commit(db_url):
                 assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
 
         heard = _heard(db_url, waiter.transport.channel_name, send)
-        th.join(25)
     assert heard == [q.name]
     assert [b[0] for b, _ in got] == [["inner"]]
 
