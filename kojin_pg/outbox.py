@@ -49,7 +49,7 @@ from celery.result import AsyncResult
 from psycopg import pq, sql
 
 from . import codec, config
-from .db import Queries
+from .db import ProcessLocal, Queries
 from .db.channels import messages_channel
 from .errors import ConfigurationError
 from .transport.idle import idle_space, publish_params, publishing_space, queue_key
@@ -83,12 +83,18 @@ def _route(app: Any, name: str, args: Any, kwargs: Any, queue: str | None,
 
 def send_task(conn: psycopg.Connection[Any], app: Any, name: str, args: Any = (),
               kwargs: Any = None, *, queue: str | None = None, priority: int = 0,
-              task_id: str | None = None, **options: Any) -> AsyncResult:
+              task_id: str | None = None, after_commit: AfterCommit | None = None,
+              **options: Any) -> AsyncResult:
     """Publish task ``name`` on ``conn`` in its current transaction; return its AsyncResult.
 
     ``options`` are Celery's message options (``countdown``, ``eta``, ``expires``,
     ``retries``, ``kojin_unique_key``, ...). The message takes the shape a kombu publish would
     give it. See the module docstring for how this compares with ``app.send_task``.
+
+    ``after_commit``: the wake-up this send joins, which the caller runs once its transaction
+    has committed (:meth:`AfterCommit.announce`; ``kojin_pg.contrib.django.outbox`` does so
+    with Django's ``on_commit``). By default, that of the enclosing :func:`transaction`; with
+    neither, the commit wakes the workers itself.
     """
     serializer = options.pop("serializer", None) or app.conf.task_serializer
     if serializer != "json":
@@ -107,7 +113,7 @@ def send_task(conn: psycopg.Connection[Any], app: Any, name: str, args: Any = ()
     fields = publish_fields(payload)
     params = {"queue": queue, "channel": messages_channel(schema),
               **publish_params(idle_space(schema), publishing_space(schema), queue)}
-    after = _after_commit(conn)
+    after = after_commit if after_commit is not None else _after_commit(conn)
     at_commit = notify and after is None and _wakes_at_commit(conn, queries, schema)
     # Not probed here: the publishing lock would last the caller's whole transaction. In an
     # outbox transaction(), the wake-up follows the commit; otherwise, with migration 8, the
@@ -171,7 +177,6 @@ def task_message(app: Any, name: str, args: Any, kwargs: Any, *, queue: str, pri
     }
 
 
-
 @contextmanager
 def transaction(conn: psycopg.Connection[Any], **kwargs: Any) -> Iterator[psycopg.Transaction]:
     """``conn.transaction(**kwargs)``, whose outbox sends wake idle workers after its commit.
@@ -179,20 +184,22 @@ def transaction(conn: psycopg.Connection[Any], **kwargs: Any) -> Iterator[psycop
     The caller's commit then sends no NOTIFY: a NOTIFY takes a lock on the whole database at
     commit and holds it until the commit is durable, so every other announcing commit of the
     database would wait for this one's flush. Once the transaction has committed, one
-    statement per schema sent to wakes the idle consumers of those queues, in a transaction
-    of its own that waits for no flush (:meth:`AfterCommit.announce`). A rolled-back
-    transaction announces nothing.
+    statement per queue sent to wakes its idle consumers, in a transaction of its own that
+    waits for no flush (:meth:`AfterCommit.announce`). A rolled-back transaction announces
+    nothing.
 
-    Entered inside a transaction already open, this is ``conn.transaction()`` (a savepoint):
-    the sends are announced by the outer commit, as :func:`send_task` alone does.
+    Entered inside a transaction already open, this is ``conn.transaction()`` (a savepoint),
+    and its sends are announced with the outer transaction's: after its commit if that is a
+    ``transaction()`` too, else by its commit, as :func:`send_task` alone does.
     """
     if conn.info.transaction_status != pq.TransactionStatus.IDLE:
         with conn.transaction(**kwargs) as tx:
             yield tx
         return
     sent = AfterCommit()
-    with _ACTIVE_LOCK:
-        _ACTIVE[conn] = sent
+    state = _OPEN.get()
+    with state.lock:
+        state.by_conn[conn] = sent
     rolled_back = False
     try:
         with conn.transaction(**kwargs) as tx:
@@ -202,8 +209,8 @@ def transaction(conn: psycopg.Connection[Any], **kwargs: Any) -> Iterator[psycop
                 rolled_back = True
                 raise
     finally:
-        with _ACTIVE_LOCK:
-            _ACTIVE.pop(conn, None)
+        with state.lock:
+            state.by_conn.pop(conn, None)
     if not rolled_back:
         sent.announce(conn)
 
@@ -229,6 +236,8 @@ class AfterCommit:
         only if it is the queue's earliest), at ``synchronous_commit = off``. A failure is
         logged, not raised: the caller's commit has happened, and the consumers' next poll
         finds the messages."""
+        if not self._queues:
+            return
         try:
             autocommit = conn.autocommit
             # each statement its own transaction, with no BEGIN and COMMIT round trips
@@ -247,13 +256,21 @@ class AfterCommit:
                         len(self._queues), type(exc).__name__, exc)
 
 
-#: The outbox transactions open now, by connection (see :func:`transaction`).
-_ACTIVE: weakref.WeakKeyDictionary[psycopg.Connection[Any], AfterCommit] = (
-    weakref.WeakKeyDictionary())
-_ACTIVE_LOCK = threading.Lock()
+class _Open:
+    """The outbox transactions open in this process, by connection (see :func:`transaction`)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.by_conn: weakref.WeakKeyDictionary[psycopg.Connection[Any], AfterCommit] = (
+            weakref.WeakKeyDictionary())
+
+
+#: Per process: a forked child starts with none (and never with a lock held in its parent).
+_OPEN: ProcessLocal[_Open] = ProcessLocal(_Open)
 
 
 def _after_commit(conn: psycopg.Connection[Any]) -> AfterCommit | None:
     """The open :func:`transaction` of ``conn``, if its sends are announced after the commit."""
-    with _ACTIVE_LOCK:
-        return _ACTIVE.get(conn)
+    state = _OPEN.get()
+    with state.lock:
+        return state.by_conn.get(conn)
