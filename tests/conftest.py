@@ -13,6 +13,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -162,3 +163,50 @@ def e2e_app(db_url):
     app = make_app(db_url)
     yield app
     app.backend.result_consumer.stop()
+
+
+# -- Django (tests/test_django_*.py) ---------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def django_site(pg_server: Server) -> Iterator[None]:
+    """Django configured once for the session (tests/django_site.py): its own tables in a
+    database made for it, with an admin user; kojin_pg's tables behind the ``kojin`` alias."""
+    import django_site as site
+    from django.conf import settings
+
+    assert not settings.configured, "Django was configured outside this fixture"
+    with fresh_database(pg_server, None) as default_url:
+        site.configure(default_url, default_url, site.SCHEMA)
+        from django.db import connections
+        from django.test.utils import setup_test_environment, teardown_test_environment
+
+        setup_test_environment()  # responses carry their template context
+        site.prepare_default_database()
+        yield
+        teardown_test_environment()
+        connections.close_all()
+
+
+@pytest.fixture
+def kojin_url(django_site: None, db_url: str) -> str:
+    """The test database, with kojin_pg migrated into schema ``jobs``, behind the kojin alias."""
+    import django_site as site
+
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        kschema.migrate(conn, site.SCHEMA)
+    site.point_kojin_alias_at(site.database_name(db_url))
+    return db_url + "?schema=" + site.SCHEMA
+
+
+@pytest.fixture
+def celery_app(kojin_url: str) -> Iterator[Any]:
+    """A Celery app whose broker and backend are kojin_pg in ``kojin_url``."""
+    from celery import Celery
+
+    app = Celery("proj", broker="kojin+" + kojin_url, backend="kojin+" + kojin_url,
+                 set_as_current=False)
+    app.conf.update(result_extended=True, task_default_queue="celery")
+    yield app
+    app.backend.result_consumer.stop()
+    app.backend.db.close()

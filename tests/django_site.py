@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 ADMIN_USER, ADMIN_PASSWORD = "admin", "admin-password"
+#: The schema of kojin_pg's tables in the tests' databases (not the default one).
+SCHEMA = "jobs"
 
 
 def configure(default_url: str, kojin_url: str, schema: str, debug: bool = False) -> None:

@@ -1,67 +1,29 @@
 """The Django admin pages of kojin_pg.contrib.django, through Django's real test client.
 
-Django's own tables (users, sessions) live in one database made for this module; kojin_pg's
-tables, in the non-default schema ``jobs``, live in each test's fresh database, reached through
-the ``kojin`` alias and the router. Rows are written by the real result backend and broker.
+Django's own tables (users, sessions) live in one database made for the session (the
+``django_site`` fixture of conftest.py); kojin_pg's tables, in the non-default schema ``jobs``,
+live in each test's fresh database, reached through the ``kojin`` alias and the router. Rows
+are written by the real result backend and broker.
 """
 
 from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterator
 
 import django_site as site
 import psycopg
 import pytest
 from celery import Celery, states
 from celery.app.task import Context
-from conftest import fresh_database
 from kombu import Consumer, Queue
 
 import kojin_pg  # noqa: F401  (registers the kojin+ broker URL scheme)
-from kojin_pg.db import schema as kschema
 
-SCHEMA = "jobs"
+SCHEMA = site.SCHEMA
 ADMIN = "/admin/kojin_pg/"
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def django_site(pg_server) -> Iterator[None]:
-    from django.conf import settings
-
-    assert not settings.configured, "Django was configured before this module"
-    with fresh_database(pg_server, None) as default_url:
-        site.configure(default_url, default_url, SCHEMA)
-        from django.db import connections
-        from django.test.utils import setup_test_environment, teardown_test_environment
-
-        setup_test_environment()  # responses carry their template context
-        site.prepare_default_database()
-        yield
-        teardown_test_environment()
-        connections.close_all()
-
-
-@pytest.fixture
-def kojin_url(django_site, db_url) -> str:
-    """The test database, with kojin_pg migrated into schema ``jobs``, behind the kojin alias."""
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        kschema.migrate(conn, SCHEMA)
-    site.point_kojin_alias_at(site.database_name(db_url))
-    return db_url + "?schema=" + SCHEMA
-
-
-@pytest.fixture
-def celery_app(kojin_url) -> Iterator[Celery]:
-    app = Celery("proj", broker="kojin+" + kojin_url, backend="kojin+" + kojin_url,
-                 set_as_current=False)
-    app.conf.update(result_extended=True, task_default_queue="celery")
-    yield app
-    app.backend.result_consumer.stop()
-    app.backend.db.close()
 
 
 @pytest.fixture
