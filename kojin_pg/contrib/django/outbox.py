@@ -76,8 +76,11 @@ def _wake_up(alias: str) -> outbox.AfterCommit:
     def announce() -> None:
         if by_alias.get(alias, (None,))[0] is sent:
             del by_alias[alias]
-        # looked up again: this runs once the block has committed
-        sent.announce(connections[alias].connection)
+        # looked up again: this runs once the block has committed, and Django may have
+        # closed the connection since (then the workers' next poll finds the messages)
+        conn = connections[alias].connection
+        if conn is not None:
+            sent.announce(conn)
 
     by_alias[alias] = (sent, announce)
     transaction.on_commit(announce, using=alias)  # outside a block: at once
