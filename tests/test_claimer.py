@@ -30,8 +30,6 @@ import kojin_pg  # noqa: F401  (registers the kojin+ URL scheme)
 from kojin_pg.transport import Transport
 from kojin_pg.transport.channel import Channel
 
-#: Seconds any one wait of these tests may take before it gives up (a bound, not a measure).
-
 pytestmark = pytest.mark.timeout(120)
 
 
