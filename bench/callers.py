@@ -24,7 +24,6 @@ last_callers_quick.json, not kept in git).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -216,12 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["caller"]:  # the caller process of one run
         caller(int(argv[1]), int(argv[2]), int(argv[3]), int(argv[4]))
         return 0
-    parser = argparse.ArgumentParser(prog="python -m bench.callers")
-    parser.add_argument("--stock", action="store_true",
-                        help="the Debian apt PostgreSQL at default settings (bench/servers.py)")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="1 and 8 threads, one repeat")
-    args = parser.parse_args(argv)
+    from bench.servers import bench_parser
+
+    args = bench_parser("python -m bench.callers", "1 and 8 threads, one repeat").parse_args(argv)
     repeat, n, counts = (1, 160, THREADS[:2]) if args.quick else (args.repeat, 1280, THREADS)
     from bench.__main__ import make_db, save_results, start_servers, stop_servers
     from bench.servers import describe

@@ -30,7 +30,6 @@ last_instances_quick.json, not kept in git).
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import os
@@ -238,12 +237,9 @@ def print_table(rows: dict[str, Any], counts: tuple[int, ...], repeat: int) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.instances")
-    parser.add_argument("--stock", action="store_true",
-                        help="the Debian apt PostgreSQL at default settings (bench/servers.py)")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--quick", action="store_true",
-                        help="1 and 6 instances, 500 tasks, one repeat")
+    from bench.servers import bench_parser
+
+    parser = bench_parser("python -m bench.instances", "1 and 6 instances, 500 tasks, one repeat")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["cpu"]:  # one run of measure_cpu, in a process of its own
         broker, backend, imports, pid, count, n = argv[1:7]

@@ -30,7 +30,6 @@ last_listeners_quick.json, not kept in git).
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -169,12 +168,10 @@ def print_row(count: int, row: dict[str, dict[str, float]], what: str = "idle li
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.listeners")
-    parser.add_argument("--stock", action="store_true",
-                        help="the Debian apt PostgreSQL at default settings (bench/servers.py)")
+    from bench.servers import bench_parser
+
+    parser = bench_parser("python -m bench.listeners", "2 s runs, one repeat")
     parser.add_argument("--seconds", type=int, default=5)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="2 s runs, one repeat")
     args = parser.parse_args(argv)
     seconds, repeat = (2, 1) if args.quick else (args.seconds, args.repeat)
     from bench.__main__ import make_db

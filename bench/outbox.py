@@ -26,7 +26,6 @@ last_outbox_quick.json, not kept in git).
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import subprocess
@@ -141,12 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["consumer"]:
         consumer(argv[1])
         return 0
-    parser = argparse.ArgumentParser(prog="python -m bench.outbox")
-    parser.add_argument("--stock", action="store_true",
-                        help="the Debian apt PostgreSQL at default settings (bench/servers.py)")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="2 s runs, one repeat")
-    args = parser.parse_args(argv)
+    from bench.servers import bench_parser
+
+    args = bench_parser("python -m bench.outbox", "2 s runs, one repeat").parse_args(argv)
     repeat, seconds = (1, 2.0) if args.quick else (args.repeat, 6.0)
     from bench.__main__ import make_db, median_runs, save_results
     from bench.interleave import interleaved_runs

@@ -12,6 +12,7 @@ refuses to run as root).
 
 from __future__ import annotations
 
+import argparse
 import os
 import pwd
 import shutil
@@ -81,6 +82,17 @@ def start_postgres(stock: bool = False, settings: Sequence[tuple[str, str]] = ()
 
     server = temporary_server(settings=settings)
     return server.url, server
+
+
+def bench_parser(prog: str, quick_help: str) -> argparse.ArgumentParser:
+    """The options of a bench that starts its own servers: ``--stock`` (:func:`start_postgres`),
+    ``--repeat`` (3) and ``--quick`` (what it makes smaller: ``quick_help``)."""
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--stock", action="store_true",
+                        help="the Debian apt PostgreSQL at default settings (bench/servers.py)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    return parser
 
 
 def destroy(server: Any) -> None:
