@@ -77,7 +77,7 @@ def one_run(db: str, mode: str, flush: str, threads: int, seconds: float) -> dic
         with begin(conn):
             outbox.send_task(conn, app, "bench.noop", queue=QUEUE)
     counts = [0] * threads
-    start = threading.Barrier(threads + 1)
+    start = threading.Barrier(threads + 1, timeout=120)  # broken, not hung, if a side fails
 
     def work(i: int) -> None:
         conn = conns[i]
