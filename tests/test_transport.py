@@ -675,8 +675,9 @@ def waiting_consumer(db_url: str, q: Queue, n: int, got: list,
                      timeout: float = 20) -> Iterator[Connection]:
     """A consumer of ``q`` on a thread, taking up to ``n`` messages into ``got``, that polls
     only every 600 s (so only a wake-up reaches it in time) and is idle on LISTEN when the
-    block starts; its thread is joined at the end."""
-    with Connection(kurl(db_url) + "?polling_interval=600") as conn:
+    block starts; its thread is joined at the end. ``db_url`` may carry options already."""
+    sep = "&" if "?" in db_url else "?"
+    with Connection(f"{kurl(db_url)}{sep}polling_interval=600") as conn:
         q(conn.channel()).declare()
         th = threading.Thread(target=consume, args=(conn, q, n),
                               kwargs={"timeout": timeout, "into": got})
@@ -688,7 +689,7 @@ def waiting_consumer(db_url: str, q: Queue, n: int, got: list,
             th.join(timeout + 5)
 
 
-def _heard(db_url: str, channel: str, work) -> list[str]:
+def heard_during(db_url: str, channel: str, work) -> list[str]:
     """Payloads announced on ``channel`` while ``work()`` runs."""
     with psycopg.connect(db_url, autocommit=True) as listen:
         listen.execute(f'LISTEN "{channel}"')
@@ -702,7 +703,7 @@ def test_publishes_nobody_waits_for_are_not_announced(db_url):
     q = make_queue()
     with Connection(kurl(db_url)) as conn:
         q(conn.channel()).declare()
-        heard = _heard(db_url, conn.transport.channel_name,
+        heard = heard_during(db_url, conn.transport.channel_name,
                        lambda: publish(conn, q, [{"i": i} for i in range(20)]))
         assert heard == [], f"{len(heard)} publishes with no consumer waiting were announced"
         assert len(consume(conn, q, 20)) == 20  # consumes, drains the queue, then waits
@@ -711,7 +712,7 @@ def test_publishes_nobody_waits_for_are_not_announced(db_url):
             th = threading.Thread(target=lambda: got.extend(consume(waiter, q, 1, timeout=20)))
             th.start()
             time.sleep(1.0)  # the waiter is idle on LISTEN now
-            heard = _heard(db_url, conn.transport.channel_name,
+            heard = heard_during(db_url, conn.transport.channel_name,
                            lambda: publish(conn, q, [{"late": 1}]))
             th.join(25)
     assert q.name in heard, "a publish with a consumer waiting was not announced"
@@ -735,7 +736,7 @@ def test_outbox_sends_nobody_waits_for_are_not_announced(db_url):
 
     with Connection(kurl(db_url)) as conn:
         q(conn.channel()).declare()
-        heard = _heard(db_url, conn.transport.channel_name, lambda: send(5))
+        heard = heard_during(db_url, conn.transport.channel_name, lambda: send(5))
         assert heard == [], f"{len(heard)} outbox sends with no consumer waiting were announced"
         assert len(consume(conn, q, 5)) == 5
     got = []
@@ -743,7 +744,7 @@ def test_outbox_sends_nobody_waits_for_are_not_announced(db_url):
         th = threading.Thread(target=lambda: got.extend(consume(waiter, q, 1, timeout=20)))
         th.start()
         time.sleep(1.0)  # the waiter is idle on LISTEN now
-        heard = _heard(db_url, waiter.transport.channel_name, lambda: send(1))
+        heard = heard_during(db_url, waiter.transport.channel_name, lambda: send(1))
         th.join(25)
     assert q.name in heard, "an outbox send with a consumer waiting was not announced"
     assert [b[0] for b, _ in got] == [[0]]
@@ -771,7 +772,7 @@ def test_an_outbox_on_a_schema_before_migration_8_announces_every_send(db_url):
 
     with Connection(kurl(db_url)) as conn:
         q(conn.channel()).declare()
-        heard = _heard(db_url, conn.transport.channel_name, send)
+        heard = heard_during(db_url, conn.transport.channel_name, send)
         assert [b[0] for b, _ in consume(conn, q, 1)] == [[1]]
     assert heard == [q.name]
 
@@ -809,8 +810,8 @@ def test_an_outbox_transaction_wakes_the_idle_consumer_after_its_commit(db_url):
             assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
 
     with waiting_consumer(db_url, q, 3, got) as waiter:
-        assert _heard(db_url, waiter.transport.channel_name, roll_back) == []
-        heard = _heard(db_url, waiter.transport.channel_name, send)
+        assert heard_during(db_url, waiter.transport.channel_name, roll_back) == []
+        heard = heard_during(db_url, waiter.transport.channel_name, send)
     assert heard == [q.name], f"announced {heard} for one queue's sends"
     assert sorted(b[0] for b, _ in got) == [[0], [1], [2]]
     with psycopg.connect(db_url) as pg:
@@ -875,7 +876,7 @@ def test_an_outbox_transaction_inside_another_wakes_at_the_outer_commit(db_url):
                     outbox.send_task(conn, app, "proj.add", args=("inner",), queue=q.name)
                 assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
 
-        heard = _heard(db_url, waiter.transport.channel_name, send)
+        heard = heard_during(db_url, waiter.transport.channel_name, send)
     assert heard == [q.name]
     assert [b[0] for b, _ in got] == [["inner"]]
 
@@ -903,9 +904,9 @@ def test_an_outbox_transaction_announces_a_scheduled_send_only_as_the_queues_ear
                                      countdown=countdown)
 
         channel = conn.transport.channel_name
-        assert _heard(db_url, channel, lambda: send(600, 300)) == [q.name]
-        assert _heard(db_url, channel, lambda: send(900)) == []
-        assert _heard(db_url, channel, lambda: send(900, None)) == [q.name]
+        assert heard_during(db_url, channel, lambda: send(600, 300)) == [q.name]
+        assert heard_during(db_url, channel, lambda: send(900)) == []
+        assert heard_during(db_url, channel, lambda: send(900, None)) == [q.name]
 
 
 def test_an_outbox_announcement_that_fails_after_the_commit_raises_nothing(db_url, caplog):
