@@ -2,14 +2,16 @@
 
 A NOTIFY takes a lock at commit that serializes every notifying commit in the database (a
 publish therefore announces in a second transaction, after its durable commit: sql/0012); a
-publish that wakes nobody (the consumers are busy, or there are none) should
-not pay it, nor make every other writer pay it. So a consumer that finds its queues drained and
-has room for more says so with advisory locks on its LISTEN session, and a publish announces
-its message only when it sees one:
+publish that wakes nobody (the consumers are busy, or there are none) should not pay it, nor
+make every other writer pay it. So a consumer that finds its queues drained and has room for
+more says so with advisory locks on its LISTEN session, and a publish announces its message
+only when it sees one:
 
 * **publish** (one statement, see ``publish`` in broker.sql): a *shared* lock on the queue's
-  publishing key, held until the message's commit, then a probe of the queue's idle key (an exclusive try,
-  given back at once): if it fails, a consumer is idle, and the publish NOTIFYs.
+  publishing key, held until the message's commit, then a probe of the queue's idle key (an
+  exclusive try, given back at once): if it fails, a consumer is idle, and the publish NOTIFYs.
+  The outbox's ``transaction()`` probes only after its commit (``announce_sent``): its
+  messages are committed by then, so it needs no publishing lock.
 * **going idle** (:meth:`IdleQueues.enter`, ``go_idle``): a *shared* lock on each queue's idle
   key, held while the consumer waits, then the exclusive publishing lock taken and given back
   at once, which waits for every publish in flight to commit; then the consumer claims once more.
