@@ -1077,15 +1077,18 @@ def test_a_get_of_a_batch_does_not_take_its_senders_key_again(plain_backend, db_
     assert [r.get(timeout=10) for r in rest] == list(range(39))
 
 
-def test_a_store_whose_commit_waits_to_be_durable_holds_up_no_other_announced_store(
+def test_a_store_is_announced_while_its_commit_is_made_durable_and_holds_up_no_other(
         make_app, db_url):
     """A NOTIFY takes a lock on the whole database at commit, held until the commit is
     durable: its WAL flushed and, with synchronous standbys, confirmed. A store that announced
     its result in its own transaction made every other announcing commit of the database wait
     for its flush, one flush after another (32 caller threads: on average 11 backends waited
-    on that lock, issue 12). Here a standby that never confirms holds one store's commit;
-    another result, stored and announced meanwhile, must get through, and the held one is
-    announced once its commit is durable."""
+    on that lock, issue 12). Migration 12 announced after a durable commit, so a waiter heard
+    of a result one flush after it was written; migration 13 announces with a commit that does
+    not wait, and waits for the flush after. Here a standby that never confirms holds one
+    store: its waiter hears the result while the store still waits for the standby (it returns
+    only once its commit is durable), and another result, stored and announced meanwhile,
+    gets through."""
     held = make_app(result_backend_transport_options={"synchronous_commit": "on"}).backend
     other = make_app(result_backend_transport_options={"synchronous_commit": "local"}).backend
     a, b = tid(), tid()
@@ -1095,15 +1098,22 @@ def test_a_store_whose_commit_waits_to_be_durable_holds_up_no_other_announced_st
                            (held.wait_space, wait_slot(t)))
         waiter.execute(sql.SQL("LISTEN {}").format(sql.Identifier(held.channel)))
         with standby_never_confirms(db_url) as commits:
-            commits.start(held.mark_as_done, a, 1)
+            storing = commits.start(held.mark_as_done, a, 1)
             assert until(lambda: commits.waiting() == 2), \
                 "the held store's commit never waited for the standby"
+            heard = [n.payload for n in waiter.notifies(timeout=5, stop_after=1)]
+            assert len(heard) == 1 and a in heard[0], \
+                "a result was announced only once its store's commit was durable"
+            assert storing.is_alive(), "a store returned before its commit was durable"
             through = commits.start(other.mark_as_done, b, 2)
             through.join(10)
             assert not through.is_alive(), \
                 "an announced store waited for another store's commit to be durable"
             heard = [n.payload for n in waiter.notifies(timeout=5, stop_after=1)]
             assert len(heard) == 1 and b in heard[0]
-        heard = [n.payload for n in waiter.notifies(timeout=5, stop_after=1)]
-        assert len(heard) == 1 and a in heard[0], "the held store was not announced"
+            assert storing.is_alive(), "a store returned before its commit was durable"
+        storing.join(10)
+        assert not storing.is_alive(), "the held store never returned once durable"
+        assert [n.payload for n in waiter.notifies(timeout=0.5)] == [], \
+            "a store announced its result twice"
     assert held.get_task_meta(a, cache=False)["result"] == 1

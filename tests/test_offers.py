@@ -469,13 +469,17 @@ def test_a_claim_beside_an_open_offer_that_comes_back_full_claims_again(db_url, 
     assert [body["i"] for _, body in consumer.got] == [0, 1, 2, 3]
 
 
-def test_a_publish_whose_commit_waits_to_be_durable_holds_up_no_other_hand_off(db_url, events):
+def test_a_hand_off_arrives_while_its_publish_is_made_durable_and_holds_up_no_other(
+        db_url, events):
     """A NOTIFY takes a lock on the whole database at commit, held until the commit is
     durable. A publish that handed off its message in its own transaction made every other
     announcing commit wait for its flush (issue 12: 32 threads sending tasks, on average 6
-    publishes waited on that lock). Here a standby that never confirms holds one hand-off's
-    commit; another publisher's hand-off meanwhile must get through to the idle consumer, and
-    the held one arrives once its commit is durable."""
+    publishes waited on that lock). Migration 12 handed off after a durable commit, so the
+    worker started one flush after the publish; migration 13 hands off with a commit that does
+    not wait, and waits for the flush after. Here a standby that never confirms holds one
+    publish: its message reaches the idle consumer while the publish still waits for the
+    standby (it returns only once its commit is durable), and another publisher's hand-off
+    meanwhile gets through."""
     q = make_queue()
     consumer = idle_consumer(db_url, events, q, prefetch=4)
     me = consumer.transport.consumer_id
@@ -487,20 +491,25 @@ def test_a_publish_whose_commit_waits_to_be_durable_holds_up_no_other_hand_off(d
 
     try:
         with standby_never_confirms(db_url) as commits:
-            commits.start(publish_at, "on", {"i": 1})
+            publishing = commits.start(publish_at, "on", {"i": 1})
             assert until(lambda: commits.waiting() == 2), \
                 "the held publish's commit never waited for the standby"
+            assert run_loop_until(consumer.hub, lambda: len(consumer.got) == 1), \
+                "a hand-off arrived only once its publish's commit was durable"
+            assert publishing.is_alive(), "a publish returned before its commit was durable"
             through = commits.start(publish_at, "local", {"i": 2})
             through.join(10)
             assert not through.is_alive(), \
                 "a hand-off waited for another publish's commit to be durable"
-            assert run_loop_until(consumer.hub, lambda: len(consumer.got) == 1)
-        assert run_loop_until(consumer.hub, lambda: len(consumer.got) == 2)
+            assert run_loop_until(consumer.hub, lambda: len(consumer.got) == 2)
+            assert publishing.is_alive(), "a publish returned before its commit was durable"
+        publishing.join(10)
+        assert not publishing.is_alive(), "the held publish never returned once durable"
         assert [by for by, _ in leased(db_url, q)] in ([me, me], [me], [])
         assert run_loop_until(consumer.hub, lambda: rows(db_url, q) == [])
     finally:
         consumer.close()
-    assert [body["i"] for _, body in consumer.got] == [2, 1]
+    assert [body["i"] for _, body in consumer.got] == [1, 2]
 
 
 def test_a_hand_off_whose_notify_never_came_is_taken_back(db_url, events, monkeypatch):
@@ -544,7 +553,7 @@ def test_a_publish_at_synchronous_commit_off_hands_off_in_its_one_transaction(db
     me = consumer.transport.consumer_id
     try:
         with Connection(f"kojin+{db_url}?synchronous_commit=off") as conn:
-            assert not conn.transport.db.commits_before_announcing()
+            assert not conn.transport.db.announces_before_the_flush()
             Producer(conn.channel(), exchange=q.exchange, routing_key=q.routing_key,
                      serializer="json", auto_declare=False).publish({"i": 1})
         assert leased(db_url, q) == [(me, 1)]  # handed off in the publish's statement

@@ -139,7 +139,7 @@ class PostgresBackend(AsyncBackendMixin, BaseBackend):
         # connection leaves the result to its waiters' safety-net read, within a second
         self._fetchall(self.queries.store_result,
                        self.store_params(task_id, result, state, traceback, request,
-                                         commit_first=self.db.commits_before_announcing()),
+                                         commit_first=self.db.announces_before_the_flush()),
                        "store_result")
         return result
 

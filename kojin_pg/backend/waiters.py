@@ -1,9 +1,9 @@
 """Who waits for which results, told to the writers so that they NOTIFY only when someone may.
 
 A NOTIFY takes a lock at commit that serializes every notifying commit in the database, so
-announcing results nobody waits for costs every writer (and a store announces in a second
-transaction, after its durable commit, so that the lock is not held across a WAL flush:
-sql/0012).
+announcing results nobody waits for costs every writer (and a store announces with a commit
+that does not wait for its flush, and waits for the flush in a second transaction, so that the
+lock is not held across a WAL flush: sql/0013).
 Waiting processes therefore say what they wait for with advisory locks, as idle consumers do
 for publishers (:mod:`kojin_pg.transport.idle`). Each task id maps to one of :data:`SLOTS` wait
 slots, and each slot has two keys:

@@ -1,15 +1,15 @@
 """Waiting for results without polling: LISTEN on one channel per schema.
 
 Every stored result someone may wait for is announced with ``pg_notify`` by the statement that
-writes it (after its commit, see sql/0012): a small one with its value (see :mod:`.announce`),
-which a waiter here takes as it is, others by task id. Each process listens on one connection
-(:class:`~kojin_pg.db.Listener`), and a wake-up reads the announced-by-id results that someone
-here waits for, in one query. As a safety net (a dropped listening connection, a result written
-by something that does not notify, such as an older version during a rolling deploy, or an
-announcement lost with its writer's connection), the awaited results are read at least every
-:data:`SAFETY_NET_SECONDS` while waiting, whether the channel is quiet or busy with others'
-results. With ``use_notify`` off, or while the listening connection is down, it polls every
-``polling_interval`` instead.
+writes it (with a commit that does not wait for the WAL flush, see sql/0013): a small one with
+its value (see :mod:`.announce`), which a waiter here takes as it is, others by task id. Each
+process listens on one connection (:class:`~kojin_pg.db.Listener`), and a wake-up reads the
+announced-by-id results that someone here waits for, in one query. As a safety net (a dropped
+listening connection, a result written by something that does not notify, such as an older
+version during a rolling deploy, or an announcement lost with its writer's connection), the
+awaited results are read at least every :data:`SAFETY_NET_SECONDS` while waiting, whether the
+channel is quiet or busy with others' results. With ``use_notify`` off, or while the listening
+connection is down, it polls every ``polling_interval`` instead.
 
 A get of a task that a thread of this process sent while its sender key was held (see
 :mod:`.waiters`, senders) runs no statement at all: its result is announced when stored, and

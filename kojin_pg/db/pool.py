@@ -110,12 +110,14 @@ class Database:
             self.connect().close()
         return bool(self._pooled)
 
-    def commits_before_announcing(self) -> bool:
+    def announces_before_the_flush(self) -> bool:
         """Whether a statement that writes and announces (a store, a publish: the procedures
-        of sql/0012) commits before it announces, so that a commit that waits for its WAL
-        flush does not hold the database's NOTIFY lock meanwhile. Not when commits do not wait
-        for a flush (``synchronous_commit=off``), nor when :meth:`run` runs each statement in
-        a transaction of its own (behind a pooler, with ``synchronous_commit`` set)."""
+        of sql/0012 and sql/0013) commits its write and announcement without waiting for the
+        WAL flush, then waits for the flush in a second transaction: no commit that waits
+        for its flush holds the database's NOTIFY lock, and the announcement goes out while
+        the flush is under way. Not when commits do not wait for a flush
+        (``synchronous_commit=off``), nor when :meth:`run` runs each statement in a
+        transaction of its own (behind a pooler, with ``synchronous_commit`` set)."""
         return self.synchronous_commit != "off" and not (self.synchronous_commit and self.pooled)
 
     def _learn(self, conn: psycopg.Connection[Any]) -> None:

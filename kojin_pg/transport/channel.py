@@ -99,9 +99,9 @@ class Channel(virtual.Channel):
         # unique key is not, so that its key stays on the queued row
         handoff = (notify and fields["due_at"] is None and fields["unique_key"] is None
                    and len(payload.obj) <= HANDOFF_MAX_BYTES)
-        # Committing before announcing takes the procedure (sql/0012); otherwise the plain
+        # Announcing before the flush takes the procedure (sql/0013); otherwise the plain
         # statement does the same in one transaction, without the procedure's cost.
-        commit_first = t.db.commits_before_announcing()
+        commit_first = t.db.announces_before_the_flush()
         # publish_id: the statement is retried after a lost connection, and inserts once
         self._fetch(t.queries.publish_message if commit_first else t.queries.publish, {
             "queue": check_queue_name(queue), "priority": self._get_message_priority(message),

@@ -1,11 +1,11 @@
 """Which queues have a consumer waiting, told to the publishers so that they NOTIFY only then.
 
 A NOTIFY takes a lock at commit that serializes every notifying commit in the database (a
-publish therefore announces in a second transaction, after its durable commit: sql/0012); a
-publish that wakes nobody (the consumers are busy, or there are none) should not pay it, nor
-make every other writer pay it. So a consumer that finds its queues drained and has room for
-more says so with advisory locks on its LISTEN session, and a publish announces its message
-only when it sees one:
+publish therefore announces with a commit that does not wait for its flush, and waits for the
+flush in a second transaction: sql/0013); a publish that wakes nobody (the consumers are busy,
+or there are none) should not pay it, nor make every other writer pay it. So a consumer that
+finds its queues drained and has room for more says so with advisory locks on its LISTEN
+session, and a publish announces its message only when it sees one:
 
 * **publish** (one statement, see ``publish`` in broker.sql): a *shared* lock on the queue's
   publishing key, held until the message's commit, then a probe of the queue's idle key (an

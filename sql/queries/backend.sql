@@ -11,10 +11,10 @@
 -- the slot after the probe waits for that commit (its barrier on the writing key), then reads
 -- the result. If the slot is free, the same for the sender key of the thread that sent the
 -- task (sender_key, from its reply_to; NULL: none named). With commit_first (not inside a
--- transaction), the result is committed before it is announced, so that its durable commit
--- does not hold the database's NOTIFY lock (if that announcement then fails, as on a full
--- notification queue, the result stays committed and the statement raises). A stored SUCCESS
--- is never overwritten.
+-- transaction), a result it announces commits with its announcement without waiting for the
+-- WAL flush, then a second transaction waits for the flush (sql/0013), so that no commit holds
+-- the database's NOTIFY lock across a flush and the waiter reads the result while the flush
+-- is under way. It returns once the result is durable. A stored SUCCESS is never overwritten.
 CALL {schema}.store_result(
     %(task_id)s::text, %(status)s::text, %(result)s::jsonb, %(result_bytes)s::bytea,
     %(traceback)s::text, %(children)s::jsonb, %(group_id)s::text, %(parent_id)s::text,

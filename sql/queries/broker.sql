@@ -13,8 +13,8 @@
 -- a live consumer's open offer, if there is one (see kojin_pg/transport/offers.py): it is
 -- inserted leased to that consumer, and sent whole on the consumer's own channel. No offer is
 -- taken by a publish that will insert nothing (a deleted queue, or the same publish retried).
--- The transport runs this as the procedure publish_message of sql/0012 (below) when it commits
--- before announcing, and here otherwise; the outbox runs it here, in its caller's
+-- The transport runs this as the procedure publish_message (below) when its commits wait for
+-- the WAL flush, and here otherwise; the outbox runs it here, in its caller's
 -- transaction: keep the two in step.
 WITH q AS (
     SELECT message_ttl, deleted_at FROM {schema}.queues WHERE name = %(queue)s
@@ -68,11 +68,12 @@ WHERE CASE WHEN leased_by IS NOT NULL THEN true
            ELSE true END;
 
 -- name: publish_message
--- The publish above, by the procedure of sql/0012 (what the transport runs): with commit_first
--- (not inside a transaction), the message is committed before it is announced or handed off,
--- so that its durable commit does not hold the database's NOTIFY lock (if the announcement
--- then fails, the message stays committed and the statement raises; a hand-off is then
--- recovered as lost, see kojin_pg/transport/offers.py). Returns whether it announced.
+-- The publish above, by the procedure of sql/0013 (what the transport runs): with commit_first
+-- (not inside a transaction), a message it announces or hands off commits with its
+-- announcement without waiting for the WAL flush, then a second transaction waits for the
+-- flush, so that no commit holds the database's NOTIFY lock across a flush and the consumer
+-- starts while the flush is under way. It returns once the message is durable. Returns
+-- whether it announced.
 CALL {schema}.publish_message(
     %(queue)s::text, %(priority)s::int, %(payload)s::jsonb, %(publish_id)s::uuid,
     %(due_at)s::timestamptz, %(expiration)s::float8, %(task_id)s::text, %(unique_key)s::text,
