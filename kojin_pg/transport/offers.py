@@ -36,18 +36,18 @@ Why nothing is lost, delivered twice or delivered past the prefetch window:
   (``Channel.claim_owed``). An offer stays open through the claims beside it: withdrawn, its
   publishes in the meantime would miss it and be announced, and each announcement would cause
   the next such claim.
-* **A handed-off message whose NOTIFY never arrives comes back.** A publish sends it with its
-  commit (sql/0013), but a publisher of an older version sent it after (sql/0012), and lost it
-  if its session ended in between: every polling round withdraws the open offer (learning how
-  many slots were filled), and a hand-off still on its way :data:`HANDOFF_LATE_SECONDS` later is
-  taken for lost (:meth:`Offers.check_late`), and recovered as below. Otherwise NOTIFYs are lost
-  only with the session that listens. Each new LISTEN session (or a paused one) starts a new
-  *generation*: offers made before are forgotten, and the next claim round
-  (:meth:`Offers.recover`) withdraws them all and hands back every lease this consumer holds but
-  never received, as after a claim whose reply was lost. A hand-off that arrives for a forgotten
-  offer is not delivered: its lease may have been handed back already (and the message claimed
-  again, even by this consumer), so only a recovery, which knows what this consumer holds, hands
-  it back. Closing does the same.
+* **A handed-off message whose NOTIFY never arrives comes back.** A publish sends it in the
+  transaction that commits it (sql/0013); migration 12's procedure sent it after the commit, and
+  lost it if the publisher's session ended in between. So every polling round withdraws the open
+  offer (learning how many slots were filled), and a hand-off still on its way
+  :data:`HANDOFF_LATE_SECONDS` later is taken for lost (:meth:`Offers.check_late`), and
+  recovered as below. Otherwise NOTIFYs are lost only with the session that listens. Each new
+  LISTEN session (or a paused one) starts a new *generation*: offers made before are forgotten,
+  and the next claim round (:meth:`Offers.recover`) withdraws them all and hands back every
+  lease this consumer holds but never received, as after a claim whose reply was lost. A
+  hand-off that arrives for a forgotten offer is not delivered: its lease may have been handed
+  back already (and the message claimed again, even by this consumer), so only a recovery, which
+  knows what this consumer holds, hands it back. Closing does the same.
 
 Every handed-off message is leased from its insert, so a consumer that crashes with one loses
 nothing: its lease runs out as a claimed message's does.
@@ -81,9 +81,9 @@ HANDOFF_MAX_BYTES = 7_600
 LIVE_KEY_TRIES = 8
 
 #: Seconds a hand-off may be on its way (its slot filled, its NOTIFY not arrived) before the
-#: consumer takes it for lost and hands back what it holds and never received. A publisher of
-#: an older version announced after its commit (sql/0012): a session that ended between the two
-#: left a message leased to this consumer that no NOTIFY brings.
+#: consumer takes it for lost and hands back what it holds and never received. Migration 12's
+#: procedure announced after its commit: a session that ended between the two left a message
+#: leased to this consumer that no NOTIFY brings.
 HANDOFF_LATE_SECONDS = 5.0
 
 #: Rows an offer is spread over (at most one slot each when it has fewer): a publish filling a
