@@ -10,11 +10,13 @@
 -- What the caller is told is unchanged: the procedure returns only once its write is durable
 -- (flushed and, with synchronous standbys, confirmed), as before. What others see is earlier:
 -- a consumer may receive a message, and a waiter a result, whose commit is not durable yet. If
--- the server crashes in between, the write is lost with it and the caller gets an error (its
--- connection is gone), as for any write whose commit it never heard confirmed: a publish
--- retried then runs its task again, which at-least-once delivery allows; a result a waiter has
--- read is gone from the table. This is PostgreSQL's own synchronous_commit=off visibility, for
--- the time of one flush, on what is announced only.
+-- the server crashes in between, the write is lost with it, and the caller, which has not been
+-- told it is done, runs the statement again on a new connection (as after any lost connection:
+-- the publish inserts once by its publish_id, the store writes the same row) or gets an error.
+-- A message published again may run its task again, which at-least-once delivery allows; a
+-- result a waiter has read is gone from the table until the store is run again. This is
+-- PostgreSQL's own synchronous_commit=off visibility, for the time of one flush, on what is
+-- announced only.
 --
 -- Still no commit waits for its flush while holding the database's NOTIFY lock: the first
 -- transaction's commit does not wait, and the second sends no NOTIFY. The second transaction
