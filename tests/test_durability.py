@@ -20,7 +20,8 @@ from typing import Any
 import psycopg
 import pytest
 from bounded import until
-from kombu import Connection, Exchange, Producer, Queue
+from kombu import Connection, Producer
+from test_claimer import make_queue
 
 from kojin_pg.backend.waiters import wait_slot
 from kojin_pg.transport.idle import idle_space, queue_key
@@ -68,8 +69,8 @@ def embedded(pg_server: Any) -> Any:
 
 
 def test_every_announced_publish_that_returned_survives_a_crash(embedded, db_url):
-    name = "q_" + uuid.uuid4().hex[:8]
-    q = Queue(name, Exchange("ex_" + name, type="direct"), routing_key=name)
+    q = make_queue()
+    name = q.name
     with Connection(f"kojin+{db_url}?synchronous_commit=on") as conn, \
             psycopg.connect(db_url, autocommit=True) as idle:
         q(conn.channel()).declare()
