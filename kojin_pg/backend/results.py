@@ -135,8 +135,8 @@ class PostgresBackend(AsyncBackendMixin, BaseBackend):
     def _store_result(self, task_id: str, result: Any, state: str, traceback: str | None = None,
                       request: Any = None, **kwargs: Any) -> Any:
         # safe to retry: a store retried after its commit stores the same row again (nothing
-        # over a SUCCESS) and announces only what it stored; an announcement lost with the
-        # connection leaves the result to its waiters' safety-net read, within a second
+        # over a SUCCESS) and announces only what it stored; its first announcement committed
+        # with the row (sql/0013), so the retry loses none
         self._fetchall(self.queries.store_result,
                        self.store_params(task_id, result, state, traceback, request,
                                          commit_first=self.db.announces_before_the_flush()),
