@@ -33,7 +33,7 @@ from ..config import Settings, scrub
 from ..errors import ConfigurationError, DatabaseUnavailable
 from ..events import RETRY, log_event
 from .forksafe import ProcessLocal
-from .session import LISTENER_SETTINGS, SESSION_SETTINGS, behind_pooler, configure_connection, set_session
+from .session import LISTENER_SETTINGS, SESSION_SETTINGS, configure_connection, learn_the_server, set_session
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,8 @@ class Database:
         self._pool: ProcessLocal[ConnectionPool] = ProcessLocal(self._open_pool)
         #: Whether the URL leads through a transaction pooler (None: not found out yet).
         self._pooled: bool | None = {"transaction": True, "none": False}.get(settings.pooler)
+        #: Whether this role may write logical-decoding messages (None: not found out yet).
+        self._may_write_logical_messages: bool | None = None
 
     def __repr__(self) -> str:
         return f"<Database {self.settings.safe_url} schema={self.settings.schema} {self.role}>"
@@ -117,15 +119,30 @@ class Database:
         for its flush holds the database's NOTIFY lock, and the announcement goes out while
         the flush is under way. Not when commits do not wait for a flush
         (``synchronous_commit=off``), nor when :meth:`run` runs each statement in a
-        transaction of its own (behind a pooler, with ``synchronous_commit`` set)."""
-        return self.synchronous_commit != "off" and not (self.synchronous_commit and self.pooled)
+        transaction of its own (behind a pooler, with ``synchronous_commit`` set), nor when
+        this role may not write the logical-decoding message that waits for the flush."""
+        if self.synchronous_commit == "off" or (self.synchronous_commit and self.pooled):
+            return False
+        if self._may_write_logical_messages is None:
+            self.connect().close()
+        return bool(self._may_write_logical_messages)
 
     def _learn(self, conn: psycopg.Connection[Any]) -> None:
+        if self._pooled is not None and self._may_write_logical_messages is not None:
+            return
+        facts = learn_the_server(conn)
         if self._pooled is None:
-            self._pooled = behind_pooler(conn)
+            self._pooled = facts.behind_pooler
             if self._pooled:
                 log.info("kojin_pg: %s leads through a pooler: no prepared statements, "
                          "settings per transaction", self.settings.safe_url)
+        self._may_write_logical_messages = facts.may_write_logical_messages
+        if not facts.may_write_logical_messages and self.synchronous_commit != "off":
+            log.warning("kojin_pg: the role of %s may not execute pg_logical_emit_message, so "
+                        "each announced store and publish holds the database's NOTIFY lock "
+                        "while its commit is flushed. To lift that, GRANT EXECUTE ON FUNCTION "
+                        "pg_logical_emit_message(boolean, text, text, boolean) to it (before "
+                        "PostgreSQL 17: (boolean, text, text))", self.settings.safe_url)
 
     def _configure(self, conn: psycopg.Connection[Any],
                    session: dict[str, str] | None = None) -> None:

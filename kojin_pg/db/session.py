@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from psycopg.types.json import set_json_dumps, set_json_loads
 
 from .. import codec
+from .sqlfiles import plain_query
 
 #: Settings of every direct session. JIT off: every statement here is short, but a generic
 #: plan's estimates (a LIMIT of unknown size over a million queued rows) pass jit_above_cost,
@@ -25,15 +27,27 @@ LISTENER_SETTINGS = {"default_transaction_isolation": "read committed",
                      "plan_cache_mode": "force_generic_plan"}
 
 
-def behind_pooler(conn: psycopg.Connection[Any]) -> bool:
-    """True if ``conn`` reaches its server through a pooler or proxy.
+@dataclass(frozen=True)
+class ServerFacts:
+    """What a first connection finds out about the server, once per process and database."""
 
-    A pooler cannot pass on the server's backend pid and cancel key (the client may be served
-    by any server connection), so it makes up its own: the pid the connection was given at
-    start-up is not the one of the backend that runs its statements.
-    """
-    row = conn.execute("SELECT pg_backend_pid()", prepare=False).fetchone()
-    return row is None or row[0] != conn.info.backend_pid
+    #: The connection reaches its server through a pooler or proxy. A pooler cannot pass on
+    #: the server's backend pid and cancel key (the client may be served by any server
+    #: connection), so it makes up its own: the pid the connection was given at start-up is
+    #: not the one of the backend that runs its statements.
+    behind_pooler: bool
+    #: This role may write a logical-decoding message (``pg_logical_emit_message``), which an
+    #: announced store or publish writes to wait for its flush (sql/0013).
+    may_write_logical_messages: bool
+
+
+def learn_the_server(conn: psycopg.Connection[Any]) -> ServerFacts:
+    """Ask the server of ``conn`` what :class:`ServerFacts` holds, in one round trip."""
+    # an aggregate's one row always comes
+    pid, may_write = conn.execute(plain_query("session", "what_the_server_tells"),
+                                  prepare=False).fetchone() or (None, False)
+    return ServerFacts(behind_pooler=pid != conn.info.backend_pid,
+                       may_write_logical_messages=bool(may_write))
 
 
 def configure_connection(conn: psycopg.Connection[Any]) -> None:

@@ -86,6 +86,12 @@ def _named(group: str) -> dict[str, str]:
     return {pieces[i]: compact_sql(pieces[i + 1]) for i in range(1, len(pieces), 2)}
 
 
+def plain_query(group: str, name: str) -> sql.SQL:
+    """The query ``name`` of ``queries/<group>.sql``, one that names no identifier (a question
+    about the server or the session)."""
+    return sql.SQL(_named(group)[name])
+
+
 class Queries:
     """The named queries of one SQL file, bound to one schema.
 
