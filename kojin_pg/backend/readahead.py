@@ -34,8 +34,9 @@ from celery import states
 from ..db import ProcessLocal
 from .waiters import Sending
 
-#: Task ids sent by this process and not read yet that are remembered for reading ahead.
-SENT_MAX = 2000
+#: Task ids sent by this process and not read yet that are remembered for reading ahead: about
+#: 2 MB at most. (Redis's backend subscribes to every task sent, without a bound.)
+SENT_MAX = 10_000
 #: Results read ahead and not asked for yet that are kept.
 KEPT_MAX = 1000
 #: The most task ids read ahead with one read.
@@ -96,15 +97,23 @@ class ReadAhead:
                 s.kept.popitem(last=False)
 
     def ahead_of(self, task_id: str) -> list[str]:
-        """The task ids to read with ``task_id``: the oldest sent ones, as many as the window."""
+        """The task ids to read with ``task_id``: the oldest sent ones, as many as the window.
+
+        For a task not remembered (sent elsewhere, or forgotten: a caller that sent more than
+        :data:`SENT_MAX` and gets them in order asks for those first), no more than the kept
+        results have room for: what is read ahead then is asked for only later, and would
+        push out of :data:`KEPT_MAX` what was read ahead before it was asked for, to be read
+        again. A get of a task remembered reads ahead the whole window: the caller is at the
+        oldest it sent."""
         s = self._state.peek()
         if s is None:
             return []
         with s.lock:
             if not s.sent:
                 return []
+            window = s.window if task_id in s.sent else min(s.window, KEPT_MAX - len(s.kept))
             candidates = (t for t in s.sent if t != task_id)
-            return list(itertools.islice(candidates, s.window))
+            return list(itertools.islice(candidates, max(0, window)))
 
     def read(self, task_id: str, ahead: list[str], metas: list[dict[str, Any]]) -> None:
         """``task_id`` was read with ``ahead``, which gave ``metas`` (final ones only): keep
