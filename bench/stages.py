@@ -1,7 +1,7 @@
 """Where a task's round trip goes: e2e.py's sequential ``delay().get()`` loop, stage by stage,
 for kojin_pg (``synchronous_commit`` on, and off beside it) and Redis in one run.
 
-usage: python -m bench.stages [--pool prefork|threads] [--tasks N] [--repeat N] [--quick]
+usage: python -m bench.stages [--pool prefork|threads] [--tasks N] [--repeat N] [--quick] [--stock]
        python -m bench stages [--quick]
 
 Each system runs bench/e2e.py (a real ``celery worker``, c=4) with bench/stage_trace.py
@@ -21,7 +21,6 @@ Writes bench/results/stages.json (``--quick``: last_stages_quick.json, not kept 
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -94,17 +93,16 @@ def run_once(url: str, pool: str, tasks: int, kojin: bool) -> dict[str, list[flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.stages")
+    from bench.servers import bench_parser, describe
+
+    parser = bench_parser("python -m bench.stages", "100 tasks, one repeat")
     parser.add_argument("--pool", default="prefork", choices=["prefork", "threads"])
     parser.add_argument("--tasks", type=int, default=400)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="100 tasks, one repeat")
     args = parser.parse_args(argv)
     tasks, repeat = (100, 1) if args.quick else (args.tasks, args.repeat)
     from bench.__main__ import make_db, start_servers, stop_servers
-    from bench.servers import describe
 
-    admin, server, redis_url, redis_proc = start_servers()
+    admin, server, redis_url, redis_proc = start_servers(args.stock)
     try:
         db = make_db(admin, "bench_" + uuid.uuid4().hex[:6])
         systems = {"kojin": ("kojin+" + db, True),
@@ -130,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results)
     from bench.__main__ import save_results
 
-    save_results("stages", results, quick=args.quick)
+    save_results("stages", results, quick=args.quick, stock=args.stock)
     return 0
 
 
