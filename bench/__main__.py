@@ -7,6 +7,7 @@ usage: python -m bench [all|backend|transport|e2e|scale|cost] [--repeat N] [--qu
        python -m bench instances [--stock] [--quick]   (bench/instances.py; not part of ``all``)
        python -m bench callers [--stock] [--quick]     (bench/callers.py; not part of ``all``)
        python -m bench outbox [--stock] [--quick]      (bench/outbox.py; not part of ``all``)
+       python -m bench processes [--stock] [--quick]   (bench/worker_processes.py; also in ``all``)
 
 Servers: PostgreSQL from KOJIN_PG_URL, else a temporary embedded PostgreSQL 18, or with
 ``--stock`` a temporary cluster of the Debian apt PostgreSQL at its default settings
@@ -257,6 +258,7 @@ OWN_MAINS: dict[str, tuple[str, tuple[str, ...]]] = {
     "instances": ("bench.instances", ("stock", "repeat")),
     "callers": ("bench.callers", ("stock", "repeat")),
     "outbox": ("bench.outbox", ("stock", "repeat")),
+    "processes": ("bench.worker_processes", ("stock", "repeat")),
 }
 
 

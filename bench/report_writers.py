@@ -85,14 +85,20 @@ def worker_processes(data: Mapping[str, Any], table: Table) -> str | None:
     section = data.get("worker_processes") or {}
     if not section:
         return None
+    with_off = any(f"kojin sync=off x{count}" in section for count in WORKER_COUNTS)
     rows = [["prefork worker processes", "kojin_pg tasks/s", "Redis tasks/s",
              "kojin_pg ÷ Redis"]]
+    if with_off:
+        rows[0] += ["kojin_pg at ``off``", "``off`` ÷ Redis"]
     for count in WORKER_COUNTS:
         k, r = section.get(f"kojin x{count}"), section.get(f"redis x{count}")
         if k is None and r is None:
             continue
         rows.append([count, cell(k, "throughput"), cell(r, "throughput"),
                      ratio_cell(k, r, "throughput")])
+        if with_off:
+            off = section.get(f"kojin sync=off x{count}")
+            rows[-1] += [cell(off, "throughput"), ratio_cell(off, r, "throughput")]
     return table(rows)
 
 
