@@ -2,7 +2,7 @@
 
 usage: python -m bench [all|backend|transport|e2e|scale|cost] [--repeat N] [--quick] [--stock]
        python -m bench scheduling [--quick]   (bench/scheduling.py; not part of ``all``)
-       python -m bench stages [--quick]       (bench/stages.py; not part of ``all``)
+       python -m bench stages [--stock] [--quick]      (bench/stages.py; not part of ``all``)
        python -m bench listeners [--stock] [--quick]   (bench/listeners.py; not part of ``all``)
        python -m bench instances [--stock] [--quick]   (bench/instances.py; not part of ``all``)
        python -m bench callers [--stock] [--quick]     (bench/callers.py; not part of ``all``)
@@ -253,7 +253,7 @@ def table(title: str, rows: dict[str, dict], metrics: list[tuple[str, bool]]) ->
 #: which of ``--stock`` and ``--repeat`` they take (all take ``--quick``).
 OWN_MAINS: dict[str, tuple[str, tuple[str, ...]]] = {
     "scheduling": ("bench.scheduling", ()),
-    "stages": ("bench.stages", ()),
+    "stages": ("bench.stages", ("stock", "repeat")),
     "listeners": ("bench.listeners", ("stock",)),
     "instances": ("bench.instances", ("stock", "repeat")),
     "callers": ("bench.callers", ("stock", "repeat")),
