@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 import multiprocessing
 import pickle
 import threading
 import time
 import uuid
+from collections import Counter
 
 import psycopg
 import pytest
