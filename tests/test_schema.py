@@ -12,6 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from celery import Celery, states
+from psycopg import sql
 
 from kojin_pg.db import schema
 from kojin_pg.errors import SchemaError
@@ -128,7 +129,7 @@ def test_a_role_that_may_not_write_logical_messages_stores_and_publishes_what_it
                              (backend.wait_space, wait_slot("t")))
             listener.execute("SELECT pg_advisory_lock(%s, %s)",
                              (idle_space("kojin"), queue_key(q.name)))
-            listener.execute(f'LISTEN "{backend.channel}"')
+            listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(backend.channel)))
             backend.mark_as_done("t", 1)
             heard = [n.payload for n in listener.notifies(timeout=5, stop_after=1)]
             assert len(heard) == 1 and "t" in heard[0]

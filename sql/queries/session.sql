@@ -2,7 +2,7 @@
 
 -- name: what_the_server_tells
 -- Run once on a process's first connection to a database. The backend pid: a pooler gives the
--- client a pid of its own making at start-up, which differs (db/session.py, behind_pooler).
+-- client a pid of its own making at start-up, which differs (db/session.py, ServerFacts).
 -- Whether this role may write a logical-decoding message: an announced store or publish
 -- writes one to wait for its flush (sql/0013). PUBLIC may by default; a hardened server may
 -- revoke it, and then the write and its announcement commit together, durably.
