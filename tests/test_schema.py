@@ -99,54 +99,43 @@ def test_a_role_that_may_not_write_logical_messages_stores_and_publishes_what_it
     together, durably, in one transaction, as before migration 12, and the log says why and what
     to grant."""
     from kombu import Connection, Producer
+    from roles import dml_role
     from test_claimer import make_queue
 
     from kojin_pg.backend.waiters import wait_slot
     from kojin_pg.transport.idle import idle_space, queue_key
 
-    role = "kojin_no_logical_t"
     with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute(f"DROP ROLE IF EXISTS {role}")
-        conn.execute(f"CREATE ROLE {role} LOGIN")
-        conn.execute(f"GRANT USAGE ON SCHEMA kojin TO {role}")
-        conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA kojin "
-                     f"TO {role}")
-        conn.execute(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA kojin TO {role}")
         # this test's database only: the grants of functions are kept per database
         for (fn,) in conn.execute("SELECT oid::regprocedure::text FROM pg_proc "
                                   "WHERE proname = 'pg_logical_emit_message'").fetchall():
             conn.execute(f"REVOKE EXECUTE ON FUNCTION {fn} FROM PUBLIC")
-    url = db_url.replace("postgres@", f"{role}@")
     q = make_queue()
-    try:
-        with psycopg.connect(db_url, autocommit=True) as listener:
-            app = Celery("x", backend=f"kojin+{url}?auto_migrate=false&synchronous_commit=on",
-                         broker="memory://", set_as_current=False)
-            backend = app.backend
-            # a waiter holds the result's wait slot, and a consumer is idle on the queue: the
-            # store and the publish both announce
-            listener.execute("SELECT pg_advisory_lock_shared(%s, %s)",
-                             (backend.wait_space, wait_slot("t")))
-            listener.execute("SELECT pg_advisory_lock(%s, %s)",
-                             (idle_space("kojin"), queue_key(q.name)))
-            listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(backend.channel)))
-            backend.mark_as_done("t", 1)
-            heard = [n.payload for n in listener.notifies(timeout=5, stop_after=1)]
-            assert len(heard) == 1 and "t" in heard[0]
-            assert backend.get_task_meta("t", cache=False)["result"] == 1
-            assert any("may not execute pg_logical_emit_message" in r.getMessage()
-                       for r in caplog.records)
-            backend.db.close()
-            with Connection(f"kojin+{url}?auto_migrate=false&synchronous_commit=on") as conn:
-                q(conn.channel()).declare()
-                Producer(conn.channel(), exchange=q.exchange, routing_key=q.routing_key,
-                         serializer="json", auto_declare=False).publish({"i": 1})
-            assert listener.execute("SELECT count(*) FROM kojin.messages WHERE queue = %s",
-                                    (q.name,)).fetchone() == (1,)
-    finally:
-        with psycopg.connect(db_url, autocommit=True) as conn:
-            conn.execute(f"DROP OWNED BY {role}")
-            conn.execute(f"DROP ROLE {role}")
+    with dml_role(db_url, "kojin_no_logical_t") as url, \
+            psycopg.connect(db_url, autocommit=True) as listener:
+        app = Celery("x", backend=f"kojin+{url}?auto_migrate=false&synchronous_commit=on",
+                     broker="memory://", set_as_current=False)
+        backend = app.backend
+        # a waiter holds the result's wait slot, and a consumer is idle on the queue: the
+        # store and the publish both announce
+        listener.execute("SELECT pg_advisory_lock_shared(%s, %s)",
+                         (backend.wait_space, wait_slot("t")))
+        listener.execute("SELECT pg_advisory_lock(%s, %s)",
+                         (idle_space("kojin"), queue_key(q.name)))
+        listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(backend.channel)))
+        backend.mark_as_done("t", 1)
+        heard = [n.payload for n in listener.notifies(timeout=5, stop_after=1)]
+        assert len(heard) == 1 and "t" in heard[0]
+        assert backend.get_task_meta("t", cache=False)["result"] == 1
+        assert any("may not execute pg_logical_emit_message" in r.getMessage()
+                   for r in caplog.records)
+        backend.db.close()
+        with Connection(f"kojin+{url}?auto_migrate=false&synchronous_commit=on") as conn:
+            q(conn.channel()).declare()
+            Producer(conn.channel(), exchange=q.exchange, routing_key=q.routing_key,
+                     serializer="json", auto_declare=False).publish({"i": 1})
+        assert listener.execute("SELECT count(*) FROM kojin.messages WHERE queue = %s",
+                                (q.name,)).fetchone() == (1,)
 
 
 @pytest.mark.slow

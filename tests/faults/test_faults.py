@@ -22,6 +22,7 @@ import pytest
 from celery import chord
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 from psycopg_pool import PoolTimeout
+from roles import dml_role
 from workers import wait_ready
 
 import kojin_pg  # noqa: F401
@@ -220,15 +221,8 @@ def test_100mb_message_is_refused_clearly_and_the_channel_keeps_working(db_url):
 
 
 def test_dml_only_role_runs_broker_and_backend(db_url):
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute("DROP ROLE IF EXISTS kojin_dml")
-        conn.execute("CREATE ROLE kojin_dml LOGIN")
-        conn.execute("GRANT USAGE ON SCHEMA kojin TO kojin_dml")
-        conn.execute("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA kojin "
-                     "TO kojin_dml")
-        conn.execute("GRANT USAGE ON ALL SEQUENCES IN SCHEMA kojin TO kojin_dml")
-    url = db_url.replace("postgres@", "kojin_dml@") + "?auto_migrate=false"
-    try:
+    with dml_role(db_url, "kojin_dml") as role_url:
+        url = role_url + "?auto_migrate=false"
         from celery import Celery
 
         app = Celery("dml", broker="kojin+" + url, backend="kojin+" + url, set_as_current=False)
@@ -246,10 +240,6 @@ def test_dml_only_role_runs_broker_and_backend(db_url):
         with psycopg.connect(url.split("?")[0]) as conn:  # and it really cannot do DDL
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute("CREATE TABLE kojin.nope (x int)")
-    finally:
-        with psycopg.connect(db_url, autocommit=True) as conn:
-            conn.execute("DROP OWNED BY kojin_dml")
-            conn.execute("DROP ROLE kojin_dml")
 
 
 def test_injection_strings_through_public_names(e2e_app, db_url):
