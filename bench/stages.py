@@ -2,7 +2,7 @@
 for kojin_pg (``synchronous_commit`` on, and off beside it) and Redis in one run.
 
 usage: python -m bench.stages [--pool prefork|threads] [--tasks N] [--repeat N] [--quick] [--stock]
-       python -m bench stages [--quick]
+       python -m bench stages [--stock] [--repeat N] [--quick]
 
 Each system runs bench/e2e.py (a real ``celery worker``, c=4) with bench/stage_trace.py
 imported in the caller and the worker, which stamps every task's stages; the repeats are taken

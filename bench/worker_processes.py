@@ -27,6 +27,7 @@ from typing import Any
 
 from bench.interleave import interleaved_runs
 from bench.spread import fmt_spread, ratio, value, verdict
+from bench.writers import kojin_variants
 
 RunScript = Callable[..., dict]
 MedianRuns = Callable[[int, Callable[[], dict]], dict]
@@ -38,8 +39,7 @@ def worker_processes(db: str, redis_url: str | None, repeat: int, n_tasks: str,
                      run_script: RunScript, median_runs: MedianRuns) -> dict[str, Any]:
     """Run every count for every system; print the table; return ``{"kojin x1": row, ...}``."""
     rows: dict[str, Any] = {}
-    sep = "&" if "?" in db else "?"
-    kojin = {"kojin": "kojin+" + db, "kojin sync=off": f"kojin+{db}{sep}synchronous_commit=off"}
+    kojin = {name: url for name, url in kojin_variants(db).items() if name != "kojin no notify"}
     for count in COUNTS:
         env = {"BENCH_POOL": "prefork", "BENCH_CONC": str(count)}
         runs = {f"{name} x{count}": lambda url=url, env=env: run_script(
