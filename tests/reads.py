@@ -7,24 +7,32 @@ import threading
 import psycopg
 
 from kojin_pg.backend.announce import split_heard
+from kojin_pg.db.lean import LeanRead
 
 
 def watch_reads(backend, monkeypatch, *, but_safety_net: bool = False) -> list[dict]:
     """The parameters of every statement of ``backend`` that reads results, from now on;
     ``but_safety_net``: not those of its safety-net reads (the reads every second of what it
     waits for, announced or not)."""
-    names = ("wait_and_read", "get_result", "get_results")
+    names = ("wait_and_read", "get_results")
     reads_of = {id(backend.queries.get(name)) for name in names}
     reads: list[dict] = []
     in_safety_net = threading.local()
     real_execute = psycopg.Connection.execute
+    real_lean_rows = LeanRead.rows
 
     def execute(conn, query, params=None, **kwargs):
         if id(query) in reads_of and not getattr(in_safety_net, "on", False):
             reads.append(params)
         return real_execute(conn, query, params, **kwargs)
 
+    def lean_rows(read, conn, params, prepare):  # a single get's read (get_result)
+        if read is backend.read_one and not getattr(in_safety_net, "on", False):
+            reads.append(params)
+        return real_lean_rows(read, conn, params, prepare)
+
     monkeypatch.setattr(psycopg.Connection, "execute", execute)
+    monkeypatch.setattr(LeanRead, "rows", lean_rows)
     if but_safety_net:
         consumer = backend.result_consumer
         real_read = consumer._safety_net_read

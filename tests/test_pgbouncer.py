@@ -24,6 +24,7 @@ from psycopg import sql
 from workers import wait_ready
 
 from kojin_pg import config
+from kojin_pg.db.lean import LeanRead
 from kojin_pg.db.pool import Database
 from kojin_pg.db.sqlfiles import migrations
 
@@ -68,6 +69,14 @@ def test_pooler_found_and_nothing_prepared(bouncer, db_url):
         for i in range(10):
             for db in (pooled, *others):
                 assert db.fetchone("SELECT %s::int + 1", (i,)) == (i + 1,)
+        # nor a single get's read, sent on libpq directly (kojin_pg/db/lean.py)
+        read = LeanRead("echo", sql.SQL("SELECT %(x)s::text"))
+        for i in range(10):
+            for db in (pooled, *others):
+                assert db.fetch_lean(read, {"x": str(i)}) == [(str(i),)]
+        # the server sessions behind the pooler: none holds a statement of ours
+        for _ in range(2 * POOL_SIZE):
+            assert pooled.fetchone("SELECT count(*) FROM pg_prepared_statements") == (0,)
         with pooled.connection() as conn:
             assert conn.prepare_threshold is None
         with direct.connection() as conn:

@@ -21,6 +21,7 @@ from celery.result import result_from_tuple
 from .. import config
 from ..db import Database, Queries, is_transient
 from ..db.channels import results_channel
+from ..db.lean import LeanRead
 from ..db.schema import ensure_schema
 from ..errors import PayloadError
 from .announce import announced_meta, announcement
@@ -66,6 +67,8 @@ class PostgresBackend(AsyncBackendMixin, BaseBackend):
         self.url = url = config.plain_url(url)
         self.settings = results_settings(app, url)
         self.queries = Queries("backend", self.settings.schema)
+        #: A single get's read (the hottest of them), sent without psycopg's cursor.
+        self.read_one = LeanRead("get_result", self.queries.get_result)
         self.channel = results_channel(self.settings.schema)
         #: The advisory-lock namespace of this schema's wait slots (see :mod:`.waiters`).
         self.wait_space = wait_space(self.settings.schema)
@@ -225,10 +228,11 @@ class PostgresBackend(AsyncBackendMixin, BaseBackend):
                               "read_and_read_ahead")
 
     def _get_task_meta_for(self, task_id: str) -> dict[str, Any]:
-        row = self._fetchone(self.queries.get_result, {"task_id": task_id}, "get_result")
-        if row is None:
+        self.ensure_ready()
+        rows = self.db.fetch_lean(self.read_one, {"task_id": task_id}, "get_result")
+        if not rows:
             return {"status": states.PENDING, "result": None}
-        meta = self._row_to_meta(row)
+        meta = self._row_to_meta(rows[0])
         if meta["status"] in states.READY_STATES:
             self.result_consumer.readahead.read_elsewhere((task_id,))
         return meta

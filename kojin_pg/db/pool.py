@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -33,6 +33,7 @@ from ..config import Settings, scrub
 from ..errors import ConfigurationError, DatabaseUnavailable
 from ..events import RETRY, log_event
 from .forksafe import ProcessLocal
+from .lean import LeanRead
 from .session import LISTENER_SETTINGS, SESSION_SETTINGS, configure_connection, learn_the_server, set_session
 
 log = logging.getLogger(__name__)
@@ -331,6 +332,14 @@ class Database:
             cur = conn.execute(query, params)
             return cur.fetchall() if cur.description is not None else []
         return self.run(work, what)
+
+    def fetch_lean(self, read: LeanRead, params: Mapping[str, str | None],
+                   what: str = "query") -> list[tuple[Any, ...]]:
+        """The rows of ``read`` (see :mod:`.lean`): prepared on each connection, unless behind a
+        pooler or with ``prepare_threshold`` none."""
+        prepare = not self._pooled and self.settings.prepare_after is not None
+        # safe to retry: a read
+        return self.run(lambda conn: read.rows(conn, params, prepare), what)
 
     def fetchone(self, query: Query, params: Any = None, what: str = "query") -> tuple[Any, ...] | None:
         """Execute one statement and return its first row, if any."""
