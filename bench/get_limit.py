@@ -5,10 +5,13 @@ reaches >= 0.95x of what the same server does for a one-row primary-key read fro
 with prepared statements, in the same run; Redis's ``get`` is reported beside it. pgbench runs
 in its own database (``pgbench -i`` at scale 1), ``--repeat`` times, median with spread.
 
-pgbench is a C client. Beside it runs the same read from Python: pgbench's own statement on one
-psycopg connection, prepared, one by one (:func:`psycopg_select`). That is as fast as any
-psycopg client can read one row, so it says how much of the gap is the client's language and
-driver and how much is kojin_pg's (and Celery's) work on top.
+pgbench is a C client. Beside it runs the same read from Python twice, one read at a time on one
+connection, prepared: through a psycopg cursor (:func:`psycopg_select`, as most psycopg code
+reads), and on psycopg's libpq layer (:func:`libpq_select`: the connection's ``pgconn`` and a
+``Transformer``, the way kojin_pg's get reads, see ``kojin_pg/db/lean.py``). The second is as
+fast as a Python client can read one row, so it says how much of the gap is the language and
+how much is kojin_pg's (and Celery's) work on top: fifteen columns decoded into Celery's meta
+where pgbench's read returns one integer.
 """
 
 from __future__ import annotations
@@ -87,6 +90,42 @@ def psycopg_select(db: str, seconds: int) -> dict[str, float]:
         raise RuntimeError(f"the psycopg read failed: {exc}") from exc
 
 
+def libpq_select(db: str, seconds: int) -> dict[str, float]:
+    """pgbench -S's statement on psycopg's libpq layer: prepared once on the connection's
+    ``pgconn``, sent with a text parameter, waited for as a cursor waits and its row loaded by a
+    ``Transformer``, one by one for ``seconds``: ``{"tps": ...}``."""
+    import psycopg
+    from psycopg import generators, pq
+    from psycopg.adapt import Transformer
+
+    def result(conn: psycopg.Connection) -> pq.abc.PGresult:
+        res = conn.wait(generators.execute(conn.pgconn))[-1]
+        if res.status not in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
+            raise psycopg.errors.error_from_result(res)
+        return res
+
+    try:
+        with psycopg.connect(db, autocommit=True) as conn:
+            accounts = conn.execute("SELECT count(*) FROM pgbench_accounts").fetchone()[0]
+            conn.pgconn.send_prepare(b"bench_s", b"SELECT abalance FROM pgbench_accounts "
+                                                 b"WHERE aid = $1")
+            result(conn)
+            done, started = 0, time.perf_counter()
+            deadline = started + seconds
+            while time.perf_counter() < deadline:
+                for _ in range(100):
+                    conn.pgconn.send_query_prepared(
+                        b"bench_s", [str(random.randint(1, accounts)).encode()])
+                    res = result(conn)
+                    rows = Transformer(conn)
+                    rows.set_pgresult(res)
+                    rows.load_rows(0, res.ntuples, tuple)
+                done += 100
+            return {"tps": done / (time.perf_counter() - started)}
+    except psycopg.Error as exc:
+        raise RuntimeError(f"the libpq-level read failed: {exc}") from exc
+
+
 def get_limit(db: str, backend_rows: dict[str, Any], repeat: int, quick: bool,
               median_runs: MedianRuns) -> dict[str, Any]:
     """pgbench -S in ``db`` (a fresh database), compared with the backend section's gets."""
@@ -98,16 +137,20 @@ def get_limit(db: str, backend_rows: dict[str, Any], repeat: int, quick: bool,
         return {"error": str(exc)[-500:]}
     # each repeat runs both, one after the other, so a slow stretch of the machine hits both
     both = median_runs(repeat, lambda: {"tps": pgbench_select(db, seconds)["tps"],
-                                        "py_tps": psycopg_select(db, seconds)["tps"]})
+                                        "py_tps": psycopg_select(db, seconds)["tps"],
+                                        "libpq_tps": libpq_select(db, seconds)["tps"]})
     kojin, redis = backend_rows.get("kojin"), backend_rows.get("redis aof")
     # both reads as rows of gets, to compare with the backend's by ratio()
     pgbench = {"get_per_s": both.get("tps"), "get_per_s_spread": both.get("tps_spread")}
     python = {"get_per_s": both.get("py_tps"), "get_per_s_spread": both.get("py_tps_spread")}
+    libpq = {"get_per_s": both.get("libpq_tps"), "get_per_s_spread": both.get("libpq_tps_spread")}
     out: dict[str, Any] = {
         "command": f"pgbench -S -c1 -M prepared -T {seconds}",
         "pgbench_S_tps": both.get("tps"), "pgbench_S_tps_spread": both.get("tps_spread"),
         "psycopg_S_tps": both.get("py_tps"), "psycopg_S_tps_spread": both.get("py_tps_spread"),
         "psycopg_vs_pgbench": _round(ratio(python, pgbench, "get_per_s")),
+        "libpq_S_tps": both.get("libpq_tps"), "libpq_S_tps_spread": both.get("libpq_tps_spread"),
+        "libpq_vs_pgbench": _round(ratio(libpq, pgbench, "get_per_s")),
         "kojin_get_per_s": value(kojin, "get_per_s"),
         "kojin_get_per_s_spread": (kojin or {}).get("get_per_s_spread"),
         "redis_get_per_s": value(redis, "get_per_s"),
@@ -115,6 +158,7 @@ def get_limit(db: str, backend_rows: dict[str, Any], repeat: int, quick: bool,
         "kojin_vs_pgbench": _round(ratio(kojin, pgbench, "get_per_s")),
         "redis_vs_pgbench": _round(ratio(redis, pgbench, "get_per_s")),
         "kojin_vs_psycopg": _round(ratio(kojin, python, "get_per_s")),
+        "kojin_vs_libpq": _round(ratio(kojin, libpq, "get_per_s")),
         "kojin_vs_redis": _round(ratio(kojin, redis, "get_per_s")),
     }
     if "error" in both:
@@ -136,7 +180,12 @@ def print_limit(r: dict[str, Any], repeat: int) -> None:
     if py is not None:
         print(f"psycopg, same read{py:>10,.0f} /s      "
               f"{fmt_spread({'p': py, 'p_spread': r['psycopg_S_tps_spread']}, 'p'):<18}"
-              f" {r['psycopg_vs_pgbench']:.2f}x of pgbench -S (a Python client's ceiling)")
+              f" {r['psycopg_vs_pgbench']:.2f}x of pgbench -S (through a cursor)")
+    lp = r.get("libpq_S_tps")
+    if lp is not None:
+        print(f"psycopg's libpq   {lp:>10,.0f} /s      "
+              f"{fmt_spread({'p': lp, 'p_spread': r['libpq_S_tps_spread']}, 'p'):<18}"
+              f" {r['libpq_vs_pgbench']:.2f}x of pgbench -S (a Python client's ceiling)")
     for name, key in (("kojin get", "kojin"), ("redis get", "redis")):
         v = r.get(f"{key}_get_per_s")
         if v is None:
@@ -149,6 +198,8 @@ def print_limit(r: dict[str, Any], repeat: int) -> None:
         print(line)
     if r.get("kojin_vs_psycopg") is not None:
         print(f"kojin get is {r['kojin_vs_psycopg']:.2f}x the psycopg read")
+    if r.get("kojin_vs_libpq") is not None:
+        print(f"kojin get is {r['kojin_vs_libpq']:.2f}x the libpq-level read")
     if r.get("kojin_vs_redis") is not None:
         print(f"kojin get is {r['kojin_vs_redis']:.2f}x Redis get")
 

@@ -112,7 +112,10 @@ def get_limit(data: Mapping[str, Any], table: Table) -> str | None:
             [g.get("command", "pgbench -S"), cell(limit, "v"), "1.00"]]
     if g.get("psycopg_S_tps") is not None:
         py = {"v": g["psycopg_S_tps"], "v_spread": g.get("psycopg_S_tps_spread")}
-        rows.append(["the same read from psycopg", cell(py, "v"), ratio_cell(py, limit, "v")])
+        rows.append(["the same read, psycopg cursor", cell(py, "v"), ratio_cell(py, limit, "v")])
+    if g.get("libpq_S_tps") is not None:
+        lp = {"v": g["libpq_S_tps"], "v_spread": g.get("libpq_S_tps_spread")}
+        rows.append(["the same read, psycopg's libpq", cell(lp, "v"), ratio_cell(lp, limit, "v")])
     for name, key in (("kojin_pg get", "kojin"), ("Redis get", "redis")):
         v = g.get(f"{key}_get_per_s")
         if v is None:
@@ -120,9 +123,13 @@ def get_limit(data: Mapping[str, Any], table: Table) -> str | None:
         r = {"v": v, "v_spread": g.get(f"{key}_get_per_s_spread")}
         rows.append([name, cell(r, "v"), ratio_cell(r, limit, "v")])
     text = table(rows)
-    if g.get("kojin_vs_psycopg") is not None:
+    if g.get("kojin_vs_libpq") is not None:
+        text += (f"\n\nkojin_pg's get is {g['kojin_vs_libpq']:.2f}x the same read on psycopg's "
+                 f"libpq layer (one connection, prepared), the most a Python client reaches, "
+                 f"and {g['kojin_vs_psycopg']:.2f}x that read through a psycopg cursor.")
+    elif g.get("kojin_vs_psycopg") is not None:
         text += (f"\n\nkojin_pg's get is {g['kojin_vs_psycopg']:.2f}x the same read from "
-                 "psycopg (one connection, prepared), the most a psycopg client reaches.")
+                 "psycopg (one connection, prepared).")
     if g.get("kojin_vs_redis") is not None:
         text += f"\n\nkojin_pg's get is {g['kojin_vs_redis']:.2f}x Redis's in the same run."
     return text
