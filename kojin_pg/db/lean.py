@@ -1,11 +1,13 @@
 """A read sent on libpq directly: the single ``get``'s statement, without psycopg's cursor.
 
-A ``get`` spends most of its client's time in psycopg's cursor machinery, not in the round trip:
+A quarter of the client CPU of a read through a cursor goes to psycopg's cursor machinery:
 a :class:`LeanRead` sends its statement on the connection's ``pgconn`` and loads the rows with a
 :class:`~psycopg.adapt.Transformer` made from the connection, so a row reads exactly as a cursor
 would read it (the same loaders: orjson for JSON), and waits the way a cursor waits
-(:meth:`psycopg.Connection.wait`: interruptible, and green under gevent). That took a get from
-118 to 91 µs of client CPU (see the README, "Single get").
+(:meth:`psycopg.Connection.wait`: interruptible, and green under gevent). On the bench machine
+that took the read of one stored result from 107 to 82 µs of client CPU and from 185 to 157 µs
+(16 rounds in turns, faster in 15); ``python -m bench backend`` measures the whole get against
+the same read from pgbench, a psycopg cursor and psycopg's libpq layer.
 
 The statement is prepared once per session under a name made from its text (psycopg's own are
 named ``_pg3_*``, so the two never meet, and two schemas' statements differ). Behind a
