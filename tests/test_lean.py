@@ -111,7 +111,8 @@ def test_nothing_is_prepared_where_prepared_statements_are_off(one_connection, o
         assert kojin_statements(conn) == []
 
 
-def test_a_read_whose_connection_was_lost_runs_again_on_a_new_one(backend, db_url):
+def test_a_read_whose_connection_was_lost_runs_again_on_a_new_one(make_app, db_url):
+    backend = make_app(result_backend_transport_options={"pool_max_size": 1}).backend
     done = tid()
     backend.mark_as_done(done, 42)
     assert backend.get_task_meta(done, cache=False)["result"] == 42
