@@ -8,10 +8,10 @@ in its own database (``pgbench -i`` at scale 1), ``--repeat`` times, median with
 pgbench is a C client. Beside it runs the same read from Python twice, one read at a time on one
 connection, prepared: through a psycopg cursor (:func:`psycopg_select`, as most psycopg code
 reads), and on psycopg's libpq layer (:func:`libpq_select`: the connection's ``pgconn`` and a
-``Transformer``, the way kojin_pg's get reads, see ``kojin_pg/db/lean.py``). The second is as
-fast as a Python client can read one row, so it says how much of the gap is the language and
-how much is kojin_pg's (and Celery's) work on top: fifteen columns decoded into Celery's meta
-where pgbench's read returns one integer.
+``Transformer``, the way kojin_pg's get reads, see ``kojin_pg/db/lean.py``). The second is the
+fastest Python read measured here, so it says how much of the gap is the language and how much
+is kojin_pg's (and Celery's) work on top: fifteen columns decoded into Celery's meta where
+pgbench's read returns one integer.
 """
 
 from __future__ import annotations
@@ -135,12 +135,12 @@ def get_limit(db: str, backend_rows: dict[str, Any], repeat: int, quick: bool,
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
         print(f"\n(pgbench -S skipped: {str(exc).splitlines()[0]})")
         return {"error": str(exc)[-500:]}
-    # each repeat runs both, one after the other, so a slow stretch of the machine hits both
+    # each repeat runs the three, one after the other, so a slow stretch of the machine hits all
     both = median_runs(repeat, lambda: {"tps": pgbench_select(db, seconds)["tps"],
                                         "py_tps": psycopg_select(db, seconds)["tps"],
                                         "libpq_tps": libpq_select(db, seconds)["tps"]})
     kojin, redis = backend_rows.get("kojin"), backend_rows.get("redis aof")
-    # both reads as rows of gets, to compare with the backend's by ratio()
+    # the reads as rows of gets, to compare with the backend's by ratio()
     pgbench = {"get_per_s": both.get("tps"), "get_per_s_spread": both.get("tps_spread")}
     python = {"get_per_s": both.get("py_tps"), "get_per_s_spread": both.get("py_tps_spread")}
     libpq = {"get_per_s": both.get("libpq_tps"), "get_per_s_spread": both.get("libpq_tps_spread")}
@@ -185,7 +185,7 @@ def print_limit(r: dict[str, Any], repeat: int) -> None:
     if lp is not None:
         print(f"psycopg's libpq   {lp:>10,.0f} /s      "
               f"{fmt_spread({'p': lp, 'p_spread': r['libpq_S_tps_spread']}, 'p'):<18}"
-              f" {r['libpq_vs_pgbench']:.2f}x of pgbench -S (a Python client's ceiling)")
+              f" {r['libpq_vs_pgbench']:.2f}x of pgbench -S (the fastest Python read here)")
     for name, key in (("kojin get", "kojin"), ("redis get", "redis")):
         v = r.get(f"{key}_get_per_s")
         if v is None:

@@ -125,7 +125,7 @@ def get_limit(data: Mapping[str, Any], table: Table) -> str | None:
     text = table(rows)
     if g.get("kojin_vs_libpq") is not None:
         text += (f"\n\nkojin_pg's get is {g['kojin_vs_libpq']:.2f}x the same read on psycopg's "
-                 f"libpq layer (one connection, prepared), the most a Python client reaches, "
+                 f"libpq layer (one connection, prepared), the fastest Python read measured, "
                  f"and {g['kojin_vs_psycopg']:.2f}x that read through a psycopg cursor.")
     elif g.get("kojin_vs_psycopg") is not None:
         text += (f"\n\nkojin_pg's get is {g['kojin_vs_psycopg']:.2f}x the same read from "
