@@ -26,10 +26,10 @@ def watch_reads(backend, monkeypatch, *, but_safety_net: bool = False) -> list[d
             reads.append(params)
         return real_execute(conn, query, params, **kwargs)
 
-    def lean_rows(read, conn, params, prepare):  # a single get's read (get_result)
+    def lean_rows(read, conn, params):  # a single get's read (get_result)
         if read is backend.read_one and not getattr(in_safety_net, "on", False):
             reads.append(params)
-        return real_lean_rows(read, conn, params, prepare)
+        return real_lean_rows(read, conn, params)
 
     monkeypatch.setattr(psycopg.Connection, "execute", execute)
     monkeypatch.setattr(LeanRead, "rows", lean_rows)

@@ -86,6 +86,23 @@ def test_pooler_found_and_nothing_prepared(bouncer, db_url):
             db.close()
 
 
+def test_a_process_whose_first_statement_is_a_get_prepares_nothing_behind_a_pooler(pg_server,
+                                                                                 db_url):
+    """The pooler is found on a process's first connection: a single get's read sent before it
+    was found must not take the server for a direct one."""
+    one_server_session = PgBouncer(pg_server.url, pool_size=1)
+    one_server_session.start()
+    fresh = Database(config.parse(one_server_session.url(db_url)))
+    try:
+        read = LeanRead("echo", sql.SQL("SELECT %(x)s::text"))
+        assert fresh.fetch_lean(read, {"x": "first"}) == [("first",)]
+        assert fresh.pooled
+        assert fresh.fetchone("SELECT count(*) FROM pg_prepared_statements") == (0,)
+    finally:
+        fresh.close()
+        one_server_session.stop()
+
+
 def test_synchronous_commit_is_set_per_transaction(bouncer, db_url):
     _session_default_on(db_url)
     through = bouncer.url(db_url)

@@ -12,7 +12,9 @@ the same read from pgbench, a psycopg cursor and psycopg's libpq layer.
 The statement is prepared once per session under a name made from its text (psycopg's own are
 named ``_pg3_*``, so the two never meet, and two schemas' statements differ). Behind a
 transaction pooler, or with ``prepare_threshold`` none, a prepared statement is not the
-session's to keep: there it is sent unnamed, parsed and run in one round trip. psycopg
+session's to keep: there it is sent unnamed, parsed and run in one round trip. The read goes by
+the connection's own ``prepare_threshold``, which :class:`~kojin_pg.db.Database` sets for each
+connection once it knows whether a pooler is in between. psycopg
 deallocates every prepared statement of a session after a DROP, ALTER, ROLLBACK or DISCARD ALL
 there; a read that finds its statement gone prepares it again and runs once more (a read, so
 safe to repeat).
@@ -67,28 +69,26 @@ class LeanRead:
     def __repr__(self) -> str:
         return f"<LeanRead {self.name.decode()}>"
 
-    def rows(self, conn: psycopg.Connection[Any], params: Mapping[str, str | None],
-             prepare: bool) -> list[tuple[Any, ...]]:
-        """The rows of the statement with ``params`` on ``conn``: prepared on it first if
-        ``prepare``, else sent unnamed (behind a pooler)."""
+    def rows(self, conn: psycopg.Connection[Any],
+             params: Mapping[str, str | None]) -> list[tuple[Any, ...]]:
+        """The rows of the statement with ``params`` on ``conn``: prepared on it first where
+        psycopg may prepare (``conn.prepare_threshold`` set), else sent unnamed."""
         if conn.closed:
             raise psycopg.OperationalError("the connection is closed")
         encoding = conn.info.encoding
         values = [None if (v := params[name]) is None else v.encode(encoding)
                   for name in self.params]
         with conn.lock:
-            if not prepare:
+            if conn.prepare_threshold is None:
                 conn.pgconn.send_query_params(self.text, values)
                 result = self._result(conn)
             else:
                 if self.name not in _prepared_on.get(conn, ()):
                     self._prepare(conn)
-                conn.pgconn.send_query_prepared(self.name, values)
-                result = self._result(conn)
+                result = self._run_prepared(conn, values)
                 if _sqlstate(result) == _INVALID_STATEMENT_NAME:
                     self._prepare(conn)
-                    conn.pgconn.send_query_prepared(self.name, values)
-                    result = self._result(conn)
+                    result = self._run_prepared(conn, values)
         if result.status != pq.ExecStatus.TUPLES_OK:
             raise pg_errors.error_from_result(result, encoding=encoding)
         loader = Transformer(conn)
@@ -101,6 +101,11 @@ class LeanRead:
         if result.status != pq.ExecStatus.COMMAND_OK:
             raise pg_errors.error_from_result(result, encoding=conn.info.encoding)
         _prepared_on.setdefault(conn, set()).add(self.name)
+
+    def _run_prepared(self, conn: psycopg.Connection[Any],
+                      values: list[bytes | None]) -> pq.abc.PGresult:
+        conn.pgconn.send_query_prepared(self.name, values)
+        return self._result(conn)
 
     @staticmethod
     def _result(conn: psycopg.Connection[Any]) -> pq.abc.PGresult:

@@ -335,11 +335,10 @@ class Database:
 
     def fetch_lean(self, read: LeanRead, params: Mapping[str, str | None],
                    what: str = "query") -> list[tuple[Any, ...]]:
-        """The rows of ``read`` (see :mod:`.lean`): prepared on each connection, unless behind a
-        pooler or with ``prepare_threshold`` none."""
-        prepare = not self._pooled and self.settings.prepare_after is not None
+        """The rows of ``read`` (see :mod:`.lean`): prepared on each connection that psycopg
+        may prepare on (none behind a pooler, nor with ``prepare_threshold`` none)."""
         # safe to retry: a read
-        return self.run(lambda conn: read.rows(conn, params, prepare), what)
+        return self.run(lambda conn: read.rows(conn, params), what)
 
     def fetchone(self, query: Query, params: Any = None, what: str = "query") -> tuple[Any, ...] | None:
         """Execute one statement and return its first row, if any."""
