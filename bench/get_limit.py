@@ -70,24 +70,35 @@ def pgbench_select(db: str, seconds: int) -> dict[str, float]:
     return {"tps": pgbench_tps(db, ["-S", "-c", "1", "-M", "prepared"], seconds)}
 
 
-def psycopg_select(db: str, seconds: int) -> dict[str, float]:
-    """pgbench -S's statement from Python: one psycopg connection, autocommit, prepared, a
-    random account each time, for ``seconds``: ``{"tps": ...}``."""
+def _reads_per_second(db: str, seconds: int, what: str,
+                      reader: Callable[[Any], Callable[[int], Any]]) -> dict[str, float]:
+    """One psycopg connection, autocommit: ``reader(conn)`` gives the read of one account,
+    which runs on a random account each time for ``seconds``: ``{"tps": ...}``."""
     import psycopg
 
     try:
         with psycopg.connect(db, autocommit=True) as conn:
             accounts = conn.execute("SELECT count(*) FROM pgbench_accounts").fetchone()[0]
+            read = reader(conn)
             done, started = 0, time.perf_counter()
             deadline = started + seconds
             while time.perf_counter() < deadline:
                 for _ in range(100):
-                    conn.execute("SELECT abalance FROM pgbench_accounts WHERE aid = %s",
-                                 (random.randint(1, accounts),), prepare=True).fetchone()
+                    read(random.randint(1, accounts))
                 done += 100
             return {"tps": done / (time.perf_counter() - started)}
     except psycopg.Error as exc:
-        raise RuntimeError(f"the psycopg read failed: {exc}") from exc
+        raise RuntimeError(f"the {what} failed: {exc}") from exc
+
+
+def psycopg_select(db: str, seconds: int) -> dict[str, float]:
+    """pgbench -S's statement from Python through a psycopg cursor, prepared, one by one for
+    ``seconds``: ``{"tps": ...}``."""
+    def reader(conn: Any) -> Callable[[int], Any]:
+        return lambda aid: conn.execute("SELECT abalance FROM pgbench_accounts WHERE aid = %s",
+                                        (aid,), prepare=True).fetchone()
+
+    return _reads_per_second(db, seconds, "psycopg read", reader)
 
 
 def libpq_select(db: str, seconds: int) -> dict[str, float]:
@@ -98,32 +109,25 @@ def libpq_select(db: str, seconds: int) -> dict[str, float]:
     from psycopg import generators, pq
     from psycopg.adapt import Transformer
 
-    def result(conn: psycopg.Connection) -> pq.abc.PGresult:
-        res = conn.wait(generators.execute(conn.pgconn))[-1]
-        if res.status not in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
-            raise psycopg.errors.error_from_result(res)
-        return res
+    def reader(conn: Any) -> Callable[[int], Any]:
+        def result() -> pq.abc.PGresult:
+            res = conn.wait(generators.execute(conn.pgconn))[-1]
+            if res.status not in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
+                raise psycopg.errors.error_from_result(res)
+            return res
 
-    try:
-        with psycopg.connect(db, autocommit=True) as conn:
-            accounts = conn.execute("SELECT count(*) FROM pgbench_accounts").fetchone()[0]
-            conn.pgconn.send_prepare(b"bench_s", b"SELECT abalance FROM pgbench_accounts "
-                                                 b"WHERE aid = $1")
-            result(conn)
-            done, started = 0, time.perf_counter()
-            deadline = started + seconds
-            while time.perf_counter() < deadline:
-                for _ in range(100):
-                    conn.pgconn.send_query_prepared(
-                        b"bench_s", [str(random.randint(1, accounts)).encode()])
-                    res = result(conn)
-                    rows = Transformer(conn)
-                    rows.set_pgresult(res)
-                    rows.load_rows(0, res.ntuples, tuple)
-                done += 100
-            return {"tps": done / (time.perf_counter() - started)}
-    except psycopg.Error as exc:
-        raise RuntimeError(f"the libpq-level read failed: {exc}") from exc
+        def read(aid: int) -> Any:
+            conn.pgconn.send_query_prepared(b"bench_s", [str(aid).encode()])
+            res = result()
+            rows = Transformer(conn)
+            rows.set_pgresult(res)
+            return rows.load_rows(0, res.ntuples, tuple)
+
+        conn.pgconn.send_prepare(b"bench_s", b"SELECT abalance FROM pgbench_accounts WHERE aid = $1")
+        result()
+        return read
+
+    return _reads_per_second(db, seconds, "libpq-level read", reader)
 
 
 def get_limit(db: str, backend_rows: dict[str, Any], repeat: int, quick: bool,
