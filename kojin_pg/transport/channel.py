@@ -64,9 +64,9 @@ class Channel(virtual.Channel):
         #: the wake-up that caused it is used up: claim once they have arrived. Set on the
         #: claim thread, read and cleared on the loop.
         self.claim_owed = False
-        #: The polling round: the next claim withdraws the open offer rather than claim beside
-        #: it, so that hand-offs lost on their way are found (see .offers). Set on the loop,
-        #: read and cleared on the claim thread.
+        #: The polling round: the next claim first counts the open offer's filled slots, so
+        #: that hand-offs lost on their way are found (see .offers.Offers.check). Set on the
+        #: loop, read and cleared on the claim thread.
         self.recheck_offer = False
 
     def _fetch(self, query: Any, params: dict[str, Any], what: str) -> list[tuple[Any, ...]]:

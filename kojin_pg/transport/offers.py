@@ -38,10 +38,11 @@ Why nothing is lost, delivered twice or delivered past the prefetch window:
   the next such claim.
 * **A handed-off message whose NOTIFY never arrives comes back.** A publish sends it in the
   transaction that commits it (sql/0013); migration 12's procedure sent it after the commit, and
-  lost it if the publisher's session ended in between. So every polling round withdraws the open
-  offer (learning how many slots were filled), and a hand-off still on its way
-  :data:`HANDOFF_LATE_SECONDS` later is taken for lost (:meth:`Offers.check_late`), and
-  recovered as below. Otherwise NOTIFYs are lost only with the session that listens. Each new
+  lost it if the publisher's session ended in between. So every polling round counts the
+  filled slots of the open offer, which stays open (:meth:`Offers.check`), and a hand-off
+  that has not arrived :data:`HANDOFF_LATE_SECONDS` after its slot was seen filled, or after
+  its offer was withdrawn (:meth:`Offers.check_late`), is taken for lost and recovered as
+  below. Otherwise NOTIFYs are lost only with the session that listens. Each new
   LISTEN session (or a paused one) starts a new *generation*: offers made before are forgotten,
   and the next claim round (:meth:`Offers.recover`) withdraws them all and hands back every
   lease this consumer holds but never received, as after a claim whose reply was lost. A
@@ -133,8 +134,13 @@ class _Offer:
 
     channel: Any
     slots: int
+    #: The queues it offers slots on, sorted.
+    queues: list[str] = field(default_factory=list)
     #: Hand-offs that arrived with its token.
     received: int = 0
+    #: Slots a polling round saw filled (see :meth:`Offers.check`), and time.monotonic() then.
+    seen_filled: int = 0
+    seen_at: float = 0.0
     #: Slots publishes filled, known once it is withdrawn (None: still open).
     filled: int | None = None
     #: time.monotonic() when it was withdrawn.
@@ -347,12 +353,54 @@ class Offers:
             s.planned.pop(channel, None)
             return filled
 
+    def check(self, channel: Any, queues: list[str]) -> bool:
+        """On the claim thread, in a polling round: look for hand-offs of ``channel``'s open
+        offer lost on their way, and leave the offer open. The slots found filled were filled by
+        committed publishes, whose NOTIFYs were sent with their commits: once they are seen,
+        each must arrive within :data:`HANDOFF_LATE_SECONDS`, or it is lost, and the consumer
+        recovers (:meth:`recover`). Withdrawing the offer to count them made every publish in
+        the meantime miss it. Returns False if the offer is to be withdrawn instead: it offers
+        other ``queues`` than the channel consumes now (a consumer added or cancelled)."""
+        s = self._state.get()
+        with s.lock:
+            mine = s.open_tokens(channel)
+            if not mine:
+                return True
+            token, rows, generation = mine[0], s.slots.get(channel, []), s.generation
+            if s.offers[token].queues != sorted(queues):
+                return False
+        try:
+            # a read, safe to repeat
+            row = self.db.run(lambda conn: conn.execute(self.queries.count_open_slots, {
+                "rows": rows, "token": token}).fetchone(), "count open slots")
+        except Exception:
+            row = None
+        now = time.monotonic()
+        with s.lock:
+            offer = s.offers.get(token)
+            if s.generation != generation or offer is None or offer.filled is not None:
+                return True  # forgotten, used up or withdrawn meanwhile
+            if row is not None and row[1] == len(rows):
+                if offer.received >= offer.seen_filled:  # all seen before has arrived
+                    offer.seen_filled, offer.seen_at = offer.slots - int(row[0]), now
+                    return True
+                if now - offer.seen_at <= HANDOFF_LATE_SECONDS:
+                    return True
+                log.warning("kojin_pg: %d handed-off messages never arrived within %gs: taking "
+                            "back what this consumer holds and never received",
+                            offer.seen_filled - offer.received, HANDOFF_LATE_SECONDS)
+            # late, failed, or a row is gone: recover() withdraws every offer (safe to repeat)
+            # and hands back what they may have leased
+            s.recover = True
+        self.recover()
+        return True
+
     def check_late(self) -> bool:
         """On the loop thread (the polling safety net): whether a hand-off is lost, that is
         on its way for longer than :data:`HANDOFF_LATE_SECONDS` after its offer was withdrawn;
         then the next claim round recovers (:meth:`recover`: what this consumer holds and
-        never received goes back to its queue). An open offer is withdrawn by every polling
-        round (see ``Channel.recheck_offer``), so a lost hand-off of one is found too."""
+        never received goes back to its queue). Those of an open offer are found by
+        :meth:`check`."""
         s = self._state.get()
         now = time.monotonic()
         with s.lock:
@@ -379,7 +427,7 @@ class Offers:
                 return
             token = str(uuid.uuid4())
             rows = s.slots.setdefault(channel, [str(uuid.uuid4()) for _ in range(OFFER_ROWS)])
-            s.offers[token] = _Offer(channel, slots)
+            s.offers[token] = _Offer(channel, slots, sorted(queues))
             s.ever = True
         params = {"rows": rows, "open": spread(slots, len(rows)), "token": token,
                   "consumer": self._consumer(),

@@ -341,9 +341,9 @@ class Transport(virtual.Transport):
         loop.call_soon(self._drain_nowait)
 
     def _on_poll(self) -> None:
-        """The polling safety net: look now (withdrawing open offers, so that a lost hand-off
-        is found: see :meth:`.Offers.check_late`), and watch the LISTEN session again if it was
-        replaced or lost off the loop."""
+        """The polling safety net: look now (and for hand-offs lost on their way: see
+        :meth:`.Offers.check` and :meth:`.Offers.check_late`), and watch the LISTEN session
+        again if it was replaced or lost off the loop."""
         self._watch_again_if_replaced()
         self.offers.check_late()
         for channel in list(self.channels):
@@ -487,7 +487,8 @@ class Transport(virtual.Transport):
         if not queues and self.offers.is_open(channel):
             return [], 0  # its offer still has open slots
         recheck, channel.recheck_offer = channel.recheck_offer, False
-        beside = self.offers.room_beside(channel, n) if queues and not recheck else 0
+        fits = self.offers.check(channel, list(channel._active_queues)) if recheck else True
+        beside = self.offers.room_beside(channel, n) if queues and fits else 0
         if beside:
             n = beside
         else:

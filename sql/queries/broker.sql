@@ -169,6 +169,16 @@ WITH withdrawn AS (
 )
 SELECT coalesce(sum(open_left), 0)::int, count(*)::int FROM withdrawn;
 
+-- name: count_open_slots
+-- How many slots of a channel's open offer are still open, counted as withdraw_offer counts
+-- them, with how many of its rows were found: the polling round's look for hand-offs lost on
+-- their way (kojin_pg/transport/offers.py). A read: the offer stays open, and a publish filling
+-- a slot meanwhile is not waited for (its slot counts as open until it commits).
+SELECT coalesce(sum(CASE WHEN token IS NULL THEN greatest(open_slots - 1, 0)
+                         ELSE open_slots END), 0)::int, count(*)::int
+FROM {schema}.offers
+WHERE slot = ANY(%(rows)s::uuid[]) AND (token = %(token)s OR token IS NULL);
+
 -- name: withdraw_all_offers
 -- Take back every offer of this consumer (it closes, or listens on a new session).
 DELETE FROM {schema}.offers WHERE consumer = %(consumer)s;
