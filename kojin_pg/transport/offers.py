@@ -9,12 +9,14 @@ free prefetch slots: a token and a count of open slots on each of its channel's 
 its own statement (``publish``: a row's count goes down under ``FOR UPDATE SKIP LOCKED``),
 inserts its message already leased to that consumer, and sends the message itself on the
 consumer's own NOTIFY channel; the consumer delivers it as it arrives (:meth:`Offers.received`),
-with no claim, and offers again only when every slot is filled. So a consumer that keeps its
-queues drained pays one offer statement per window of messages, not per message. The row a
-publish fills stays locked until it commits, and publishes in flight meanwhile fill the other
-rows (on one row, they skipped the offer). Publishes fill the live offer served longest ago
-first: idle consumers are served in turn, as Redis serves blocked ``BRPOP`` calls (an offer's
-spare rows queue behind every row served so far: see ``make_offer``).
+with no claim. When a quarter of its slots are left, it adds those freed since (acks) to the
+offer (:meth:`Offers.top_up`), and it offers again once every slot is filled. So a consumer that
+keeps its queues drained pays one offer statement per window of messages, not per message, and
+its offer does not run out while it has room. The row a publish fills stays locked until it
+commits, and publishes in flight meanwhile fill the other rows (on one row, they skipped the
+offer). Publishes fill the live offer served longest ago first: idle consumers are served in
+turn, as Redis serves blocked ``BRPOP`` calls (an offer's spare rows queue behind every row
+served so far: see ``make_offer``).
 
 Messages too large for a NOTIFY payload, scheduled ones and ones with a unique key take the
 ordinary path, and so does every publish that finds no open offer (or only ones that another
@@ -138,6 +140,8 @@ class _Offer:
     queues: list[str] = field(default_factory=list)
     #: Hand-offs that arrived with its token.
     received: int = 0
+    #: Open slots left (``slots - received``) at which it asks for more (see :meth:`Offers.top_up`).
+    low_water: int = 0
     #: Slots a polling round saw filled (see :meth:`Offers.check`), and time.monotonic() then.
     seen_filled: int = 0
     seen_at: float = 0.0
@@ -427,7 +431,7 @@ class Offers:
                 return
             token = str(uuid.uuid4())
             rows = s.slots.setdefault(channel, [str(uuid.uuid4()) for _ in range(OFFER_ROWS)])
-            s.offers[token] = _Offer(channel, slots, sorted(queues))
+            s.offers[token] = _Offer(channel, slots, sorted(queues), low_water=slots // 4)
             s.ever = True
         params = {"rows": rows, "open": spread(slots, len(rows)), "token": token,
                   "consumer": self._consumer(),
@@ -445,11 +449,46 @@ class Offers:
                 s.recover = True
             log.warning("kojin_pg: could not offer slots to publishers: %r", exc)
 
+    def top_up(self, channel: Any, slots: int) -> None:
+        """On the claim thread: add ``slots`` free slots (those freed since it was made: see
+        :meth:`room_beside`) to ``channel``'s open offer as it runs low, so that it does not run
+        out while the consumer has room. A consumer that kept up with one publisher used its
+        offer up every window's worth of messages, and a publish before the new offer was
+        committed missed it. The offer counts the slots before the statement runs, so that a
+        hand-off of them arriving first does not find it used up; a row filled to its last slot
+        meanwhile takes none, and if that leaves the offer used up, it is forgotten as such (the
+        next claim round offers again)."""
+        s = self._state.get()
+        with s.lock:
+            mine = s.open_tokens(channel)
+            if slots <= 0 or not mine:
+                return
+            token, rows = mine[0], s.slots.get(channel, [])
+            s.offers[token].slots += slots
+        try:
+            # Not retried: after a first try that committed, a retry would add the slots twice.
+            added = self.db.run(lambda conn: conn.execute(self.queries.top_up_offer, {
+                "rows": rows, "token": token, "add": slots}).fetchone()[0],
+                "top up offer", retry=False)
+        except Exception as exc:
+            # it may have committed with its reply lost: recover before the next claim
+            with s.lock:
+                s.recover = True
+            log.warning("kojin_pg: could not add slots to an offer: %r", exc)
+            return
+        with s.lock:
+            offer = s.offers.get(token)
+            if offer is not None:
+                offer.slots -= slots - int(added)
+                if offer.done():
+                    del s.offers[token]
+
     def received(self, handoff: Handoff) -> tuple[Any | None, bool]:
         """On the loop thread: the channel a hand-off is for, and whether that channel's offer
-        is used up by it (offer again). No channel if its offer is forgotten: the message may
-        have been handed back already and is not to be delivered; the next round's
-        :meth:`recover` hands it back if it is still leased here."""
+        is used up by it (offer again) or runs low (a quarter of its slots left: top it up). No
+        channel if its offer is forgotten: the message may have been handed back already and is
+        not to be delivered; the next round's :meth:`recover` hands it back if it is still
+        leased here."""
         s = self._state.get()
         with s.lock:
             offer = s.offers.get(handoff.token)
@@ -460,7 +499,8 @@ class Offers:
             s.arrived[offer.channel] = s.arrived.get(offer.channel, 0) + 1
             if offer.done():
                 del s.offers[handoff.token]
-            return offer.channel, offer.filled is None and offer.done()
+            return offer.channel, offer.filled is None and (
+                offer.done() or offer.slots - offer.received == offer.low_water)
 
     def close(self) -> bool:
         """Withdraw every offer of this consumer (the claim thread has stopped); whether

@@ -37,7 +37,8 @@ from .wakeups import Wakeups
 
 log = logging.getLogger(__name__)
 
-#: What a claim round is asked for after a hand-off: no queue to claim, only offer again.
+#: What a claim round is asked for after a hand-off: no queue to claim, only offer again (or
+#: top up an offer running low).
 OFFER_AGAIN: frozenset[str] = frozenset()
 
 
@@ -395,20 +396,20 @@ class Transport(virtual.Transport):
 
     def _receive_handoffs(self) -> None:
         """Deliver the messages publishers handed to this consumer's offers (see :mod:`.offers`),
-        then offer the slots that are still free again."""
+        then offer the slots that are still free again, or add them to an offer running low."""
         texts = self.wakeups.listener.take_private()
         if not texts:
             return
         back: list[int] = []
-        used_up = False
+        again = False
         for text in texts:
             try:
                 handoff = Handoff.parse(text)
             except (ValueError, TypeError) as exc:  # not from a publish: nothing to deliver
                 log.warning("kojin_pg: ignored a malformed hand-off: %r", exc)
                 continue
-            channel, last = self.offers.received(handoff)
-            used_up = used_up or last
+            channel, more = self.offers.received(handoff)
+            again = again or more
             if channel is None:
                 continue  # its offer is forgotten: recovered on the claim thread
             if self.closing or channel.closed or not channel._consumers:
@@ -421,7 +422,7 @@ class Transport(virtual.Transport):
             self._hand_back(back)
         if self._claims_owed():
             self._drain_nowait()
-        elif used_up:
+        elif again:
             self._drain_nowait(OFFER_AGAIN)
 
     def _claims_owed(self) -> bool:
@@ -480,12 +481,15 @@ class Transport(virtual.Transport):
         :mod:`.idle`) and claims what was published before, then offers its free slots to the
         next publishes (see :mod:`.offers`); full: it has a backlog and says that instead. No
         ``queues``: after its offer's slots were all filled, only offer again (the consumer
-        still waits: a publish that finds no offer announces its message)."""
+        still waits: a publish that finds no offer announces its message), or add the slots
+        freed since to its offer running low (:meth:`.Offers.top_up`)."""
         if channel.closed:
             return [], 0
         self.offers.recover()
         if not queues and self.offers.is_open(channel):
-            return [], 0  # its offer still has open slots
+            # its offer runs low: add the slots freed since it was made
+            self.offers.top_up(channel, self.offers.room_beside(channel, n))
+            return [], 0
         recheck, channel.recheck_offer = channel.recheck_offer, False
         fits = self.offers.check(channel, list(channel._active_queues)) if recheck else True
         beside = self.offers.room_beside(channel, n) if queues and fits else 0

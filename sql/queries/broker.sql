@@ -169,6 +169,24 @@ WITH withdrawn AS (
 )
 SELECT coalesce(sum(open_left), 0)::int, count(*)::int FROM withdrawn;
 
+-- name: top_up_offer
+-- Add slots to a channel's open offer as it runs low (kojin_pg/transport/offers.py): the slots
+-- freed since it was made, spread over its rows still open, so that publishes do not find it
+-- used up while the consumer has room. A row a publish is filling is waited for; one it fills
+-- to the last slot (clearing the token) takes nothing. Returns how many slots were added.
+WITH live AS (
+    SELECT slot, (row_number() OVER (ORDER BY slot) - 1)::int AS i, count(*) OVER ()::int AS n
+    FROM {schema}.offers WHERE slot = ANY(%(rows)s::uuid[]) AND token = %(token)s
+), added AS (
+    UPDATE {schema}.offers o
+    SET open_slots = o.open_slots + share.slots
+    FROM (SELECT slot, %(add)s::int / n + CASE WHEN i < mod(%(add)s::int, n) THEN 1 ELSE 0 END
+          FROM live) AS share(slot, slots)
+    WHERE o.slot = share.slot AND o.token = %(token)s
+    RETURNING share.slots
+)
+SELECT coalesce(sum(slots), 0)::int FROM added;
+
 -- name: count_open_slots
 -- How many slots of a channel's open offer are still open, counted as withdraw_offer counts
 -- them, with how many of its rows were found: the polling round's look for hand-offs lost on
