@@ -324,9 +324,10 @@ def test_an_offer_running_low_is_topped_up_and_never_runs_out(db_url, events):
     q = make_queue()
     consumer = idle_consumer(db_url, events, q, prefetch=4)
     me = consumer.transport.consumer_id
+    sent = 10
     try:
         token = offer_token(db_url, me)
-        for i in range(10):
+        for i in range(sent):
             publish(db_url, q, [{"i": i}])
             assert leased(db_url, q) == [(me, 1)], f"publish {i} was not handed off"
             assert run_loop_until(consumer.hub, lambda: rows(db_url, q) == [])
@@ -335,7 +336,7 @@ def test_an_offer_running_low_is_topped_up_and_never_runs_out(db_url, events):
         assert open_slots(db_url, me) <= 4
     finally:
         consumer.close()
-    assert [body["i"] for _, body in consumer.got] == list(range(10))
+    assert [body["i"] for _, body in consumer.got] == list(range(sent))
 
 
 def test_publishes_take_the_offers_of_idle_consumers_in_turn(db_url, events):
@@ -513,6 +514,35 @@ def test_a_polling_round_leaves_an_open_offer_open(db_url, events, monkeypatch):
     finally:
         consumer.close()
     assert consumer.got == [(q.name, {"i": 1}), (q.name, {"i": 2})]
+
+
+def test_an_idle_consumers_polling_round_leaves_its_offer_open(db_url, events, monkeypatch):
+    """An idle consumer's offer holds every free slot, so a polling round's claim had no room
+    beside it: the round withdrew the offer, claimed nothing and made a new one, each second,
+    for each channel of every idle worker (two writes, and dead rows in ``offers``). The round
+    now looks whether anything waits (a read) and leaves the offer open. A message that waits
+    unannounced (its wake-up lost) is still found by the next round, and claimed."""
+    q = make_queue()
+    scratch = make_queue()
+    publish(db_url, scratch, [{"i": 1}])  # a real message's payload, queued nowhere useful
+    consumer = idle_consumer(db_url, events, q, prefetch=4, polling_interval=0.05)
+    me = consumer.transport.consumer_id
+    rounds = count_polling_rounds(consumer, monkeypatch)
+    try:
+        token = offer_token(db_url, me)
+        assert run_loop_until(consumer.hub, lambda: rounds["polling"] >= 3)
+        settle(consumer)
+        assert offer_token(db_url, me) == token, "a polling round withdrew the idle offer"
+        assert open_slots(db_url, me) == 4
+        with psycopg.connect(db_url, autocommit=True) as pg:  # queued, and no NOTIFY
+            pg.execute("UPDATE kojin.messages SET queue = %s WHERE queue = %s",
+                       (q.name, scratch.name))
+        assert run_loop_until(consumer.hub, lambda: consumer.got), \
+            "a polling round did not find the message that waited"
+        assert run_loop_until(consumer.hub, lambda: rows(db_url, q) == [])
+    finally:
+        consumer.close()
+    assert consumer.got == [(q.name, {"i": 1})]
 
 
 def test_a_polling_round_withdraws_an_offer_of_a_queue_no_longer_consumed(db_url, events,

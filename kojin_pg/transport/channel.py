@@ -268,6 +268,18 @@ class Channel(virtual.Channel):
                 self.next_due = time.monotonic() + max(0.0, due_in)
         return rows
 
+    def waiting(self, queues: list[str]) -> bool:
+        """Whether ``queues`` hold a message a claim would take now (a read: nothing is
+        leased); the time of their earliest scheduled message is kept in :attr:`next_due`,
+        as a claim keeps it."""
+        t = self.connection
+        t.ensure_ready()
+        # a read, safe to repeat
+        waits, due_in = t.consumer_db.fetchone(t.queries.waiting, {"queues": queues},
+                                               "waiting") or (True, None)
+        self.next_due = None if due_in is None else time.monotonic() + max(0.0, due_in)
+        return bool(waits)
+
     def _settle(self, t: Transport, ids: list[int]) -> None:
         """Bury the dead and drop the revoked of the messages a claim left unsettled.
 

@@ -454,10 +454,11 @@ class Offers:
         :meth:`room_beside`) to ``channel``'s open offer as it runs low, so that it does not run
         out while the consumer has room. A consumer that kept up with one publisher used its
         offer up every window's worth of messages, and a publish before the new offer was
-        committed missed it. The offer counts the slots before the statement runs, so that a
-        hand-off of them arriving first does not find it used up; a row filled to its last slot
-        meanwhile takes none, and if that leaves the offer used up, it is forgotten as such (the
-        next claim round offers again)."""
+        committed missed it. The slots go to the offer's rows used up, which no publish is
+        filling (see ``top_up_offer``). The offer counts them before the statement runs, so
+        that a hand-off of them arriving first does not find it used up; if none were added (no
+        row used up yet) and that leaves the offer used up, it is forgotten as such (the next
+        claim round offers again)."""
         s = self._state.get()
         with s.lock:
             mine = s.open_tokens(channel)

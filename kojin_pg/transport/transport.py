@@ -495,6 +495,8 @@ class Transport(virtual.Transport):
         beside = self.offers.room_beside(channel, n) if queues and fits else 0
         if beside:
             n = beside
+        elif queues and fits and self._nothing_waits_beside_offer(channel, queues):
+            return [], 0
         else:
             n -= self.offers.withdraw(channel)  # hand-offs fill slots too
         if n <= 0:
@@ -521,6 +523,21 @@ class Transport(virtual.Transport):
             # the channel; nothing if its offer is open)
             self.offers.make(channel, sorted(channel._active_queues), n - len(claimed))
         return claimed, n if queues else 0
+
+    def _nothing_waits_beside_offer(self, channel: Channel, queues: list[str]) -> bool:
+        """With no room beside ``channel``'s open offer (an idle consumer's offer holds every
+        free slot): whether nothing waits in ``queues``, so that the offer can stay open rather
+        than be withdrawn for a claim. Withdrawn, every publish in the meantime missed it and
+        was announced; an idle worker's polling round did that each second, and a round that
+        only repeated a wake-up for a message claimed already. The consumer first says it
+        waits on ``queues``, as a short claim would (a full claim beside the offer had given
+        that up), so that what the look misses is announced."""
+        if not self.offers.is_open(channel):
+            return False
+        if self.settings.use_notify:
+            self.idle.enter(queues)
+            self._pass_on_backlog()
+        return not channel.waiting(queues)
 
     def _pass_on_backlog(self) -> None:
         """A statement on the LISTEN session (going idle, or not) reads the announcements that

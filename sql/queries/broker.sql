@@ -171,21 +171,24 @@ SELECT coalesce(sum(open_left), 0)::int, count(*)::int FROM withdrawn;
 
 -- name: top_up_offer
 -- Add slots to a channel's open offer as it runs low (kojin_pg/transport/offers.py): the slots
--- freed since it was made, spread over its rows still open, so that publishes do not find it
--- used up while the consumer has room. A row a publish is filling is waited for; one it fills
--- to the last slot (clearing the token) takes nothing. Returns how many slots were added.
-WITH live AS (
+-- freed since it was made, so that publishes do not find it used up while the consumer has
+-- room. They go to the offer's rows used up (token cleared by the publish that filled the last
+-- slot, and no publish fills such a row), spread evenly: publishes take the row served longest
+-- ago, so an offer's rows are used up one after the other. Returns how many slots were added
+-- (none if no row is used up yet).
+WITH used_up AS (
     SELECT slot, (row_number() OVER (ORDER BY slot) - 1)::int AS i, count(*) OVER ()::int AS n
-    FROM {schema}.offers WHERE slot = ANY(%(rows)s::uuid[]) AND token = %(token)s
+    FROM {schema}.offers
+    WHERE slot = ANY(%(rows)s::uuid[]) AND token IS NULL AND open_slots = 0
 ), added AS (
     UPDATE {schema}.offers o
-    SET open_slots = o.open_slots + share.slots
-    FROM (SELECT slot, %(add)s::int / n + CASE WHEN i < mod(%(add)s::int, n) THEN 1 ELSE 0 END
-          FROM live) AS share(slot, slots)
-    WHERE o.slot = share.slot AND o.token = %(token)s
-    RETURNING share.slots
+    SET token = %(token)s,
+        open_slots = %(add)s::int / n + CASE WHEN i < mod(%(add)s::int, n) THEN 1 ELSE 0 END
+    FROM used_up
+    WHERE o.slot = used_up.slot AND o.token IS NULL AND o.open_slots = 0
+    RETURNING o.open_slots
 )
-SELECT coalesce(sum(slots), 0)::int FROM added;
+SELECT coalesce(sum(open_slots), 0)::int FROM added;
 
 -- name: count_open_slots
 -- How many slots of a channel's open offer are still open, counted as withdraw_offer counts
@@ -292,6 +295,38 @@ UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, extract(epoch FROM at - now())::float8
 FROM next_due WHERE at IS NOT NULL
 ORDER BY unsettled, priority DESC, id;
+
+-- name: waiting
+-- Whether these queues hold a message that claim would take now (as its ready and due parts
+-- find them, rows other consumers are claiming included), and in how many seconds their
+-- earliest scheduled message is due (NULL: none), as claim reports it. A consumer with no room
+-- beside its open offer looks before it withdraws the offer to claim
+-- (kojin_pg/transport/transport.py). A read: it leases nothing.
+SELECT EXISTS (
+           SELECT 1 FROM unnest(%(queues)s::text[]) AS q(name)
+           CROSS JOIN LATERAL (
+               SELECT id FROM {schema}.messages
+               WHERE queue = q.name AND due_at IS NULL AND visible_at <= now()
+                 AND (expires_at IS NULL OR expires_at > now())
+               ORDER BY priority DESC, id
+               LIMIT 1
+           ) m)
+       OR EXISTS (
+           SELECT 1 FROM unnest(%(queues)s::text[]) AS q(name)
+           CROSS JOIN LATERAL (
+               SELECT id FROM {schema}.messages
+               WHERE queue = q.name AND due_at <= now()
+                 AND (expires_at IS NULL OR expires_at > now())
+               ORDER BY due_at
+               LIMIT 1
+           ) m),
+       (SELECT extract(epoch FROM min(d.due_at) - now())::float8
+        FROM unnest(%(queues)s::text[]) AS q(name)
+        CROSS JOIN LATERAL (
+            SELECT due_at FROM {schema}.messages
+            WHERE queue = q.name AND due_at > now()
+            ORDER BY due_at LIMIT 1
+        ) d);
 
 -- name: settle
 -- The messages a claim left unsettled: one delivered max_deliveries times goes to the dead
