@@ -636,25 +636,23 @@ def test_a_hand_off_arrives_while_its_publish_is_made_durable_and_holds_up_no_ot
     assert [body["i"] for _, body in consumer.got] == [1, 2]
 
 
-@pytest.mark.parametrize("room_beside", [False, True], ids=["withdrawn", "left-open"])
-def test_a_hand_off_whose_notify_never_came_is_taken_back(db_url, events, monkeypatch,
-                                                          room_beside):
+@pytest.mark.parametrize("offer", ["withdrawn", "left-open"])
+def test_a_hand_off_whose_notify_never_came_is_taken_back(db_url, events, monkeypatch, offer):
     """A publish hands off its message after its commit (sql/0012): a publisher whose session
     ended in between left the message leased to the consumer, its slot filled, and no NOTIFY
-    on its way. The consumer's polling round finds the hand-off late and takes back what it
-    holds and never received; the message is then delivered as any queued one. With no slot
-    to spare, the round's claim withdraws the offer and finds the hand-off still on its way;
-    with one (freed by an ack), the offer stays open and the round counts its filled slots."""
+    on its way. The consumer finds the hand-off late and takes back what it holds and never
+    received; the message is then delivered as any queued one. Either a claim withdrew the
+    offer (here for a message too large to hand off) and the hand-off is still on its way
+    after it, or the offer stays open and a polling round counts its filled slots."""
     monkeypatch.setattr(offers_module, "HANDOFF_LATE_SECONDS", 0.5)
     q = make_queue()
     scratch = make_queue()
     publish(db_url, scratch, [{"i": 1}])  # a real message's payload, queued nowhere useful
     consumer = idle_consumer(db_url, events, q, prefetch=4, polling_interval=0.2)
     me = consumer.transport.consumer_id
+    big = {"i": 0, "blob": "x" * HANDOFF_MAX_BYTES}
+    withdrawn = offer == "withdrawn"
     try:
-        if room_beside:
-            publish(db_url, q, [{"i": 0}])  # handed off, delivered and acked: a slot to spare
-            assert run_loop_until(consumer.hub, lambda: rows(db_url, q) == [])
         with psycopg.connect(db_url, autocommit=True) as pg:
             # what the publish's first transaction commits, with no second one to announce it
             pg.execute(
@@ -667,12 +665,14 @@ def test_a_hand_off_whose_notify_never_came_is_taken_back(db_url, events, monkey
                 "  delivery_count) SELECT %s, m.payload, now() + o.lease, gen_random_uuid(),"
                 "  o.consumer, 1 FROM o, m", (me, scratch.name, q.name))
         assert leased(db_url, q) == [(me, 1)]
-        assert run_loop_until(consumer.hub, lambda: len(consumer.got) == 1 + room_beside,
+        if withdrawn:  # announced: the claim for it withdraws the offer first
+            publish(db_url, q, [big])
+        assert run_loop_until(consumer.hub, lambda: len(consumer.got) == 1 + withdrawn,
                               bound=BOUND * 2), "the lost hand-off never came back"
         assert run_loop_until(consumer.hub, lambda: rows(db_url, q) == [])
     finally:
         consumer.close()
-    assert consumer.got == [(q.name, {"i": 0})] * room_beside + [(q.name, {"i": 1})]
+    assert consumer.got == [(q.name, big)] * withdrawn + [(q.name, {"i": 1})]
 
 
 def test_a_publish_at_synchronous_commit_off_hands_off_in_its_one_transaction(db_url, events):
