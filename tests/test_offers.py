@@ -10,6 +10,7 @@ session lost at the wrong moment, or a close). Every wait is bounded; nothing is
 from __future__ import annotations
 
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -539,6 +540,28 @@ def test_an_idle_consumers_polling_round_leaves_its_offer_open(db_url, events, m
                        (q.name, scratch.name))
         assert run_loop_until(consumer.hub, lambda: consumer.got), \
             "a polling round did not find the message that waited"
+        assert run_loop_until(consumer.hub, lambda: rows(db_url, q) == [])
+    finally:
+        consumer.close()
+    assert consumer.got == [(q.name, {"i": 1})]
+
+
+def test_a_message_scheduled_for_an_idle_consumer_comes_when_due(db_url, events):
+    """A scheduled message wakes the idle consumers of its queue when it is the queue's
+    earliest, so that they set their timers. The round it causes has no room beside the offer
+    and only looks (nothing is due yet): the look reports when the message is due, as a claim
+    does, and the consumer's timer claims it then, with no polling round."""
+    q = make_queue()
+    consumer = idle_consumer(db_url, events, q, prefetch=4)  # polls once an hour
+    try:
+        eta = (datetime.now(UTC) + timedelta(seconds=2)).isoformat()  # past ETA_THRESHOLD
+        with Connection("kojin+" + db_url) as conn:
+            Producer(conn.channel(), exchange=q.exchange, routing_key=q.routing_key,
+                     serializer="json", auto_declare=False).publish(
+                {"i": 1}, headers={"id": f"scheduled-{q.name}", "task": "t.noop", "eta": eta})
+        assert leased(db_url, q) == [(None, 0)]  # scheduled: not handed off
+        assert run_loop_until(consumer.hub, lambda: consumer.got), \
+            "the scheduled message never came"
         assert run_loop_until(consumer.hub, lambda: rows(db_url, q) == [])
     finally:
         consumer.close()
