@@ -140,20 +140,20 @@ def get_limit(db: str, backend_rows: dict[str, Any], repeat: int, quick: bool,
         print(f"\n(pgbench -S skipped: {str(exc).splitlines()[0]})")
         return {"error": str(exc)[-500:]}
     # each repeat runs the three, one after the other, so a slow stretch of the machine hits all
-    both = median_runs(repeat, lambda: {"tps": pgbench_select(db, seconds)["tps"],
+    reads = median_runs(repeat, lambda: {"tps": pgbench_select(db, seconds)["tps"],
                                         "py_tps": psycopg_select(db, seconds)["tps"],
                                         "libpq_tps": libpq_select(db, seconds)["tps"]})
     kojin, redis = backend_rows.get("kojin"), backend_rows.get("redis aof")
     # the reads as rows of gets, to compare with the backend's by ratio()
-    pgbench = {"get_per_s": both.get("tps"), "get_per_s_spread": both.get("tps_spread")}
-    python = {"get_per_s": both.get("py_tps"), "get_per_s_spread": both.get("py_tps_spread")}
-    libpq = {"get_per_s": both.get("libpq_tps"), "get_per_s_spread": both.get("libpq_tps_spread")}
+    pgbench = {"get_per_s": reads.get("tps"), "get_per_s_spread": reads.get("tps_spread")}
+    python = {"get_per_s": reads.get("py_tps"), "get_per_s_spread": reads.get("py_tps_spread")}
+    libpq = {"get_per_s": reads.get("libpq_tps"), "get_per_s_spread": reads.get("libpq_tps_spread")}
     out: dict[str, Any] = {
         "command": f"pgbench -S -c1 -M prepared -T {seconds}",
-        "pgbench_S_tps": both.get("tps"), "pgbench_S_tps_spread": both.get("tps_spread"),
-        "psycopg_S_tps": both.get("py_tps"), "psycopg_S_tps_spread": both.get("py_tps_spread"),
+        "pgbench_S_tps": reads.get("tps"), "pgbench_S_tps_spread": reads.get("tps_spread"),
+        "psycopg_S_tps": reads.get("py_tps"), "psycopg_S_tps_spread": reads.get("py_tps_spread"),
         "psycopg_vs_pgbench": _round(ratio(python, pgbench, "get_per_s")),
-        "libpq_S_tps": both.get("libpq_tps"), "libpq_S_tps_spread": both.get("libpq_tps_spread"),
+        "libpq_S_tps": reads.get("libpq_tps"), "libpq_S_tps_spread": reads.get("libpq_tps_spread"),
         "libpq_vs_pgbench": _round(ratio(libpq, pgbench, "get_per_s")),
         "kojin_get_per_s": value(kojin, "get_per_s"),
         "kojin_get_per_s_spread": (kojin or {}).get("get_per_s_spread"),
@@ -165,8 +165,8 @@ def get_limit(db: str, backend_rows: dict[str, Any], repeat: int, quick: bool,
         "kojin_vs_libpq": _round(ratio(kojin, libpq, "get_per_s")),
         "kojin_vs_redis": _round(ratio(kojin, redis, "get_per_s")),
     }
-    if "error" in both:
-        out["error"] = both["error"]
+    if "error" in reads:
+        out["error"] = reads["error"]
     print_limit(out, repeat)
     return out
 
