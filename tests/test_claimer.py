@@ -178,14 +178,15 @@ def make_queue() -> Queue:
     return Queue(name, Exchange("ex_" + name, type="direct"), routing_key=name)
 
 
-def publish(db_url: str, q: Queue, bodies: list[Any]) -> None:
+def publish(db_url: str, q: Queue, bodies: list[Any], **kwargs: Any) -> None:
+    """Publish each of ``bodies`` to ``q`` (declared first), with kombu's ``kwargs``."""
     with Connection("kojin+" + db_url) as conn:
         channel = conn.channel()
         q(channel).declare()
         producer = Producer(channel, exchange=q.exchange, routing_key=q.routing_key,
                             serializer="json")
         for body in bodies:
-            producer.publish(body)
+            producer.publish(body, **kwargs)
 
 
 class LoopConsumer:

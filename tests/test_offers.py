@@ -555,10 +555,8 @@ def test_a_message_scheduled_for_an_idle_consumer_comes_when_due(db_url, events)
     consumer = idle_consumer(db_url, events, q, prefetch=4)  # polls once an hour
     try:
         eta = (datetime.now(UTC) + timedelta(seconds=2)).isoformat()  # past ETA_THRESHOLD
-        with Connection("kojin+" + db_url) as conn:
-            Producer(conn.channel(), exchange=q.exchange, routing_key=q.routing_key,
-                     serializer="json", auto_declare=False).publish(
-                {"i": 1}, headers={"id": f"scheduled-{q.name}", "task": "t.noop", "eta": eta})
+        publish(db_url, q, [{"i": 1}],
+                headers={"id": f"scheduled-{q.name}", "task": "t.noop", "eta": eta})
         assert leased(db_url, q) == [(None, 0)]  # scheduled: not handed off
         assert run_loop_until(consumer.hub, lambda: consumer.got), \
             "the scheduled message never came"
